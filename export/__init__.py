@@ -1,0 +1,1 @@
+"""ONNX export of trained purifiers (imports purifier and onnx). Filled in by the export issue."""

@@ -1,0 +1,110 @@
+"""Self-describing checkpoints: ``NAME.safetensors`` (weights) beside ``NAME.json`` (config and facts).
+
+The JSON alone rebuilds the module (no pickle, no code in the file): ``{"kind", "config", "meta",
+"weights_sha256", "version"}``. Both files are written to temporary names and renamed, so a crash never
+leaves a half-written checkpoint.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from . import __version__
+from .models.classifiers import Classifier, ClassifierConfig
+from .models.cvae import CVAE, CVAEConfig
+
+# kind -> (module class, config class); the only constructors a checkpoint can name
+REGISTRY = {"cvae": (CVAE, CVAEConfig), "classifier": (Classifier, ClassifierConfig)}
+
+
+def atomic_write(path: str | os.PathLike, write) -> None:
+    """Call ``write(tmp_path)`` and rename the result onto ``path`` (same directory, so the rename is atomic)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _stem(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    return path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
+
+
+def kind_of(module: nn.Module) -> str:
+    for kind, (cls, _) in REGISTRY.items():
+        if isinstance(module, cls):
+            return kind
+    raise TypeError(f"cannot checkpoint a {type(module).__name__}; known kinds: {sorted(REGISTRY)}")
+
+
+def save(module: nn.Module, path: str | os.PathLike, meta: dict | None = None) -> Path:
+    """Write ``module`` (a CVAE or Classifier) to ``path`` (stem, .safetensors or .json); returns the stem."""
+    stem = _stem(path)
+    weights = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+    weights_path = stem.with_suffix(".safetensors")
+    atomic_write(weights_path, lambda tmp: save_file(weights, tmp, metadata={"format": "pt"}))
+    record = {
+        "kind": kind_of(module), "config": module.cfg.to_dict(), "meta": meta or {},
+        "weights_sha256": sha256_file(weights_path), "version": __version__,
+    }
+
+    def write_json(tmp):
+        with open(tmp, "w") as f:
+            json.dump(record, f, indent=2, sort_keys=True)
+            f.write("\n")
+
+    atomic_write(stem.with_suffix(".json"), write_json)
+    return stem
+
+
+def read_record(path: str | os.PathLike) -> dict:
+    stem = _stem(path)
+    json_path = stem.with_suffix(".json")
+    if not json_path.is_file():
+        raise FileNotFoundError(f"checkpoint config {json_path} does not exist")
+    with open(json_path) as f:
+        record = json.load(f)
+    if record.get("kind") not in REGISTRY:
+        raise ValueError(f"{json_path}: unknown kind {record.get('kind')!r}; known kinds: {sorted(REGISTRY)}")
+    return record
+
+
+def load(path: str | os.PathLike, expect: str | None = None) -> nn.Module:
+    """Rebuild a module from its JSON config and load its safetensors weights; returned in eval mode.
+
+    The weights' sha256 must match the one recorded in the JSON.
+    """
+    stem = _stem(path)
+    record = read_record(stem)
+    if expect is not None and record["kind"] != expect:
+        raise ValueError(f"{stem}.json holds a {record['kind']!r}, expected a {expect!r}")
+    cls, cfg_cls = REGISTRY[record["kind"]]
+    weights_path = stem.with_suffix(".safetensors")
+    digest = sha256_file(weights_path)
+    if record.get("weights_sha256") not in (None, digest):
+        raise ValueError(f"{weights_path}: sha256 {digest} does not match {record['weights_sha256']} in its JSON")
+    module = cls(cfg_cls.from_dict(record["config"]))
+    module.load_state_dict(load_file(str(weights_path)))
+    module.meta = record.get("meta", {})
+    return module.eval()

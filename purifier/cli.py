@@ -1,0 +1,195 @@
+"""The ``purifier`` command line: thin wrappers over the library.
+
+Torch is imported inside the commands that need it, so ``purifier --help`` and the torch-free commands
+work on the base install.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+
+DATA_HELP = "Dataset: 'fashion-mnist' or 'npz:PATH' (x, y[, x_test, y_test, class_names])."
+
+
+@contextlib.contextmanager
+def progress(label: str, total: int, quiet: bool):
+    """A progress bar on stderr (click hides it when stderr is not a terminal); yields an on_step callback."""
+    if quiet:
+        yield None
+        return
+    with click.progressbar(length=total, label=label, file=sys.stderr, show_pos=True) as bar:
+        def on_step(epoch, step, steps, stats):
+            bar.label = f"{label} epoch {epoch + 1} loss {stats['loss']:.3f}"
+            bar.update(1)
+
+        yield on_step
+
+
+def _split(data: str, val_size, seed: int):
+    import torch
+
+    from .data import load_dataset, train_val_split
+
+    ds = load_dataset(data, "train")
+    tr, va = train_val_split(len(ds.y), val_size, seed)
+    to = lambda a: torch.from_numpy(a)  # noqa: E731
+    return ds, to(ds.x[tr]), to(ds.y[tr]), to(ds.x[va]), to(ds.y[va])
+
+
+def _val_size(value: str):
+    try:
+        return float(value) if "." in value else int(value)
+    except ValueError:
+        raise click.BadParameter(f"expected a count or a fraction, got {value!r}")
+
+
+@click.group()
+@click.version_option(package_name="purifier")
+def main():
+    """PuVAE purification: train, evaluate and run a class-conditional VAE in front of a classifier."""
+
+
+@main.command("train-classifier")
+@click.option("--data", default="fashion-mnist", show_default=True, help=DATA_HELP)
+@click.option("--arch", type=click.Choice(["a", "b"]), default="a", show_default=True,
+              help="PuVAE paper architecture A (conv64-5x5 x2) or B (conv128-3x3, conv64-3x3).")
+@click.option("--out", type=click.Path(), required=True, help="Checkpoint path (writes OUT.safetensors + OUT.json).")
+@click.option("--epochs", default=10, show_default=True)
+@click.option("--batch-size", default=128, show_default=True)
+@click.option("--lr", default=1e-3, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--val-size", default="5000", show_default=True, help="Held-out validation count or fraction.")
+@click.option("--quiet", is_flag=True)
+def train_classifier_cmd(data, arch, out, epochs, batch_size, lr, seed, val_size, quiet):
+    """Train a reference classifier (the source or the target)."""
+    from . import checkpoint
+    from .models.classifiers import Classifier, ClassifierConfig
+    from .train import TrainConfig, seed_everything, train_classifier
+
+    ds, x, y, xv, yv = _split(data, _val_size(val_size), seed)
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
+    seed_everything(seed)
+    model = Classifier(ClassifierConfig(arch=arch, image_shape=ds.image_shape, num_classes=ds.num_classes))
+    start = time.perf_counter()
+    with progress(f"classifier {arch}", epochs * ((len(x) + batch_size - 1) // batch_size), quiet) as on_step:
+        history = train_classifier(model, x, y, xv, yv, cfg, on_step)
+    seconds = time.perf_counter() - start
+    meta = {"dataset": ds.name, "class_names": list(ds.class_names), "train": cfg.to_dict(),
+            "n_train": len(x), "n_val": len(xv), "history": history, "train_seconds": seconds,
+            "val_acc": history[-1]["val_acc"]}
+    stem = checkpoint.save(model, out, meta)
+    click.echo(f"classifier {arch}: val accuracy {history[-1]['val_acc']:.4f} in {seconds:.0f} s -> {stem}.json")
+
+
+@main.command("train")
+@click.option("--data", default="fashion-mnist", show_default=True, help=DATA_HELP)
+@click.option("--source", type=click.Path(exists=True), help="Frozen source classifier checkpoint for the CE term.")
+@click.option("--out", type=click.Path(), required=True, help="Run directory (writes cvae.safetensors + cvae.json).")
+@click.option("--epochs", default=10, show_default=True)
+@click.option("--batch-size", default=128, show_default=True)
+@click.option("--lr", default=1e-3, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--val-size", default="5000", show_default=True, help="Held-out validation count or fraction.")
+@click.option("--latent-dim", type=int, help="Latent size (default: the dataset preset's).")
+@click.option("--conditioning", type=click.Choice(["onehot", "embedding"]))
+@click.option("--beta", default=1.0, show_default=True, help="KL weight.")
+@click.option("--ce-weight", default=10.0, show_default=True, help="Weight of the source classifier's CE.")
+@click.option("--sel-weight", default=0.0, show_default=True, help="Weight of the selection CE over K classes.")
+@click.option("--sel-tau", default=0.001, show_default=True, help="Temperature of the selection CE (MSE units).")
+@click.option("--quiet", is_flag=True)
+def train_cmd(data, source, out, epochs, batch_size, lr, seed, val_size, latent_dim, conditioning, beta,
+              ce_weight, sel_weight, sel_tau, quiet):
+    """Train the class-conditional VAE with the PuVAE loss (recon + beta*KL + ce_weight*CE [+ sel_weight*SEL])."""
+    from . import checkpoint
+    from .losses import PuVAELoss
+    from .models.cvae import CVAE, preset_for
+    from .train import TrainConfig, seed_everything, train_cvae
+
+    if ce_weight and not source:
+        raise click.UsageError("--ce-weight > 0 needs --source CLASSIFIER (or pass --ce-weight 0)")
+    ds, x, y, xv, yv = _split(data, _val_size(val_size), seed)
+    src = checkpoint.load(source, expect="classifier") if source else None
+    if src is not None and (tuple(src.cfg.image_shape) != ds.image_shape or src.cfg.num_classes != ds.num_classes):
+        raise click.UsageError(f"source classifier expects {src.cfg.image_shape} x {src.cfg.num_classes} classes, "
+                               f"the data is {ds.image_shape} x {ds.num_classes} classes")
+    overrides = {k: v for k, v in (("latent_dim", latent_dim), ("conditioning", conditioning)) if v is not None}
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
+    loss = PuVAELoss(beta=beta, ce_weight=ce_weight, sel_weight=sel_weight, sel_tau=sel_tau)
+    seed_everything(seed)
+    cvae = CVAE(preset_for(ds.name, ds.image_shape, ds.num_classes, **overrides))
+    start = time.perf_counter()
+    with progress("cvae", epochs * ((len(x) + batch_size - 1) // batch_size), quiet) as on_step:
+        history = train_cvae(cvae, src, x, y, xv, yv, cfg, loss, on_step)
+    seconds = time.perf_counter() - start
+    meta = {"dataset": ds.name, "class_names": list(ds.class_names), "train": cfg.to_dict(), "loss": loss.to_dict(),
+            "source": str(source) if source else None,
+            "source_sha256": checkpoint.read_record(source)["weights_sha256"] if source else None,
+            "n_train": len(x), "n_val": len(xv), "history": history, "train_seconds": seconds,
+            "val_argmin_acc": history[-1]["val_argmin_acc"]}
+    stem = checkpoint.save(cvae, Path(out) / "cvae", meta)
+    click.echo(f"cvae: validation argmin = label {history[-1]['val_argmin_acc']:.4f} in {seconds:.0f} s -> {stem}.json")
+
+
+def _table(report: dict) -> str:
+    rows = [f"{'pipeline':<28}{'accuracy':>10}{'argmin=label':>14}{'pred=argmin':>13}{'seconds':>9}",
+            f"{'classifier alone':<28}{report['classifier']['accuracy']:>10.4f}{'':>14}{'':>13}"
+            f"{report['classifier']['seconds']:>9.1f}"]
+    for sel, r in report["selections"].items():
+        rows.append(f"{'purified, ' + sel + ' selection':<28}{r['accuracy']:>10.4f}{r['argmin_acc']:>14.4f}"
+                    f"{r['pred_eq_argmin']:>13.4f}{r['seconds']:>9.1f}")
+    return "\n".join(rows)
+
+
+@main.command("evaluate")
+@click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False),
+              help="Directory holding cvae.* and classifier.* checkpoints.")
+@click.option("--cvae", type=click.Path(), help="CVAE checkpoint (default MODEL/cvae).")
+@click.option("--classifier", type=click.Path(), help="Target classifier checkpoint (default MODEL/classifier).")
+@click.option("--data", default="fashion-mnist", show_default=True, help=DATA_HELP)
+@click.option("--split", type=click.Choice(["test", "train"]), default="test", show_default=True)
+@click.option("--n", type=int, help="Evaluate on the first N images only.")
+@click.option("--selection", "selections", multiple=True, type=click.Choice(["mse", "likelihood"]),
+              default=("mse", "likelihood"), show_default=True)
+@click.option("--out", type=click.Path(), help="Write the full report (per class too) as JSON.")
+def evaluate_cmd(model_dir, cvae, classifier, data, split, n, selections, out):
+    """Clean accuracy of the target classifier alone and behind the purifier, per selection rule."""
+    import torch
+
+    from . import checkpoint
+    from .checkpoint import atomic_write
+    from .data import load_dataset
+    from .evaluate import evaluate
+
+    if not (model_dir or (cvae and classifier)):
+        raise click.UsageError("give --model DIR, or both --cvae and --classifier")
+    cvae_path = cvae or str(Path(model_dir) / "cvae")
+    clf_path = classifier or str(Path(model_dir) / "classifier")
+    cvae_m, clf = checkpoint.load(cvae_path, expect="cvae"), checkpoint.load(clf_path, expect="classifier")
+    ds = load_dataset(data, split)
+    if ds.image_shape != tuple(cvae_m.cfg.image_shape) or ds.num_classes != cvae_m.cfg.num_classes:
+        raise click.UsageError(f"the model expects {cvae_m.cfg.image_shape} x {cvae_m.cfg.num_classes} classes, "
+                               f"{data} holds {ds.image_shape} x {ds.num_classes} classes")
+    x, y = torch.from_numpy(ds.x[:n]), torch.from_numpy(ds.y[:n])
+    report = evaluate(clf, cvae_m, x, y, selections, ds.class_names)
+    report.update({"dataset": ds.name, "split": split, "cvae_path": cvae_path, "classifier_path": clf_path,
+                   "cvae_sha256": checkpoint.read_record(cvae_path)["weights_sha256"],
+                   "classifier_sha256": checkpoint.read_record(clf_path)["weights_sha256"],
+                   "torch": torch.__version__, "threads": torch.get_num_threads()})
+    click.echo(f"{ds.name} {split}, {len(y)} images")
+    click.echo(_table(report))
+    if out:
+        def write(tmp):
+            with open(tmp, "w") as f:
+                json.dump(report, f, indent=2)
+                f.write("\n")
+        atomic_write(out, write)
+        click.echo(f"report -> {out}")
+
+
+if __name__ == "__main__":
+    main()

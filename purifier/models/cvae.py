@@ -1,0 +1,154 @@
+"""Class-conditional VAE (PuVAE, Hwang et al. 2019): q(z | x, y) and p(x | z, y).
+
+The label enters after the convolutional trunk of the encoder and before the convolutional trunk of
+the decoder. Why: the encoder's convolutions then run once per image, not once per (image, class) pair,
+which makes the K-way reconstruction of the purifier nearly half as expensive and keeps it a single
+batched tensor (B*K) in the exported graph.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+@dataclass(frozen=True)
+class CVAEConfig:
+    image_shape: tuple[int, int, int] = (1, 28, 28)
+    num_classes: int = 10
+    latent_dim: int = 16
+    channels: tuple[int, int] = (32, 64)
+    hidden: int = 256
+    conditioning: str = "onehot"  # or "embedding"
+    embed_dim: int = 16
+
+    def __post_init__(self):
+        c, h, w = self.image_shape
+        if h % 4 or w % 4:
+            raise ValueError(f"image height and width must be multiples of 4, got {h} x {w}")
+        if self.conditioning not in ("onehot", "embedding"):
+            raise ValueError(f"conditioning must be 'onehot' or 'embedding', got {self.conditioning!r}")
+        if self.num_classes < 2:
+            raise ValueError(f"num_classes must be at least 2, got {self.num_classes}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CVAEConfig":
+        d = dict(d)
+        d["image_shape"] = tuple(d["image_shape"])
+        d["channels"] = tuple(d["channels"])
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+PRESETS = {"fashion-mnist": CVAEConfig()}
+PRESETS["mnist"] = PRESETS["fashion-mnist"]
+
+
+def preset_for(dataset: str, image_shape, num_classes: int, **overrides) -> CVAEConfig:
+    """The named dataset's preset, or the base config fitted to a user's image shape and class count."""
+    base = PRESETS.get(dataset, CVAEConfig(image_shape=tuple(image_shape), num_classes=num_classes))
+    return replace(base, image_shape=tuple(image_shape), num_classes=num_classes, **overrides)
+
+
+class Condition(nn.Module):
+    """Label -> conditioning vector: one-hot, or a learned embedding."""
+
+    def __init__(self, cfg: CVAEConfig):
+        super().__init__()
+        self.num_classes = cfg.num_classes
+        self.embed = nn.Embedding(cfg.num_classes, cfg.embed_dim) if cfg.conditioning == "embedding" else None
+        self.dim = cfg.embed_dim if self.embed is not None else cfg.num_classes
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        if self.embed is not None:
+            return self.embed(y)
+        return F.one_hot(y, self.num_classes).to(torch.get_default_dtype())
+
+
+class CVAE(nn.Module):
+    """PuVAE's conditional VAE. ``reparameterize`` returns mu when not training (deterministic purifier)."""
+
+    def __init__(self, cfg: CVAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        c, h, w = cfg.image_shape
+        c1, c2 = cfg.channels
+        self.feat_shape = (c2, h // 4, w // 4)
+        feat = c2 * (h // 4) * (w // 4)
+        self.cond = Condition(cfg)
+        self.enc_trunk = nn.Sequential(
+            nn.Conv2d(c, c1, 4, 2, 1), nn.LeakyReLU(0.2),
+            nn.Conv2d(c1, c2, 4, 2, 1), nn.LeakyReLU(0.2),
+            nn.Flatten(),
+        )
+        self.enc_head = nn.Sequential(
+            nn.Linear(feat + self.cond.dim, cfg.hidden), nn.LeakyReLU(0.2),
+            nn.Linear(cfg.hidden, 2 * cfg.latent_dim),
+        )
+        self.dec_head = nn.Sequential(
+            nn.Linear(cfg.latent_dim + self.cond.dim, cfg.hidden), nn.LeakyReLU(0.2),
+            nn.Linear(cfg.hidden, feat), nn.LeakyReLU(0.2),
+        )
+        self.dec_trunk = nn.Sequential(
+            nn.ConvTranspose2d(c2, c1, 4, 2, 1), nn.LeakyReLU(0.2),
+            nn.ConvTranspose2d(c1, c, 4, 2, 1),
+        )
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """x: B x C x H x W -> B x F (label-free part of the encoder)."""
+        return self.enc_trunk(x)
+
+    def encode_features(self, feats: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """feats: N x F, y: N -> (mu, logvar), each N x latent_dim."""
+        mu, logvar = self.enc_head(torch.cat([feats, self.cond(y)], dim=1)).chunk(2, dim=1)
+        return mu, logvar.clamp(-20.0, 10.0)
+
+    def encode(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.encode_features(self.features(x), y)
+
+    def reparameterize(self, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return mu
+        return mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+
+    def decode_logits(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """z: N x latent_dim, y: N -> pixel logits N x C x H x W (Bernoulli decoder)."""
+        h = self.dec_head(torch.cat([z, self.cond(y)], dim=1))
+        return self.dec_trunk(h.view(-1, *self.feat_shape))
+
+    def decode(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.decode_logits(z, y))
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        """x: B x C x H x W in [0, 1], y: B -> dict with ``logits``, ``recon``, ``mu``, ``logvar``."""
+        mu, logvar = self.encode(x, y)
+        logits = self.decode_logits(self.reparameterize(mu, logvar), y)
+        return {"logits": logits, "recon": torch.sigmoid(logits), "mu": mu, "logvar": logvar}
+
+    def reconstruct_all(self, x: torch.Tensor, deterministic: bool = False) -> dict[str, torch.Tensor]:
+        """Reconstruct every image once per class, as one batch of B*K.
+
+        x: B x C x H x W -> ``logits``/``recon`` B x K x C x H x W, ``mu``/``logvar`` B x K x latent_dim.
+        z = mu in eval mode, or always with ``deterministic``.
+        """
+        b, k = x.shape[0], self.cfg.num_classes
+        feats = self.features(x)
+        feats = feats.unsqueeze(1).expand(b, k, feats.shape[1]).reshape(b * k, -1)
+        y = torch.arange(k, device=x.device).repeat(b)
+        mu, logvar = self.encode_features(feats, y)
+        z = mu if deterministic else self.reparameterize(mu, logvar)
+        logits = self.decode_logits(z, y)
+        shape = (b, k, *self.cfg.image_shape)
+        return {
+            "logits": logits.view(shape), "recon": torch.sigmoid(logits).view(shape),
+            "mu": mu.view(b, k, -1), "logvar": logvar.view(b, k, -1),
+        }
+
+
+def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, exp(logvar)) || N(0, I)), summed over the last dimension."""
+    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(-1)

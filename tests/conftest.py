@@ -1,0 +1,51 @@
+import numpy as np
+import pytest
+import torch
+
+from purifier.data import load_dataset
+from purifier.models.classifiers import Classifier, ClassifierConfig
+from purifier.models.cvae import CVAE, CVAEConfig
+
+
+@pytest.fixture(scope="session")
+def fmnist_test():
+    return load_dataset("fashion-mnist", "test")
+
+
+@pytest.fixture
+def small_cvae():
+    torch.manual_seed(0)
+    return CVAE(CVAEConfig(latent_dim=8, channels=(8, 16), hidden=32)).eval()
+
+
+@pytest.fixture
+def small_classifier():
+    torch.manual_seed(0)
+    return Classifier(ClassifierConfig(arch="a")).eval()
+
+
+@pytest.fixture
+def batch():
+    return torch.rand(6, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture
+def tiny_npz(tmp_path):
+    """A dataset of another size and class count: 5 classes of 1 x 32 x 32, uint8, with a test split.
+
+    Class k is a bright horizontal band at rows 6k..6k+5 plus noise, so a model can learn it quickly.
+    """
+    rng = np.random.default_rng(0)
+
+    def make(n):
+        y = rng.integers(0, 5, n)
+        x = rng.integers(0, 60, (n, 32, 32)).astype(np.uint8)
+        for i, k in enumerate(y):
+            x[i, 6 * k:6 * k + 6] = 220
+        return x, y
+
+    x, y = make(600)
+    xt, yt = make(100)
+    path = tmp_path / "bands.npz"
+    np.savez(path, x=x, y=y, x_test=xt, y_test=yt, class_names=np.array([f"band{k}" for k in range(5)]))
+    return path
