@@ -8,10 +8,24 @@ SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 setup:
 	@test -f $(DATA_DIR)/t10k-images-idx3-ubyte.gz || \
 		($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist)
-	$(PY) -m pip install -q -e '.[train,dev]'
+	$(PY) -m pip install -q -e '.[train,export,serve,dev]'
 
 demo: setup
-	$(PY) -m purifier.cli evaluate --model models/fashion-mnist
+	$(PY) -m purifier.cli demo --model models/fashion-mnist --n 1000 --eps 0.1 --steps 40 --out demo-out
 
 test: setup
 	$(PY) -m pytest -q tests
+
+# Retrain the shipped default from scratch (about 20 minutes on 2 cores), export it, regenerate its card.
+MODEL_DIR ?= models/fashion-mnist
+CLF_EPOCHS ?= 12
+CVAE_EPOCHS ?= 5
+.PHONY: default-model
+default-model: setup
+	purifier train-classifier --data fashion-mnist --arch a --epochs $(CLF_EPOCHS) --seed 0 --out $(MODEL_DIR)/classifier
+	purifier train --data fashion-mnist --source $(MODEL_DIR)/classifier --out $(MODEL_DIR) --epochs $(CVAE_EPOCHS) \
+		--seed 0 --sel-weight 100
+	purifier evaluate --model $(MODEL_DIR) --out results/eval-fashion-mnist.json
+	purifier export $(MODEL_DIR) --out $(MODEL_DIR)
+	$(PY) benchmarks/model_card.py $(MODEL_DIR) results/eval-fashion-mnist.json > $(MODEL_DIR)/MODEL_CARD.md.tmp
+	mv $(MODEL_DIR)/MODEL_CARD.md.tmp $(MODEL_DIR)/MODEL_CARD.md

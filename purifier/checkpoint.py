@@ -9,12 +9,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from serve.files import atomic_write
 
 from . import __version__
 from .models.classifiers import Classifier, ClassifierConfig
@@ -24,18 +24,10 @@ from .models.cvae import CVAE, CVAEConfig
 REGISTRY = {"cvae": (CVAE, CVAEConfig), "classifier": (Classifier, ClassifierConfig)}
 
 
-def atomic_write(path: str | os.PathLike, write) -> None:
-    """Call ``write(tmp_path)`` and rename the result onto ``path`` (same directory, so the rename is atomic)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def write_json(path: str | os.PathLike, obj, **kwargs) -> None:
+    """Write ``obj`` as indented JSON, atomically."""
+    text = json.dumps(obj, indent=2, **kwargs) + "\n"
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -69,12 +61,7 @@ def save(module: nn.Module, path: str | os.PathLike, meta: dict | None = None) -
         "weights_sha256": sha256_file(weights_path), "version": __version__,
     }
 
-    def write_json(tmp):
-        with open(tmp, "w") as f:
-            json.dump(record, f, indent=2, sort_keys=True)
-            f.write("\n")
-
-    atomic_write(stem.with_suffix(".json"), write_json)
+    write_json(stem.with_suffix(".json"), record, sort_keys=True)
     return stem
 
 

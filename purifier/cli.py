@@ -6,7 +6,8 @@ work on the base install.
 from __future__ import annotations
 
 import contextlib
-import json
+import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -18,8 +19,8 @@ DATA_HELP = "Dataset: 'fashion-mnist' or 'npz:PATH' (x, y[, x_test, y_test, clas
 
 @contextlib.contextmanager
 def progress(label: str, total: int, quiet: bool):
-    """A progress bar on stderr (click hides it when stderr is not a terminal); yields an on_step callback."""
-    if quiet:
+    """A progress bar on stderr, off with --quiet or when stderr is not a terminal; yields an on_step callback."""
+    if quiet or not sys.stderr.isatty():
         yield None
         return
     with click.progressbar(length=total, label=label, file=sys.stderr, show_pos=True) as bar:
@@ -30,18 +31,55 @@ def progress(label: str, total: int, quiet: bool):
         yield on_step
 
 
+def _dataset(spec: str, split: str):
+    """Load a dataset, turning a missing or malformed one into a usage error that names it."""
+    from .data import load_dataset
+
+    try:
+        return load_dataset(spec, split)
+    except (FileNotFoundError, ValueError) as exc:
+        raise click.BadParameter(str(exc), param_hint="--data") from exc
+
+
 def _split(data: str, val_size, seed: int):
     import torch
 
-    from .data import load_dataset, train_val_split
+    from .data import train_val_split
 
-    ds = load_dataset(data, "train")
-    tr, va = train_val_split(len(ds.y), val_size, seed)
-    to = lambda a: torch.from_numpy(a)  # noqa: E731
-    return ds, to(ds.x[tr]), to(ds.y[tr]), to(ds.x[va]), to(ds.y[va])
+    ds = _dataset(data, "train")
+    if val_size == "auto":
+        val_size = min(5000, max(1, len(ds.y) // 10))
+    try:
+        tr, va = train_val_split(len(ds.y), val_size, seed)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--val-size") from exc
+    t = torch.from_numpy
+    return ds, t(ds.x[tr]), t(ds.y[tr]), t(ds.x[va]), t(ds.y[va])
+
+
+def _provenance() -> dict:
+    """Where a checkpoint came from: the command line and the software it ran on."""
+    import torch
+
+    from .provenance import cpu_model
+
+    return {"command": shlex.join(["purifier", *sys.argv[1:]]), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "cpu": cpu_model(), "python": platform.python_version()}
+
+
+def _load(path, kind: str, option: str):
+    """Load a checkpoint, turning a missing or wrong file into a usage error that names it."""
+    from . import checkpoint
+
+    try:
+        return checkpoint.load(path, expect=kind)
+    except (FileNotFoundError, ValueError) as exc:
+        raise click.BadParameter(str(exc), param_hint=option) from exc
 
 
 def _val_size(value: str):
+    if value == "auto":
+        return value
     try:
         return float(value) if "." in value else int(value)
     except ValueError:
@@ -63,16 +101,19 @@ def main():
 @click.option("--batch-size", default=128, show_default=True)
 @click.option("--lr", default=1e-3, show_default=True)
 @click.option("--seed", default=0, show_default=True)
-@click.option("--val-size", default="5000", show_default=True, help="Held-out validation count or fraction.")
+@click.option("--val-size", default="auto", show_default=True,
+              help="Held-out validation count or fraction; auto: 5000 or a tenth of the data, whichever is less.")
+@click.option("--augment/--no-augment", default=False, show_default=True,
+              help="Random horizontal flips and 2-pixel shifts.")
 @click.option("--quiet", is_flag=True)
-def train_classifier_cmd(data, arch, out, epochs, batch_size, lr, seed, val_size, quiet):
+def train_classifier_cmd(data, arch, out, epochs, batch_size, lr, seed, val_size, augment, quiet):
     """Train a reference classifier (the source or the target)."""
     from . import checkpoint
     from .models.classifiers import Classifier, ClassifierConfig
     from .train import TrainConfig, seed_everything, train_classifier
 
     ds, x, y, xv, yv = _split(data, _val_size(val_size), seed)
-    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, augment=augment)
     seed_everything(seed)
     model = Classifier(ClassifierConfig(arch=arch, image_shape=ds.image_shape, num_classes=ds.num_classes))
     start = time.perf_counter()
@@ -81,29 +122,34 @@ def train_classifier_cmd(data, arch, out, epochs, batch_size, lr, seed, val_size
     seconds = time.perf_counter() - start
     meta = {"dataset": ds.name, "class_names": list(ds.class_names), "train": cfg.to_dict(),
             "n_train": len(x), "n_val": len(xv), "history": history, "train_seconds": seconds,
-            "val_acc": history[-1]["val_acc"]}
+            "val_acc": history[-1]["val_acc"], **_provenance()}
     stem = checkpoint.save(model, out, meta)
     click.echo(f"classifier {arch}: val accuracy {history[-1]['val_acc']:.4f} in {seconds:.0f} s -> {stem}.json")
 
 
 @main.command("train")
 @click.option("--data", default="fashion-mnist", show_default=True, help=DATA_HELP)
-@click.option("--source", type=click.Path(exists=True), help="Frozen source classifier checkpoint for the CE term.")
+@click.option("--source", type=click.Path(), help="Frozen source classifier checkpoint for the CE term.")
 @click.option("--out", type=click.Path(), required=True, help="Run directory (writes cvae.safetensors + cvae.json).")
 @click.option("--epochs", default=10, show_default=True)
 @click.option("--batch-size", default=128, show_default=True)
 @click.option("--lr", default=1e-3, show_default=True)
 @click.option("--seed", default=0, show_default=True)
-@click.option("--val-size", default="5000", show_default=True, help="Held-out validation count or fraction.")
+@click.option("--val-size", default="auto", show_default=True,
+              help="Held-out validation count or fraction; auto: 5000 or a tenth of the data, whichever is less.")
 @click.option("--latent-dim", type=int, help="Latent size (default: the dataset preset's).")
+@click.option("--channels", help="Encoder/decoder conv widths, e.g. 16,32 (default: the preset's).")
 @click.option("--conditioning", type=click.Choice(["onehot", "embedding"]))
 @click.option("--beta", default=1.0, show_default=True, help="KL weight.")
 @click.option("--ce-weight", default=10.0, show_default=True, help="Weight of the source classifier's CE.")
-@click.option("--sel-weight", default=0.0, show_default=True, help="Weight of the selection CE over K classes.")
+@click.option("--sel-weight", default=100.0, show_default=True,
+              help="Weight of the selection CE over K classes (0: plain PuVAE).")
 @click.option("--sel-tau", default=0.001, show_default=True, help="Temperature of the selection CE (MSE units).")
+@click.option("--sel-negatives", default=0, show_default=True,
+              help="Selection CE over the true class and this many hard negatives from the source (0: all classes).")
 @click.option("--quiet", is_flag=True)
-def train_cmd(data, source, out, epochs, batch_size, lr, seed, val_size, latent_dim, conditioning, beta,
-              ce_weight, sel_weight, sel_tau, quiet):
+def train_cmd(data, source, out, epochs, batch_size, lr, seed, val_size, latent_dim, channels, conditioning, beta,
+              ce_weight, sel_weight, sel_tau, sel_negatives, quiet):
     """Train the class-conditional VAE with the PuVAE loss (recon + beta*KL + ce_weight*CE [+ sel_weight*SEL])."""
     from . import checkpoint
     from .losses import PuVAELoss
@@ -113,13 +159,20 @@ def train_cmd(data, source, out, epochs, batch_size, lr, seed, val_size, latent_
     if ce_weight and not source:
         raise click.UsageError("--ce-weight > 0 needs --source CLASSIFIER (or pass --ce-weight 0)")
     ds, x, y, xv, yv = _split(data, _val_size(val_size), seed)
-    src = checkpoint.load(source, expect="classifier") if source else None
+    src = _load(source, "classifier", "--source") if source else None
     if src is not None and (tuple(src.cfg.image_shape) != ds.image_shape or src.cfg.num_classes != ds.num_classes):
         raise click.UsageError(f"source classifier expects {src.cfg.image_shape} x {src.cfg.num_classes} classes, "
                                f"the data is {ds.image_shape} x {ds.num_classes} classes")
-    overrides = {k: v for k, v in (("latent_dim", latent_dim), ("conditioning", conditioning)) if v is not None}
+    if channels is not None:
+        widths = tuple(int(c) for c in channels.split(",") if c.strip().isdigit())
+        if len(widths) != 2 or min(widths) < 1 or len(channels.split(",")) != 2:
+            raise click.BadParameter(f"expected two positive widths like 16,32, got {channels!r}", param_hint="--channels")
+        channels = widths
+    overrides = {k: v for k, v in (("latent_dim", latent_dim), ("channels", channels),
+                                   ("conditioning", conditioning)) if v is not None}
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
-    loss = PuVAELoss(beta=beta, ce_weight=ce_weight, sel_weight=sel_weight, sel_tau=sel_tau)
+    loss = PuVAELoss(beta=beta, ce_weight=ce_weight, sel_weight=sel_weight, sel_tau=sel_tau,
+                     sel_negatives=sel_negatives)
     seed_everything(seed)
     cvae = CVAE(preset_for(ds.name, ds.image_shape, ds.num_classes, **overrides))
     start = time.perf_counter()
@@ -130,7 +183,7 @@ def train_cmd(data, source, out, epochs, batch_size, lr, seed, val_size, latent_
             "source": str(source) if source else None,
             "source_sha256": checkpoint.read_record(source)["weights_sha256"] if source else None,
             "n_train": len(x), "n_val": len(xv), "history": history, "train_seconds": seconds,
-            "val_argmin_acc": history[-1]["val_argmin_acc"]}
+            "val_argmin_acc": history[-1]["val_argmin_acc"], **_provenance()}
     stem = checkpoint.save(cvae, Path(out) / "cvae", meta)
     click.echo(f"cvae: validation argmin = label {history[-1]['val_argmin_acc']:.4f} in {seconds:.0f} s -> {stem}.json")
 
@@ -161,16 +214,15 @@ def evaluate_cmd(model_dir, cvae, classifier, data, split, n, selections, out):
     import torch
 
     from . import checkpoint
-    from .checkpoint import atomic_write
-    from .data import load_dataset
+    from .checkpoint import write_json
     from .evaluate import evaluate
 
     if not (model_dir or (cvae and classifier)):
         raise click.UsageError("give --model DIR, or both --cvae and --classifier")
     cvae_path = cvae or str(Path(model_dir) / "cvae")
     clf_path = classifier or str(Path(model_dir) / "classifier")
-    cvae_m, clf = checkpoint.load(cvae_path, expect="cvae"), checkpoint.load(clf_path, expect="classifier")
-    ds = load_dataset(data, split)
+    cvae_m, clf = _load(cvae_path, "cvae", "--cvae/--model"), _load(clf_path, "classifier", "--classifier/--model")
+    ds = _dataset(data, split)
     if ds.image_shape != tuple(cvae_m.cfg.image_shape) or ds.num_classes != cvae_m.cfg.num_classes:
         raise click.UsageError(f"the model expects {cvae_m.cfg.image_shape} x {cvae_m.cfg.num_classes} classes, "
                                f"{data} holds {ds.image_shape} x {ds.num_classes} classes")
@@ -183,12 +235,59 @@ def evaluate_cmd(model_dir, cvae, classifier, data, split, n, selections, out):
     click.echo(f"{ds.name} {split}, {len(y)} images")
     click.echo(_table(report))
     if out:
-        def write(tmp):
-            with open(tmp, "w") as f:
-                json.dump(report, f, indent=2)
-                f.write("\n")
-        atomic_write(out, write)
+        write_json(out, report)
         click.echo(f"report -> {out}")
+
+
+@main.command("export")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", type=click.Path(file_okay=False), help="Output directory (default: RUN_DIR).")
+@click.option("--classifier", type=click.Path(), help="Target classifier checkpoint (default RUN_DIR/classifier).")
+@click.option("--selection", type=click.Choice(["mse", "likelihood"]), default="mse", show_default=True)
+@click.option("--percentile", default=99.0, show_default=True,
+              help="Rejection threshold: this percentile of the best reconstruction error on clean validation data.")
+def export_cmd(run_dir, out, classifier, selection, percentile):
+    """Export RUN_DIR's CVAE (+ target classifier) to purifier.onnx and pipeline.onnx, parity-checked.
+
+    Example: purifier export models/fashion-mnist --out models/fashion-mnist
+    """
+    from export.onnx_export import export_run
+
+    results = export_run(Path(run_dir) / "cvae", classifier or Path(run_dir) / "classifier", out or run_dir,
+                         selection, percentile)
+    for name, r in results.items():
+        worst = max(max(d.values()) for d in r.parity.values())
+        click.echo(f"{name}: {r.path} (parity at batch {sorted(r.parity)}: max abs diff {worst:.2e}; "
+                   f"rejection threshold {float(r.metadata['rejection_threshold']):.5f})")
+
+
+@main.command("demo")
+@click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False), default="models/fashion-mnist",
+              show_default=True)
+@click.option("--n", default=1000, show_default=True, help="First N test images.")
+@click.option("--eps", default=0.1, show_default=True, help="L-infinity budget.")
+@click.option("--steps", default=40, show_default=True, help="PGD steps (step size 2.5 * eps / steps).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--out", type=click.Path(file_okay=False), default="demo-out", show_default=True,
+              help="Writes grid.png (clean / BPDA-adversarial / purified) and report.json here.")
+def demo_cmd(model_dir, n, eps, steps, seed, out):
+    """Attack the shipped model with PGD (oblivious, BPDA, full gradient), purify through onnxruntime."""
+    from serve.png import image_grid, write_png
+
+    from .checkpoint import write_json
+    from .demo import format_table, run_demo
+
+    start = time.perf_counter()
+    report = run_demo(model_dir, n=n, eps=eps, steps=steps, seed=seed,
+                      on_progress=lambda name: click.echo(f"attacked: {name}", err=True))
+    grid = report.pop("grid")
+    report["seconds"] = time.perf_counter() - start
+    write_png(Path(out) / "grid.png", image_grid(grid))
+
+    write_json(Path(out) / "report.json", report)
+    click.echo(format_table(report))
+    click.echo(f"image grid (rows: clean, BPDA-adversarial, purified) -> {Path(out) / 'grid.png'}; "
+               f"report -> {Path(out) / 'report.json'}; {report['seconds']:.0f} s in all")
 
 
 if __name__ == "__main__":

@@ -4,10 +4,11 @@
 
 recon is Bernoulli (BCE summed over pixels), KL is to N(0, I), both per image. The third term is PuVAE's:
 the frozen *source* classifier must recognise the reconstruction as the true class; its gradient trains
-the decoder (and, through z, the encoder) but never the source. The fourth term is ours, off when
-sel_weight = 0: a cross-entropy over the K classes on the negative MSE scores the purifier selects by
-(z = mu, as at inference), which trains the decision rule itself: the true class's reconstruction must
-fit the input better than every other class's.
+the decoder (and, through z, the encoder) but never the source. The fourth term is ours: a cross-entropy
+over the K classes on the negative MSE scores the purifier selects by (z = mu, as at inference), which
+trains the decision rule itself: the true class's reconstruction must fit the input better than every
+other class's (or, with sel_negatives = m, than the m classes the source finds likeliest). sel_weight = 0
+is plain PuVAE.
 """
 from __future__ import annotations
 
@@ -25,8 +26,11 @@ from .pipeline import class_scores
 class PuVAELoss:
     beta: float = 1.0
     ce_weight: float = 10.0
-    sel_weight: float = 0.0
+    sel_weight: float = 100.0
     sel_tau: float = 0.001
+    # 0: the selection CE runs over all K classes. m > 0: over the true class and the m wrong classes the
+    # source classifier rates most likely for x (hard negatives), which costs (m + 1) / K of the full term.
+    sel_negatives: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -43,9 +47,17 @@ class PuVAELoss:
             terms["ce"] = F.cross_entropy(source(out["recon"]), y)
             loss = loss + self.ce_weight * terms["ce"]
         if self.sel_weight:
-            scores = class_scores(x, cvae.reconstruct_all(x, deterministic=True), "mse")
-            terms["sel"] = F.cross_entropy(-scores / self.sel_tau, y)
-            terms["sel_acc"] = (scores.argmin(1) == y).float().mean()
+            classes, target = None, y
+            if 0 < self.sel_negatives < cvae.cfg.num_classes - 1:
+                if source is None:
+                    raise ValueError("sel_negatives > 0 needs a source classifier to choose the negatives")
+                with torch.no_grad():
+                    wrong = source(x).scatter(1, y[:, None], float("-inf"))
+                classes = torch.cat([y[:, None], wrong.topk(self.sel_negatives, dim=1).indices], dim=1)
+                target = torch.zeros_like(y)  # the true class is column 0
+            scores = class_scores(x, cvae.reconstruct_all(x, deterministic=True, classes=classes), "mse")
+            terms["sel"] = F.cross_entropy(-scores / self.sel_tau, target)
+            terms["sel_acc"] = (scores.argmin(1) == target).float().mean()
             loss = loss + self.sel_weight * terms["sel"]
         terms["loss"] = loss
         return terms

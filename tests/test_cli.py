@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pytest
 from click.testing import CliRunner
 
 from purifier.cli import main
@@ -34,6 +36,19 @@ def test_train_and_evaluate_on_an_npz_of_another_size_and_class_count(tmp_path, 
     assert set(report["selections"]["mse"]["per_class"]) == {f"band{k}" for k in range(5)}
     assert "purified, mse selection" in r.output
 
+    # export to ONNX and run it on the torch-free runtime, metadata read from the file alone
+    r = run.invoke(main, ["export", str(tmp_path / "run"), "--out", str(tmp_path / "onnx")])
+    assert r.exit_code == 0, r.output
+    from serve.runtime import OnnxPurifier
+
+    rt = OnnxPurifier(tmp_path / "onnx")
+    assert rt.image_shape == (1, 32, 32) and rt.class_names == [f"band{k}" for k in range(5)]
+    test = np.load(tiny_npz)
+    out = rt(test["x_test"])
+    assert out["recon_error"].shape == (100, 5)
+    assert (out["predicted_class"] == test["y_test"]).mean() == pytest.approx(
+        report["selections"]["mse"]["accuracy"], abs=0.011)
+
 
 def test_cli_usage_errors_name_the_problem(tmp_path, tiny_npz):
     run = CliRunner()
@@ -42,7 +57,13 @@ def test_cli_usage_errors_name_the_problem(tmp_path, tiny_npz):
     r = run.invoke(main, ["evaluate"])
     assert r.exit_code == 2 and "--model" in r.output
     r = run.invoke(main, ["train-classifier", "--data", "npz:/no/such.npz", "--out", str(tmp_path / "c")])
-    assert r.exit_code != 0 and "/no/such.npz" in str(r.exception)
+    assert r.exit_code == 2 and "/no/such.npz" in r.output
+    r = run.invoke(main, ["train", "--data", f"npz:{tiny_npz}", "--source", str(tmp_path / "nope"),
+                          "--out", str(tmp_path)])
+    assert r.exit_code == 2 and "nope.json" in r.output
+    r = run.invoke(main, ["train", "--data", f"npz:{tiny_npz}", "--ce-weight", "0", "--channels", "16,x",
+                          "--out", str(tmp_path)])
+    assert r.exit_code == 2 and "16,x" in r.output
 
 
 def test_package_import_and_cli_help_do_not_import_torch():

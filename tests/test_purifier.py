@@ -113,3 +113,13 @@ def test_purified_classifier_rejects_bad_options(small_classifier, small_cvae, k
 def test_unknown_selection_is_named(small_cvae):
     with pytest.raises(ValueError, match="'closest'"):
         Purifier(small_cvae, selection="closest")
+
+
+def test_reconstructing_a_class_subset_equals_those_slices_of_all_k(small_cvae, batch):
+    full = small_cvae.reconstruct_all(batch)
+    classes = torch.tensor([[3, 1, 7]] * len(batch))
+    classes[0] = torch.tensor([9, 0, 2])
+    part = small_cvae.reconstruct_all(batch, classes=classes)
+    assert part["recon"].shape == (len(batch), 3, 1, 28, 28)
+    for i in range(len(batch)):
+        assert torch.allclose(part["recon"][i], full["recon"][i, classes[i]], atol=1e-6)

@@ -1,0 +1,14 @@
+"""Results files: ``NAME.json`` (every setting and number) beside ``NAME.md`` (the table), both atomic."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from purifier.checkpoint import write_json
+from serve.files import atomic_write_bytes
+
+
+def write_results(out: str | Path, report: dict, heading: str, table: str) -> None:
+    """``report`` must hold ``command`` and ``commit``; the markdown repeats them under ``heading``."""
+    write_json(out, report)
+    text = f"{heading}\n\n`{report['command']}` at commit {report['commit'][:10]}\n\n{table}\n"
+    atomic_write_bytes(Path(out).with_suffix(".md"), text.encode())

@@ -1,0 +1,113 @@
+"""Throughput and latency of the classifier alone, the purified pipeline in torch eager, and in onnxruntime.
+
+    python benchmarks/speed.py --model models/fashion-mnist --out results/speed.json
+
+Per configuration and batch size (1 and 256): one warm-up pass, then ``--reps`` timed repetitions over the
+same real test images; the median is reported as ms/image and images/s, with ratios beside them. The machine
+(CPU model, thread counts) and software versions are recorded in the results file.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+import onnxruntime as ort
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from purifier import __version__, checkpoint  # noqa: E402
+from purifier.data import load_dataset  # noqa: E402
+from purifier.pipeline import PurifiedClassifier, Purifier  # noqa: E402
+from purifier.provenance import cpu_model, git_commit  # noqa: E402
+from serve.runtime import OnnxPurifier  # noqa: E402
+
+from results import write_results  # noqa: E402  (benchmarks/results.py)
+
+BATCHES = {1: 64, 256: 1024}  # batch size -> images per repetition
+
+
+def time_it(fn, x: np.ndarray, batch: int, reps: int) -> dict:
+    chunks = [x[i:i + batch] for i in range(0, len(x), batch)]
+    for c in chunks[: max(1, len(chunks) // 4)]:  # warm-up
+        fn(c)
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        for c in chunks:
+            fn(c)
+        times.append(time.perf_counter() - start)
+    med = statistics.median(times)
+    return {"batch": batch, "images": len(x), "reps": reps, "median_s": med, "ms_per_image": 1000 * med / len(x),
+            "images_per_s": len(x) / med, "all_s": times}
+
+
+@click.command()
+@click.option("--model", "model_dir", default=str(ROOT / "models" / "fashion-mnist"), show_default=True)
+@click.option("--reps", default=7, show_default=True)
+@click.option("--out", default=str(ROOT / "results" / "speed.json"), show_default=True)
+def main(model_dir, reps, out):
+    model_dir = Path(model_dir)
+    cvae = checkpoint.load(model_dir / "cvae", expect="cvae")
+    classifier = checkpoint.load(model_dir / "classifier", expect="classifier")
+    pipeline = PurifiedClassifier(classifier, Purifier(cvae), grad="none").eval()
+    x_all = load_dataset("fashion-mnist", "test").x
+    configs = {
+        "classifier (torch eager)": lambda a: classifier(torch.from_numpy(a)),
+        "purifier + classifier (torch eager)": lambda a: pipeline(torch.from_numpy(a)),
+    }
+    runtimes = {"cpu": OnnxPurifier(model_dir / "pipeline.onnx", device="cpu")}
+    auto = OnnxPurifier(model_dir / "pipeline.onnx", device="auto")
+    if "CUDAExecutionProvider" in auto.providers:
+        runtimes["cuda"] = auto
+    for name, rt in runtimes.items():
+        configs[f"purifier + classifier (onnxruntime {name})"] = lambda a, rt=rt: rt.session.run(["logits"], {"x": a})
+    results = {}
+    with torch.no_grad():
+        for name, fn in configs.items():
+            results[name] = {str(b): time_it(fn, x_all[:n], b, reps) for b, n in BATCHES.items()}
+            click.echo(f"{name}: " + ", ".join(f"batch {b}: {r['images_per_s']:.0f} img/s "
+                                               f"({r['ms_per_image']:.3f} ms/img)" for b, r in results[name].items()),
+                       err=True)
+    base = results["classifier (torch eager)"]
+    eager = results["purifier + classifier (torch eager)"]
+    ratios = {}
+    for name, r in results.items():
+        ratios[name] = {b: {"cost_vs_classifier": r[b]["ms_per_image"] / base[b]["ms_per_image"],
+                            "speedup_vs_torch_pipeline": eager[b]["ms_per_image"] / r[b]["ms_per_image"]}
+                        for b in r}
+    commit = git_commit(ROOT)
+    report = {
+        "command": " ".join(["python", "benchmarks/speed.py", *sys.argv[1:]]), "commit": commit,
+        "model": str(model_dir), "data": "fashion-mnist test images (first N per batch size)",
+        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "onnxruntime_threads": "default (intra-op = physical cores)",
+                    "onnxruntime_providers": {k: v.providers for k, v in runtimes.items()}},
+        "versions": {"purifier": __version__, "torch": torch.__version__, "onnxruntime": ort.__version__,
+                     "numpy": np.__version__, "python": platform.python_version()},
+        "method": f"median of {reps} repetitions after one warm-up pass; images per repetition {BATCHES}",
+        "results": results, "ratios": ratios,
+    }
+
+    lines = ["| pipeline | batch | ms/image | images/s | cost vs classifier | speed-up vs torch pipeline |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for name, r in results.items():
+        for b, v in r.items():
+            q = ratios[name][b]
+            lines.append(f"| {name} | {b} | {v['ms_per_image']:.3f} | {v['images_per_s']:.0f} | "
+                         f"{q['cost_vs_classifier']:.1f}x | {q['speedup_vs_torch_pipeline']:.2f}x |")
+    table = "\n".join(lines)
+    write_results(out, report, f"Speed ({report['machine']['cpu']}, {report['machine']['cores']} cores; "
+                               f"{report['method']})", table)
+    click.echo(table)
+
+
+if __name__ == "__main__":
+    main()

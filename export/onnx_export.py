@@ -1,0 +1,172 @@
+"""Export a trained purifier (and, fused, purifier + target classifier) to ONNX with the dynamo exporter.
+
+Two artifacts, both with a dynamic batch axis and the K classes batched inside the graph (B*K):
+  ``purifier.onnx``  x -> purified, chosen_class, recon_error (N x K)
+  ``pipeline.onnx``  x -> purified, chosen_class, recon_error, logits
+
+Each carries ``metadata_props`` that the torch-free runtime reads (dataset, class names, input shape, value
+range, selection rule, rejection threshold, versions, sha256 of the weights), so serving needs no Python
+config. Every export is checked against torch on the same inputs; a parity failure raises and writes nothing.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from purifier import __version__
+from purifier import checkpoint
+from purifier.data import load_dataset, train_val_split
+from purifier.models.cvae import CVAE
+from purifier.pipeline import Purifier, purify
+
+PURIFIER_OUTPUTS = ("purified", "chosen_class", "recon_error")
+PIPELINE_OUTPUTS = (*PURIFIER_OUTPUTS, "logits")
+PARITY_ATOL = 1e-4
+PARITY_BATCHES = (1, 64)
+
+
+class ParityError(RuntimeError):
+    """onnxruntime and torch disagree on an exported model beyond tolerance."""
+
+
+class _Graph(nn.Module):
+    """The exported function: a tuple of named outputs instead of a dict."""
+
+    def __init__(self, purifier: Purifier, classifier: nn.Module | None = None):
+        super().__init__()
+        self.purifier = purifier
+        self.classifier = classifier
+
+    def forward(self, x: torch.Tensor):
+        out = self.purifier(x)
+        outputs = (out["purified"], out["chosen_class"], out["recon_error"])
+        if self.classifier is not None:
+            outputs += (self.classifier(out["purified"]),)
+        return outputs
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    metadata: dict
+    parity: dict  # batch size -> max abs difference per output
+
+
+def calibrate_threshold(cvae: CVAE, selection: str, percentile: float = 99.0) -> dict:
+    """Rejection threshold: the ``percentile`` of the chosen class's score on the CVAE's own validation split.
+
+    The split is rebuilt from the dataset, validation size and seed recorded in the CVAE's checkpoint, so it
+    is the held-out data the CVAE never trained on (never the test set).
+    """
+    meta = getattr(cvae, "meta", {})
+    if not {"dataset", "n_val", "train"} <= set(meta):
+        raise ValueError("the CVAE checkpoint records no dataset/validation split; pass threshold= explicitly")
+    ds = load_dataset(meta["dataset"], "train")
+    _, val = train_val_split(len(ds.y), int(meta["n_val"]), int(meta["train"]["seed"]))
+    scores = purify(Purifier(cvae, selection), torch.from_numpy(ds.x[val]))["recon_error"]
+    best = scores.min(1).values.numpy()
+    return {"threshold": float(np.percentile(best, percentile)), "percentile": percentile, "n": len(best),
+            "source": f"{meta['dataset']} validation split (seed {meta['train']['seed']})"}
+
+
+def _check_parity(path: Path, graph: _Graph, names, image_shape, seed: int = 0) -> dict:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    gen = torch.Generator().manual_seed(seed)
+    report = {}
+    for b in PARITY_BATCHES:
+        x = torch.rand(b, *image_shape, generator=gen)
+        with torch.no_grad():
+            expected = graph(x)
+        got = session.run(list(names), {"x": x.numpy()})
+        diffs = {}
+        for name, e, g in zip(names, expected, got):
+            if name == "chosen_class":
+                if not np.array_equal(e.numpy(), g):
+                    raise ParityError(f"{path.name}: chosen classes differ from torch at batch {b}")
+                diffs[name] = 0.0
+                continue
+            diffs[name] = float(np.abs(e.numpy() - g).max())
+            if diffs[name] > PARITY_ATOL:
+                raise ParityError(f"{path.name}: output {name!r} differs from torch by {diffs[name]:.3g} "
+                                  f"(> {PARITY_ATOL}) at batch {b}")
+        report[b] = diffs
+    return report
+
+
+def export_onnx(path: str | os.PathLike, cvae: CVAE, classifier: nn.Module | None = None, selection: str = "mse",
+                metadata: dict | None = None) -> ExportResult:
+    """Export purifier (+ classifier) to ``path``, check parity against torch, then move it into place."""
+    cvae = cvae.eval()
+    if classifier is not None:
+        classifier = classifier.eval()
+    graph = _Graph(Purifier(cvae, selection), classifier).eval()
+    names = PIPELINE_OUTPUTS if classifier is not None else PURIFIER_OUTPUTS
+    image_shape = tuple(cvae.cfg.image_shape)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        tmp_path = Path(tmp) / path.name
+        program = torch.onnx.export(
+            graph, (torch.rand(2, *image_shape),), dynamo=True, input_names=["x"], output_names=list(names),
+            dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=1 << 20)}}, verbose=False)
+        program.save(str(tmp_path))
+        model = onnx.load(str(tmp_path))
+        props = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
+        props["outputs"] = json.dumps(list(names))
+        onnx.helper.set_model_props(model, props)
+        model.producer_name, model.producer_version = "purifier", __version__
+        onnx.checker.check_model(model)
+        onnx.save(model, str(tmp_path))
+        parity = _check_parity(tmp_path, graph, names, image_shape)
+        os.replace(tmp_path, path)
+    return ExportResult(path, props, parity)
+
+
+def export_run(cvae_path, classifier_path, out_dir, selection: str = "mse", percentile: float = 99.0,
+               threshold: float | None = None) -> dict[str, ExportResult]:
+    """Export ``purifier.onnx`` and ``pipeline.onnx`` for a trained CVAE and target classifier into ``out_dir``."""
+    cvae = checkpoint.load(cvae_path, expect="cvae")
+    classifier = checkpoint.load(classifier_path, expect="classifier")
+    if tuple(classifier.cfg.image_shape) != tuple(cvae.cfg.image_shape) or \
+            classifier.cfg.num_classes != cvae.cfg.num_classes:
+        raise ValueError(f"classifier {classifier_path} expects {classifier.cfg.image_shape} x "
+                         f"{classifier.cfg.num_classes} classes, the CVAE {cvae.cfg.image_shape} x {cvae.cfg.num_classes}")
+    if threshold is None:
+        calib = calibrate_threshold(cvae, selection, percentile)
+    else:
+        calib = {"threshold": float(threshold), "percentile": None, "n": 0, "source": "given"}
+    meta = cvae.meta
+    c, h, w = cvae.cfg.image_shape
+    common = {
+        "dataset": meta.get("dataset", "unknown"),
+        "class_names": list(meta.get("class_names") or [str(k) for k in range(cvae.cfg.num_classes)]),
+        "num_classes": cvae.cfg.num_classes,
+        "input_name": "x", "input_shape": ["N", c, h, w], "input_dtype": "float32", "value_range": [0.0, 1.0],
+        "selection": selection,
+        "rejection_threshold": calib["threshold"], "rejection_calibration": calib,
+        "purifier_version": __version__, "torch_version": torch.__version__,
+        "cvae_sha256": checkpoint.read_record(cvae_path)["weights_sha256"],
+    }
+    out_dir = Path(out_dir)
+    results = {"purifier": export_onnx(out_dir / "purifier.onnx", cvae, None, selection,
+                                       {**common, "kind": "purifier"})}
+    results["pipeline"] = export_onnx(
+        out_dir / "pipeline.onnx", cvae, classifier, selection,
+        {**common, "kind": "pipeline", "classifier_sha256": checkpoint.read_record(classifier_path)["weights_sha256"],
+         "classifier_arch": classifier.cfg.arch})
+    return results
+
+
+__all__ = ["export_onnx", "export_run", "calibrate_threshold", "ParityError", "ExportResult"]

@@ -1,0 +1,135 @@
+"""ONNX export and the torch-free runtime: parity with torch on real images, metadata, validation."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from export.onnx_export import export_onnx
+from purifier import checkpoint
+from purifier.pipeline import Purifier
+from serve.runtime import OnnxPurifier, choose_providers
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = ROOT / "models" / "fashion-mnist"
+
+
+@pytest.fixture(scope="module")
+def default_torch():
+    return checkpoint.load(MODEL / "cvae"), checkpoint.load(MODEL / "classifier")
+
+
+@pytest.fixture(scope="module")
+def default_onnx():
+    return OnnxPurifier(MODEL / "pipeline.onnx", device="cpu")
+
+
+@pytest.mark.parametrize("batch", [1, 7, 64])
+def test_committed_pipeline_matches_torch_on_real_images(default_torch, default_onnx, fmnist_test, batch):
+    cvae, clf = default_torch
+    x = fmnist_test.x[100:100 + batch]
+    got = default_onnx(x)
+    with torch.no_grad():
+        ref = Purifier(cvae)(torch.from_numpy(x))
+        logits = clf(ref["purified"])
+    assert np.array_equal(got["chosen_class"], ref["chosen_class"].numpy())
+    assert np.abs(got["purified"] - ref["purified"].numpy()).max() <= 1e-4
+    assert np.abs(got["recon_error"] - ref["recon_error"].numpy()).max() <= 1e-4
+    assert np.abs(got["logits"] - logits.numpy()).max() <= 1e-4
+
+
+def test_committed_models_describe_themselves(default_onnx):
+    meta = default_onnx.metadata
+    assert meta["dataset"] == "fashion-mnist" and meta["class_names"][9] == "Ankle boot"
+    assert meta["input_shape"] == ["N", 1, 28, 28] and meta["value_range"] == [0.0, 1.0]
+    assert meta["selection"] == "mse" and 0 < float(meta["rejection_threshold"]) < 1
+    assert meta["cvae_sha256"] == checkpoint.read_record(MODEL / "cvae")["weights_sha256"]
+    assert meta["classifier_sha256"] == checkpoint.read_record(MODEL / "classifier")["weights_sha256"]
+    purifier_only = OnnxPurifier(MODEL / "purifier.onnx", device="cpu")
+    assert "logits" not in purifier_only.outputs and purifier_only.metadata["kind"] == "purifier"
+
+
+def test_runtime_flags_what_the_threshold_rejects(default_onnx, fmnist_test):
+    clean = default_onnx(fmnist_test.x[:500])
+    noise = default_onnx(np.random.default_rng(0).random((50, 1, 28, 28), dtype=np.float32))
+    assert clean["rejected"].mean() < 0.05  # threshold: 99th percentile of clean validation error
+    assert noise["rejected"].all()
+    assert (clean["margin"] >= 0).all()
+
+
+def test_runtime_accepts_uint8_and_rank_3(default_onnx, fmnist_test):
+    x = fmnist_test.x[:5]
+    as_uint8 = np.round(x[:, 0] * 255).astype(np.uint8)
+    assert np.array_equal(default_onnx(as_uint8)["chosen_class"], default_onnx(x)["chosen_class"])
+
+
+@pytest.mark.parametrize("x, match", [
+    (np.zeros((2, 3, 28, 28), np.float32), r"\(2, 3, 28, 28\)"),
+    (np.zeros((2, 1, 32, 32), np.float32), "32, 32"),
+    (np.zeros((28, 28), np.float32), r"\(28, 28\)"),
+    (np.zeros((2, 1, 28, 28), np.int32), "int32"),
+    (np.full((2, 1, 28, 28), 1.5, np.float32), r"\[0, 1\].*1\.5"),
+    (np.full((2, 1, 28, 28), np.inf, np.float32), r"inf at index \(0, 0, 0, 0\)"),
+])
+def test_runtime_names_bad_input(default_onnx, x, match):
+    with pytest.raises(ValueError, match=match):
+        default_onnx(x)
+
+
+def test_export_of_a_fresh_model_carries_metadata_and_parity(tmp_path, small_cvae, small_classifier):
+    result = export_onnx(tmp_path / "p.onnx", small_cvae, small_classifier,
+                         metadata={"dataset": "toy", "class_names": [str(k) for k in range(10)],
+                                   "input_shape": ["N", 1, 28, 28], "value_range": [0.0, 1.0],
+                                   "rejection_threshold": 0.5})
+    assert set(result.parity) == {1, 64} and max(result.parity[64].values()) <= 1e-4
+    props = {p.key: p.value for p in onnx.load(str(result.path)).metadata_props}
+    assert json.loads(props["outputs"]) == ["purified", "chosen_class", "recon_error", "logits"]
+    graph_ops = {n.op_type for n in onnx.load(str(result.path)).graph.node}
+    assert {"ArgMin", "GatherElements"} <= graph_ops and "RandomNormalLike" not in graph_ops
+    rt = OnnxPurifier(result.path, device="cpu")
+    x = np.random.default_rng(1).random((3, 1, 28, 28), dtype=np.float32)
+    with torch.no_grad():
+        ref = Purifier(small_cvae)(torch.from_numpy(x))
+    assert np.array_equal(rt(x)["chosen_class"], ref["chosen_class"].numpy())
+    assert not list(tmp_path.glob("**/*.tmp"))
+
+
+def test_cpu_provider_when_asked_and_no_cuda_claim_without_a_gpu(default_onnx):
+    assert default_onnx.providers == ["CPUExecutionProvider"]
+    assert choose_providers("cpu") == ["CPUExecutionProvider"]
+    with pytest.raises(ValueError, match="'tpu'"):
+        choose_providers("tpu")
+
+
+def test_runtime_never_imports_torch(fmnist_test):
+    code = (
+        "import sys, numpy as np\n"
+        "from serve.runtime import OnnxPurifier\n"
+        f"rt = OnnxPurifier({str(MODEL)!r})\n"
+        "out = rt(np.random.default_rng(0).random((4, 1, 28, 28), dtype=np.float32))\n"
+        "assert out['logits'].shape == (4, 10)\n"
+        "bad = [m for m in ('torch', 'purifier', 'export') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "error" not in r.stderr.lower(), r.stderr  # no noisy provider logs on a CPU machine
+
+
+def test_onnx_pipeline_accuracy_equals_torch_on_the_full_test_set(default_torch, default_onnx, fmnist_test):
+    cvae, clf = default_torch
+    x, y = fmnist_test.x, fmnist_test.y
+    onnx_pred = np.concatenate([default_onnx(x[i:i + 1000])["predicted_class"] for i in range(0, len(x), 1000)])
+    with torch.no_grad():
+        from purifier.pipeline import PurifiedClassifier
+
+        model = PurifiedClassifier(clf, Purifier(cvae), grad="none")
+        torch_pred = torch.cat([model(torch.from_numpy(x[i:i + 1000])).argmax(1)
+                                for i in range(0, len(x), 1000)]).numpy()
+    onnx_acc, torch_acc = (onnx_pred == y).mean(), (torch_pred == y).mean()
+    assert abs(onnx_acc - torch_acc) <= 0.0005, (onnx_acc, torch_acc)
+    assert onnx_acc > 0.85
