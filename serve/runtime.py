@@ -123,6 +123,8 @@ class OnnxPurifier:
             raise ValueError(f"input must be N x {c} x {h} x {w}, got shape {x.shape}")
         if x.shape[1:] != (c, h, w):
             raise ValueError(f"input has shape {x.shape}, the model expects N x {c} x {h} x {w}")
+        if x.shape[0] == 0:
+            raise ValueError(f"input holds no images (shape {x.shape})")
         if x.dtype == np.uint8:
             return x.astype(np.float32) / np.float32(255.0)
         if x.dtype not in (np.float32, np.float64, np.float16):
@@ -132,7 +134,7 @@ class OnnxPurifier:
         if bad.any():
             idx = tuple(int(i) for i in np.argwhere(bad)[0])
             raise ValueError(f"input holds a non-finite value {x[idx]} at index {idx}")
-        lo, hi = float(x.min(initial=0.0)), float(x.max(initial=0.0))
+        lo, hi = float(x.min()), float(x.max())
         if lo < 0.0 or hi > 1.0:
             raise ValueError(f"input must be in [0, 1], got values in [{lo}, {hi}]")
         return x

@@ -74,6 +74,7 @@ def test_runtime_accepts_uint8_and_rank_3(default_onnx, fmnist_test):
     (np.zeros((2, 1, 28, 28), np.int32), "int32"),
     (np.full((2, 1, 28, 28), 1.5, np.float32), r"\[0, 1\].*1\.5"),
     (np.full((2, 1, 28, 28), np.inf, np.float32), r"inf at index \(0, 0, 0, 0\)"),
+    (np.zeros((0, 1, 28, 28), np.float32), "no images"),
 ])
 def test_runtime_names_bad_input(default_onnx, x, match):
     with pytest.raises(ValueError, match=match):
