@@ -27,7 +27,7 @@ from purifier.provenance import git_commit  # noqa: E402
 from purifier.models.cvae import CVAE, CVAEConfig  # noqa: E402
 from purifier.train import TrainConfig, train_cvae  # noqa: E402
 
-from results import write_results  # noqa: E402  (benchmarks/results.py)
+from results import markdown_table, write_results  # noqa: E402  (benchmarks/results.py)
 
 VARIANTS = {
     # name: (CVAE config, loss)
@@ -74,9 +74,8 @@ def main(source, n_train, n_val, epochs, seed, out):
                            "threads": torch.get_num_threads()},
               "rows": rows}
 
-    lines = ["| variant | validation argmin = label | seconds |", "| --- | --- | --- |"]
-    lines += [f"| {r['variant']} | {100 * r['val_argmin_acc']:.1f}% | {r['seconds']:.0f} |" for r in rows]
-    table = "\n".join(lines)
+    table = markdown_table(["variant", "validation argmin = label", "seconds"],
+                           [[r["variant"], f"{100 * r['val_argmin_acc']:.1f}%", f"{r['seconds']:.0f}"] for r in rows])
     write_results(out, report, f"CVAE calibration: {epochs} epochs on {n_train} training images, argmin accuracy "
                                f"on {n_val} validation images (seed {seed}).", table)
     click.echo(table)

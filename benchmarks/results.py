@@ -12,3 +12,9 @@ def write_results(out: str | Path, report: dict, heading: str, table: str) -> No
     write_json(out, report)
     text = f"{heading}\n\n`{report['command']}` at commit {report['commit'][:10]}\n\n{table}\n"
     atomic_write_bytes(Path(out).with_suffix(".md"), text.encode())
+
+
+def markdown_table(headers: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join("---" for _ in headers) + " |"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)

@@ -30,7 +30,7 @@ from purifier.pipeline import PurifiedClassifier, Purifier  # noqa: E402
 from purifier.provenance import cpu_model, git_commit  # noqa: E402
 from serve.runtime import OnnxPurifier  # noqa: E402
 
-from results import write_results  # noqa: E402  (benchmarks/results.py)
+from results import markdown_table, write_results  # noqa: E402  (benchmarks/results.py)
 
 BATCHES = {1: 64, 256: 1024}  # batch size -> images per repetition
 
@@ -105,14 +105,11 @@ def main(model_dir, reps, out):
         "results": results, "ratios": ratios,
     }
 
-    lines = ["| pipeline | batch | ms/image | images/s | cost vs classifier (same runtime) | speed-up vs torch pipeline |",
-             "| --- | --- | --- | --- | --- | --- |"]
-    for name, r in results.items():
-        for b, v in r.items():
-            q = ratios[name][b]
-            lines.append(f"| {name} | {b} | {v['ms_per_image']:.3f} | {v['images_per_s']:.0f} | "
-                         f"{q['cost_vs_classifier_same_runtime']:.2f}x | {q['speedup_vs_torch_pipeline']:.2f}x |")
-    table = "\n".join(lines)
+    table = markdown_table(
+        ["pipeline", "batch", "ms/image", "images/s", "cost vs classifier (same runtime)", "speed-up vs torch pipeline"],
+        [[name, b, f"{v['ms_per_image']:.3f}", f"{v['images_per_s']:.0f}",
+          f"{ratios[name][b]['cost_vs_classifier_same_runtime']:.2f}x",
+          f"{ratios[name][b]['speedup_vs_torch_pipeline']:.2f}x"] for name, r in results.items() for b, v in r.items()])
     write_results(out, report, f"Speed ({report['machine']['cpu']}, {report['machine']['cores']} cores; "
                                f"{report['method']})", table)
     click.echo(table)
