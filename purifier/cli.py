@@ -290,5 +290,51 @@ def demo_cmd(model_dir, n, eps, steps, seed, out):
                f"report -> {Path(out) / 'report.json'}; {report['seconds']:.0f} s in all")
 
 
+@main.command("purify")
+@click.argument("inputs", nargs=-1, required=True, type=click.Path())
+@click.option("--model", required=True, type=click.Path(exists=True),
+              help="A model directory (pipeline.onnx or purifier.onnx) or an .onnx file.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output directory.")
+@click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1))
+@click.option("--resize", is_flag=True, help="Resize images of another size instead of failing them.")
+@click.option("--format", "fmt", type=click.Choice(["png", "npz"]), default="png", show_default=True,
+              help="png: one image per input, same relative layout; npz: one purified.npz.")
+@click.option("--resume/--no-resume", default=None,
+              help="Skip inputs already in OUT's manifest (default: on when OUT holds one).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--quiet", is_flag=True, help="No progress bar and no summary line.")
+def purify_cmd(inputs, model, out_dir, batch_size, resize, fmt, resume, device, quiet):
+    """Purify image files, folders and .npy/.npz arrays on onnxruntime (no torch needed).
+
+    Writes purified images, manifest.jsonl (one line per input), errors.jsonl (one line per failure, with the
+    reason) and summary.json. Exit code 0: all inputs purified; 1: some failed; 2: usage error.
+
+    Example: purifier purify photos/ batch.npz --model models/fashion-mnist --out purified/
+    """
+    from serve.batch import purify_files
+
+    bar = None
+    if not quiet and sys.stderr.isatty():
+        bar = click.progressbar(length=1, label="purify", file=sys.stderr, show_pos=True)
+
+    def on_batch(done, total):
+        bar.length = total
+        bar.update(done - bar.pos)
+
+    try:
+        stats = purify_files(list(inputs), model, out_dir, batch_size, resize, fmt, resume, device,
+                             on_batch if bar is not None else None)
+    except (FileNotFoundError, ValueError) as exc:
+        raise click.UsageError(str(exc)) from exc
+    finally:
+        if bar is not None:
+            bar.render_finish()
+    if not quiet:
+        rate = stats.done / stats.seconds["total"] if stats.seconds["total"] else 0.0
+        click.echo(f"done {stats.done}, failed {stats.failed}, rejected {stats.rejected}, skipped (resumed) "
+                   f"{stats.skipped}; {rate:.0f} images/s; manifest: {Path(out_dir) / 'manifest.jsonl'}", err=True)
+    sys.exit(1 if stats.failed else 0)
+
+
 if __name__ == "__main__":
     main()

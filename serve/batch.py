@@ -1,0 +1,326 @@
+"""Batch purification of files that loses nothing: every input ends in the manifest or in the error log.
+
+Torch-free (onnxruntime + numpy + Pillow). Inputs are image files, directories (recursive, sorted, symlink
+loops guarded) and ``.npy``/``.npz`` arrays. Each batch's outputs are written under temporary names and
+renamed; only then are its manifest lines appended and flushed, so a job killed at any point and rerun with
+resume ends with every input exactly once and no half-written file.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+
+from .files import atomic_write, atomic_write_bytes
+from .png import encode_png
+from .runtime import OnnxPurifier
+
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+ARRAY_EXTS = {".npy", ".npz"}
+MANIFEST, ERRORS, SUMMARY = "manifest.jsonl", "errors.jsonl", "summary.json"
+
+
+@dataclass(frozen=True)
+class Item:
+    """One input image: a file, or one entry (``index``) of an array file. ``output``: relative output path."""
+
+    source: str
+    index: int | None
+    output: str
+
+    @property
+    def key(self) -> tuple[str, int | None]:
+        return (self.source, self.index)
+
+
+@dataclass
+class Stats:
+    done: int = 0
+    failed: int = 0
+    rejected: int = 0
+    skipped: int = 0
+    seconds: dict = field(default_factory=lambda: {"load": 0.0, "onnxruntime": 0.0, "write": 0.0, "total": 0.0})
+
+
+def discover(inputs: Iterable[str | os.PathLike]) -> tuple[list[tuple[Path, str]], list[dict]]:
+    """Expand inputs into (file, relative path) pairs, in sorted order; unreadable inputs become errors."""
+    files, errors = [], []
+    for raw in inputs:
+        root = Path(raw)
+        if root.is_dir():
+            seen = set()
+            for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+                real = os.path.realpath(dirpath)
+                if real in seen:  # a symlink loop, or a directory reached twice
+                    dirnames[:] = []
+                    continue
+                seen.add(real)
+                dirnames.sort()
+                for name in sorted(filenames):
+                    path = Path(dirpath) / name
+                    if path.suffix.lower() in IMAGE_EXTS | ARRAY_EXTS:
+                        files.append((path, str(path.relative_to(root))))
+        elif root.is_file():
+            files.append((root, root.name))
+        else:
+            errors.append({"source": str(root), "index": None, "error": f"input {str(root)!r} does not exist"})
+    return files, errors
+
+
+def _array_items(path: Path) -> np.ndarray:
+    if path.suffix.lower() == ".npy":
+        return np.load(path, allow_pickle=False)
+    with np.load(path, allow_pickle=False) as f:
+        for key in ("x", "x_test", "images"):
+            if key in f.files:
+                return f[key]
+        raise ValueError(f"{path}: no image array under 'x', 'x_test' or 'images'; the file holds {sorted(f.files)}")
+
+
+def plan(files: list[tuple[Path, str]]) -> tuple[list[Item], list[dict]]:
+    """Items with unique, deterministic output names (two inputs never share one)."""
+    items, errors, taken = [], [], set()
+
+    def claim(rel: str) -> str:
+        base = Path(rel)
+        out = str(base.with_suffix(".png"))
+        n = 0
+        while out in taken:  # a.png and a.jpg, or the same name under two inputs
+            n += 1
+            out = str(base.with_name(f"{base.stem}~{base.suffix.lstrip('.') or 'x'}{'' if n == 1 else n}.png"))
+        taken.add(out)
+        return out
+
+    for path, rel in files:
+        if path.suffix.lower() in ARRAY_EXTS:
+            try:
+                arr = _array_items(path)
+                if arr.ndim not in (3, 4):
+                    raise ValueError(f"{path}: array must be N x H x W or N x C x H x W, got shape {arr.shape}")
+            except Exception as exc:  # corrupt files raise many types
+                errors.append({"source": str(path), "index": None, "error": _reason(exc)})
+                continue
+            stem = str(Path(rel).with_suffix(""))
+            items += [Item(str(path), i, claim(f"{stem}/{i:06d}.png")) for i in range(len(arr))]
+        else:
+            items.append(Item(str(path), None, claim(rel)))
+    return items, errors
+
+
+def _reason(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+class Loader:
+    """Reads items as float32 C x H x W in [0, 1] for the model's shape; caches the array file in use."""
+
+    def __init__(self, image_shape: tuple[int, int, int], resize: bool = False):
+        self.c, self.h, self.w = image_shape
+        self.resize = resize
+        self._array = (None, None)
+
+    def __call__(self, item: Item) -> np.ndarray:
+        if item.index is None:
+            return self._image(Path(item.source))
+        if self._array[0] != item.source:
+            self._array = (item.source, _array_items(Path(item.source)))
+        a = np.asarray(self._array[1][item.index])
+        if a.ndim == 2:
+            a = a[None]
+        if a.shape != (self.c, self.h, self.w):
+            raise ValueError(f"array item has shape {a.shape}, the model expects {(self.c, self.h, self.w)}")
+        return _to_float(a)
+
+    def _image(self, path: Path) -> np.ndarray:
+        from PIL import Image, UnidentifiedImageError
+
+        if path.stat().st_size == 0:
+            raise ValueError("empty file (0 bytes)")
+        try:
+            with Image.open(path) as img:
+                img.load()  # decode now: a truncated file fails here, not later
+                img = img.convert("L" if self.c == 1 else "RGB")
+        except UnidentifiedImageError as exc:
+            raise ValueError(f"not an image Pillow can read ({exc})") from exc
+        except OSError as exc:
+            raise ValueError(f"unreadable image ({exc})") from exc
+        if img.size != (self.w, self.h):
+            if not self.resize:
+                raise ValueError(f"image is {img.size[0]} x {img.size[1]} (W x H), the model expects "
+                                 f"{self.w} x {self.h}; pass --resize to resize")
+            img = img.resize((self.w, self.h), Image.BILINEAR)
+        a = np.asarray(img, dtype=np.uint8)
+        return (a[None] if a.ndim == 2 else a.transpose(2, 0, 1)).astype(np.float32) / np.float32(255.0)
+
+
+def _to_float(a: np.ndarray) -> np.ndarray:
+    if a.dtype == np.uint8:
+        return a.astype(np.float32) / np.float32(255.0)
+    if not np.issubdtype(a.dtype, np.floating):
+        raise ValueError(f"array dtype must be uint8 or float in [0, 1], got {a.dtype}")
+    if not np.isfinite(a).all():
+        raise ValueError("array item holds NaN or Inf")
+    if a.min() < 0 or a.max() > 1:
+        raise ValueError(f"array item must be in [0, 1], got values in [{float(a.min())}, {float(a.max())}]")
+    return a.astype(np.float32)
+
+
+def _read_keys(path: Path) -> set:
+    """Keys already recorded in a JSONL log; a half-written last line (a killed job) is cut off first."""
+    if not path.exists():
+        return set()
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    if end < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(end)
+    keys = set()
+    for line in data[:end].splitlines():
+        if line.strip():
+            rec = json.loads(line)
+            keys.add((rec["source"], rec["index"]))
+    return keys
+
+
+class _Log:
+    def __init__(self, path: Path):
+        self.f = open(path, "a", encoding="utf-8")
+
+    def write(self, records: list[dict]) -> None:
+        if records:
+            self.f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+            self.f.flush()
+            os.fsync(self.f.fileno())
+
+    def close(self):
+        self.f.close()
+
+
+def purify_files(inputs: list[str], model: str | os.PathLike, out_dir: str | os.PathLike, batch_size: int = 256,
+                 resize: bool = False, fmt: str = "png", resume: bool | None = None, device: str = "auto",
+                 on_batch: Callable[[int, int], None] | None = None) -> Stats:
+    """Purify every input into ``out_dir``; returns counts and where the time went.
+
+    ``resume`` None: on when ``out_dir`` already holds a manifest. ``on_batch(done_items, total_items)``.
+    """
+    if fmt not in ("png", "npz"):
+        raise ValueError(f"format must be 'png' or 'npz', got {fmt!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch size must be at least 1, got {batch_size}")
+    start = time.perf_counter()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    runtime = OnnxPurifier(model, device=device)
+    files, errors = discover(inputs)
+    items, plan_errors = plan(files)
+    errors += plan_errors
+    if resume is None:
+        resume = (out_dir / MANIFEST).exists()
+    if not resume:
+        for name in (MANIFEST, ERRORS):
+            (out_dir / name).unlink(missing_ok=True)
+    for stale in out_dir.rglob(".*.tmp"):  # temporaries of a killed run (atomic_write's naming); never outputs
+        stale.unlink(missing_ok=True)
+    done = _read_keys(out_dir / MANIFEST) | _read_keys(out_dir / ERRORS)
+    stats = Stats(skipped=sum(item.key in done for item in items))
+    todo = [item for item in items if item.key not in done]
+    manifest, error_log = _Log(out_dir / MANIFEST), _Log(out_dir / ERRORS)
+    load = Loader(runtime.image_shape, resize)
+    names = runtime.class_names
+    try:
+        new_errors = [e for e in errors if (e["source"], e["index"]) not in done]
+        error_log.write(new_errors)
+        stats.failed += len(new_errors)
+        for b in range(0, len(todo), batch_size):
+            batch = todo[b:b + batch_size]
+            t0 = time.perf_counter()
+            good, arrays, failed = [], [], []
+            for item in batch:
+                try:
+                    arrays.append(load(item))
+                    good.append(item)
+                except Exception as exc:  # each bad file is recorded and the job goes on
+                    failed.append({"source": item.source, "index": item.index, "error": _reason(exc)})
+            t1 = time.perf_counter()
+            records = []
+            if good:
+                out = runtime(np.stack(arrays))
+                t2 = time.perf_counter()
+                records = _write_outputs(out_dir, good, out, names, fmt, b)
+            else:
+                t2 = t1
+            t3 = time.perf_counter()
+            manifest.write(records)
+            error_log.write(failed)
+            stats.done += len(records)
+            stats.failed += len(failed)
+            stats.rejected += sum(r["rejected"] for r in records)
+            for k, v in (("load", t1 - t0), ("onnxruntime", t2 - t1), ("write", t3 - t2)):
+                stats.seconds[k] += v
+            if on_batch is not None:
+                on_batch(min(b + batch_size, len(todo)), len(todo))
+    finally:
+        manifest.close()
+        error_log.close()
+    if fmt == "npz":
+        _merge_npz(out_dir)
+    stats.seconds["total"] = time.perf_counter() - start
+    summary = {"done": stats.done, "failed": stats.failed, "rejected": stats.rejected, "skipped": stats.skipped,
+               "seconds": stats.seconds, "model": str(runtime.path), "providers": runtime.providers}
+    atomic_write_bytes(out_dir / SUMMARY, (json.dumps(summary, indent=2) + "\n").encode())
+    return stats
+
+
+def _write_outputs(out_dir: Path, items: list[Item], out: dict, names: list[str], fmt: str, seq: int) -> list[dict]:
+    purified = np.round(np.clip(out["purified"], 0, 1) * 255).astype(np.uint8)
+    if fmt == "npz":
+        part = f"npz-parts/part-{seq:09d}.npz"
+
+        def write(tmp):
+            with open(tmp, "wb") as f:
+                np.savez(f, x=purified)
+
+        atomic_write(out_dir / part, write)
+        outputs = [f"{part}:{k}" for k in range(len(items))]
+    else:
+        outputs = [item.output for item in items]
+        for rel, img in zip(outputs, purified):
+            atomic_write_bytes(out_dir / rel, encode_png(img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0)))
+    records = []
+    for k, item in enumerate(items):
+        chosen = int(out["chosen_class"][k])
+        pred = int(out["predicted_class"][k]) if "predicted_class" in out else None
+        records.append({
+            "source": item.source, "index": item.index, "output": outputs[k],
+            "predicted_class": pred, "predicted_name": names[pred] if pred is not None else None,
+            "chosen_class": chosen, "chosen_name": names[chosen],
+            "recon_error": float(out["recon_error"][k].min()), "margin": float(out["margin"][k]),
+            "rejected": bool(out["rejected"][k]),
+        })
+    return records
+
+
+def _merge_npz(out_dir: Path) -> None:
+    """One ``purified.npz`` (x, source, index) in manifest order, from the per-batch parts."""
+    records = [json.loads(line) for line in (out_dir / MANIFEST).read_text(encoding="utf-8").splitlines() if line]
+    parts: dict[str, np.ndarray] = {}
+    xs = []
+    for r in records:
+        part, k = r["output"].rsplit(":", 1)
+        if part not in parts:
+            with np.load(out_dir / part) as f:
+                parts[part] = f["x"]
+        xs.append(parts[part][int(k)])
+    sources = np.array([r["source"] for r in records])
+    index = np.array([-1 if r["index"] is None else r["index"] for r in records])
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, x=np.stack(xs) if xs else np.zeros((0,)), source=sources, index=index)
+
+    atomic_write(out_dir / "purified.npz", write)
