@@ -40,16 +40,20 @@ class PGD:
     def to_dict(self) -> dict:
         return {**asdict(self), "alpha": self.step_size, "norm": "Linf"}
 
-    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """x: B x C x H x W in [0, 1], y: B -> adversarial x of the same shape."""
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss=None) -> torch.Tensor:
+        """x: B x C x H x W in [0, 1], y: B -> adversarial x of the same shape.
+
+        ``model`` decides success (argmax != y). The ascent objective is cross-entropy on ``model`` unless
+        ``loss(adv, y)`` (a sum over the batch, to maximise) is given, e.g. ``selection_loss``.
+        """
         was_training = model.training
         model.eval()
         try:
-            return self._run(model, x.detach(), y)
+            return self._run(model, x.detach(), y, loss)
         finally:
             model.train(was_training)
 
-    def _run(self, model, x, y):
+    def _run(self, model, x, y, loss):
         gen = torch.Generator(device=x.device).manual_seed(self.seed)
         delta = torch.zeros_like(x)
         if self.random_start:
@@ -59,8 +63,14 @@ class PGD:
         broken = torch.zeros(len(x), dtype=torch.bool, device=x.device)
         for _ in range(self.steps):
             adv.requires_grad_(True)
-            logits = model(adv)
-            grad, = torch.autograd.grad(F.cross_entropy(logits, y, reduction="sum"), adv)
+            if loss is None:
+                logits = model(adv)
+                objective = F.cross_entropy(logits, y, reduction="sum")
+            else:
+                with torch.no_grad():
+                    logits = model(adv)
+                objective = loss(adv, y)
+            grad, = torch.autograd.grad(objective, adv)
             with torch.no_grad():
                 fooled = logits.argmax(1) != y
                 newly = fooled & ~broken
@@ -70,3 +80,19 @@ class PGD:
                 adv = (x + (adv - x).clamp(-self.eps, self.eps)).clamp(0, 1)
         best[~broken] = adv[~broken]  # never fooled: the last iterate (it may still fool; the caller checks)
         return best
+
+
+def selection_loss(purifier: nn.Module):
+    """The selection attack on PuVAE's decision rule: maximise score(x, y) - min over c != y of score(x, c).
+
+    Positive once a wrong class's reconstruction fits the input better than the true class's, so the
+    purifier hands the classifier an image of the wrong class (Tramer et al. 2020 broke a generative
+    classifier this way). Gradients flow through every class's encoder and decoder.
+    """
+    def loss(adv: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        scores = purifier(adv)["recon_error"]
+        true = scores.gather(1, y[:, None]).squeeze(1)
+        other = scores.scatter(1, y[:, None], float("inf")).min(1).values
+        return (true - other).sum()
+
+    return loss

@@ -47,9 +47,24 @@ def test_demo_prints_its_settings_and_writes_the_grid(tmp_path):
                                   "--out", str(tmp_path)])
     assert r.exit_code == 0, r.output
     assert "PGD-Linf eps 0.1, 2 steps" in r.output and "onnxruntime" in r.output
-    for row in ("clean", "oblivious", "bpda", "full-gradient"):
+    for row in ("clean", "oblivious", "bpda", "full-gradient", "selection", "adaptive worst"):
         assert row in r.output
     img = Image.open(tmp_path / "grid.png")
     img.load()
     assert img.size[0] > img.size[1] > 0
     assert np.asarray(img).std() > 0
+
+
+def test_selection_attack_moves_the_argmin_to_a_wrong_class(fmnist_test):
+    from purifier.attacks import selection_loss
+    from purifier.pipeline import PurifiedClassifier, Purifier
+
+    cvae, clf = checkpoint.load(MODEL / "cvae"), checkpoint.load(MODEL / "classifier")
+    purifier = Purifier(cvae)
+    x, y = torch.from_numpy(fmnist_test.x[:32]), torch.from_numpy(fmnist_test.y[:32])
+    adv = PGD(eps=0.2, steps=10)(PurifiedClassifier(clf, purifier, grad="none"), x, y, selection_loss(purifier))
+    with torch.no_grad():
+        before = (purifier(x)["chosen_class"] == y).float().mean()
+        after = (purifier(adv)["chosen_class"] == y).float().mean()
+    assert (adv - x).abs().max() <= 0.2 + 1e-6
+    assert after < before - 0.3
