@@ -18,6 +18,7 @@ from .attacks import PGD, selection_loss
 from .data import load_dataset
 from .pipeline import PurifiedClassifier, Purifier
 from .provenance import cpu_model, git_commit
+from .train import predict
 
 # row -> (what the attacker does, PurifiedClassifier grad mode or None for the bare classifier, objective)
 THREATS = (
@@ -46,9 +47,10 @@ def run_demo(model_dir: str | Path, n: int = 1000, eps: float = 0.1, steps: int 
     attack = PGD(eps=eps, steps=steps, seed=seed)
     purifier = Purifier(cvae)
 
+    outcomes = {}
+
     def score(inputs: torch.Tensor, name: str, threat: str, seconds: float) -> dict:
-        with torch.no_grad():
-            bare = torch.cat([classifier(inputs[i:i + batch_size]).argmax(1) for i in range(0, n, batch_size)])
+        bare = predict(classifier, inputs, batch_size)
         out = runtime(inputs.numpy())
         correct = out["predicted_class"] == y.numpy()
         outcomes[name] = (correct, out["rejected"], bare == y)
@@ -56,7 +58,6 @@ def run_demo(model_dir: str | Path, n: int = 1000, eps: float = 0.1, steps: int 
                 "purified_accuracy": float(correct.mean()), "rejected": float(out["rejected"].mean()),
                 "defended": float((correct | out["rejected"]).mean()), "attack_seconds": seconds}
 
-    outcomes = {}
     rows = [score(x, "clean", "none", 0.0)]
     advs = {}
     for name, threat, grad, objective in THREATS:

@@ -16,7 +16,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from .files import atomic_write, atomic_write_bytes
+from .files import atomic_savez, atomic_write_bytes
 from .png import encode_png
 from .runtime import OnnxPurifier
 
@@ -119,8 +119,9 @@ def _reason(exc: BaseException) -> str:
 class Loader:
     """Reads items as float32 C x H x W in [0, 1] for the model's shape; caches the array file in use."""
 
-    def __init__(self, image_shape: tuple[int, int, int], resize: bool = False):
-        self.c, self.h, self.w = image_shape
+    def __init__(self, runtime: OnnxPurifier, resize: bool = False):
+        self.c, self.h, self.w = runtime.image_shape
+        self.validate = runtime.validate  # the runtime's own checks, one item at a time
         self.resize = resize
         self._array = (None, None)
 
@@ -129,12 +130,7 @@ class Loader:
             return self._image(Path(item.source))
         if self._array[0] != item.source:
             self._array = (item.source, _array_items(Path(item.source)))
-        a = np.asarray(self._array[1][item.index])
-        if a.ndim == 2:
-            a = a[None]
-        if a.shape != (self.c, self.h, self.w):
-            raise ValueError(f"array item has shape {a.shape}, the model expects {(self.c, self.h, self.w)}")
-        return _to_float(a)
+        return self.validate(np.asarray(self._array[1][item.index])[None])[0]
 
     def _image(self, path: Path) -> np.ndarray:
         from PIL import Image, UnidentifiedImageError
@@ -156,18 +152,6 @@ class Loader:
             img = img.resize((self.w, self.h), Image.BILINEAR)
         a = np.asarray(img, dtype=np.uint8)
         return (a[None] if a.ndim == 2 else a.transpose(2, 0, 1)).astype(np.float32) / np.float32(255.0)
-
-
-def _to_float(a: np.ndarray) -> np.ndarray:
-    if a.dtype == np.uint8:
-        return a.astype(np.float32) / np.float32(255.0)
-    if not np.issubdtype(a.dtype, np.floating):
-        raise ValueError(f"array dtype must be uint8 or float in [0, 1], got {a.dtype}")
-    if not np.isfinite(a).all():
-        raise ValueError("array item holds NaN or Inf")
-    if a.min() < 0 or a.max() > 1:
-        raise ValueError(f"array item must be in [0, 1], got values in [{float(a.min())}, {float(a.max())}]")
-    return a.astype(np.float32)
 
 
 def _read_keys(path: Path) -> set:
@@ -230,7 +214,7 @@ def purify_files(inputs: list[str], model: str | os.PathLike, out_dir: str | os.
     stats = Stats(skipped=sum(item.key in done for item in items))
     todo = [item for item in items if item.key not in done]
     manifest, error_log = _Log(out_dir / MANIFEST), _Log(out_dir / ERRORS)
-    load = Loader(runtime.image_shape, resize)
+    load = Loader(runtime, resize)
     names = runtime.class_names
     try:
         new_errors = [e for e in errors if (e["source"], e["index"]) not in done]
@@ -281,11 +265,7 @@ def _write_outputs(out_dir: Path, items: list[Item], out: dict, names: list[str]
     if fmt == "npz":
         part = f"npz-parts/part-{seq:09d}.npz"
 
-        def write(tmp):
-            with open(tmp, "wb") as f:
-                np.savez(f, x=purified)
-
-        atomic_write(out_dir / part, write)
+        atomic_savez(out_dir / part, x=purified)
         outputs = [f"{part}:{k}" for k in range(len(items))]
     else:
         outputs = [item.output for item in items]
@@ -319,8 +299,4 @@ def _merge_npz(out_dir: Path) -> None:
     sources = np.array([r["source"] for r in records])
     index = np.array([-1 if r["index"] is None else r["index"] for r in records])
 
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            np.savez(f, x=np.stack(xs) if xs else np.zeros((0,)), source=sources, index=index)
-
-    atomic_write(out_dir / "purified.npz", write)
+    atomic_savez(out_dir / "purified.npz", x=np.stack(xs) if xs else np.zeros((0,)), source=sources, index=index)

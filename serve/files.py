@@ -25,3 +25,14 @@ def atomic_write(path: str | os.PathLike, write) -> None:
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
+def atomic_savez(path: str | os.PathLike, **arrays) -> None:
+    """``numpy.savez`` to ``path`` (the name kept as given), atomically."""
+    import numpy as np
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+    atomic_write(path, write)
