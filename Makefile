@@ -8,7 +8,7 @@ SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 setup:
 	@test -f $(DATA_DIR)/t10k-images-idx3-ubyte.gz || \
 		($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist)
-	$(PY) -m pip install -q -e '.[train,export,serve,dev]'
+	$(PY) -m pip install -q -e '.[train,export,serve,bench,dev]'
 
 demo: setup
 	$(PY) -m purifier.cli demo --model models/fashion-mnist --n 1000 --eps 0.1 --steps 40 --out demo-out
@@ -29,3 +29,21 @@ default-model: setup
 	purifier export $(MODEL_DIR) --out $(MODEL_DIR)
 	$(PY) benchmarks/model_card.py $(MODEL_DIR) results/eval-fashion-mnist.json > $(MODEL_DIR)/MODEL_CARD.md.tmp
 	mv $(MODEL_DIR)/MODEL_CARD.md.tmp $(MODEL_DIR)/MODEL_CARD.md
+
+# The benchmark's baselines (about 30 minutes on 2 cores): PGD-AT (Madry; eps 0.1, PGD-5, 3 epochs),
+# the FGSM adversarial loss (alpha 0.5, eps 0.1, 3 epochs) and the Defense-GAN-style baseline's VAE.
+BASELINES ?= models/baselines
+.PHONY: baselines robust robust-quick
+baselines: setup
+	$(PY) -m purifier.cli train-classifier --data fashion-mnist --arch a --epochs 3 --seed 0 --adversarial pgd \
+		--adv-eps 0.1 --adv-steps 5 --out $(BASELINES)/pgd-at
+	$(PY) -m purifier.cli train-classifier --data fashion-mnist --arch a --epochs 3 --seed 0 --adversarial fgsm \
+		--adv-eps 0.1 --adv-mix 0.5 --out $(BASELINES)/fgsm-at
+	$(PY) -m purifier.cli train-vae --data fashion-mnist --epochs 10 --seed 0 --out $(BASELINES)/defensegan-vae
+
+# Robust accuracy under every threat model, beside the baselines: results/robust-full.{json,md} and plots.
+robust: setup
+	$(PY) benchmarks/robust.py --profile full
+
+robust-quick: setup
+	$(PY) benchmarks/robust.py --profile quick

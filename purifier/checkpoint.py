@@ -19,9 +19,10 @@ from serve.files import atomic_write
 from . import __version__
 from .models.classifiers import Classifier, ClassifierConfig
 from .models.cvae import CVAE, CVAEConfig
+from .models.defensegan import VAE, VAEConfig
 
 # kind -> (module class, config class); the only constructors a checkpoint can name
-REGISTRY = {"cvae": (CVAE, CVAEConfig), "classifier": (Classifier, ClassifierConfig)}
+REGISTRY = {"cvae": (CVAE, CVAEConfig), "classifier": (Classifier, ClassifierConfig), "vae": (VAE, VAEConfig)}
 
 
 def write_json(path: str | os.PathLike, obj, **kwargs) -> None:

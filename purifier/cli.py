@@ -105,22 +105,33 @@ def main():
               help="Held-out validation count or fraction; auto: 5000 or a tenth of the data, whichever is less.")
 @click.option("--augment/--no-augment", default=False, show_default=True,
               help="Random horizontal flips and 2-pixel shifts.")
+@click.option("--adversarial", type=click.Choice(["none", "pgd", "fgsm"]), default="none", show_default=True,
+              help="pgd: Madry PGD adversarial training; fgsm: Goodfellow's FGSM adversarial loss.")
+@click.option("--adv-eps", default=0.1, show_default=True, help="L-infinity budget of the training attack.")
+@click.option("--adv-steps", default=7, show_default=True, help="PGD steps (step size 2.5 * eps / steps).")
+@click.option("--adv-mix", default=0.5, show_default=True, help="FGSM loss: weight of the clean term (alpha).")
 @click.option("--quiet", is_flag=True)
-def train_classifier_cmd(data, arch, out, epochs, batch_size, lr, seed, val_size, augment, quiet):
-    """Train a reference classifier (the source or the target)."""
+def train_classifier_cmd(data, arch, out, epochs, batch_size, lr, seed, val_size, augment, adversarial, adv_eps,
+                         adv_steps, adv_mix, quiet):
+    """Train a reference classifier (the source or the target), plainly or adversarially."""
     from . import checkpoint
     from .models.classifiers import Classifier, ClassifierConfig
-    from .train import TrainConfig, seed_everything, train_classifier
+    from .train import AdversarialTraining, TrainConfig, seed_everything, train_classifier
 
+    try:
+        adv = None if adversarial == "none" else AdversarialTraining(adversarial, adv_eps, adv_steps, adv_mix)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
     ds, x, y, xv, yv = _split(data, _val_size(val_size), seed)
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, augment=augment)
     seed_everything(seed)
     model = Classifier(ClassifierConfig(arch=arch, image_shape=ds.image_shape, num_classes=ds.num_classes))
     start = time.perf_counter()
     with progress(f"classifier {arch}", epochs * ((len(x) + batch_size - 1) // batch_size), quiet) as on_step:
-        history = train_classifier(model, x, y, xv, yv, cfg, on_step)
+        history = train_classifier(model, x, y, xv, yv, cfg, on_step, adv)
     seconds = time.perf_counter() - start
     meta = {"dataset": ds.name, "class_names": list(ds.class_names), "train": cfg.to_dict(),
+            "adversarial": adv.to_dict() if adv else None,
             "n_train": len(x), "n_val": len(xv), "history": history, "train_seconds": seconds,
             "val_acc": history[-1]["val_acc"], **_provenance()}
     stem = checkpoint.save(model, out, meta)
@@ -188,6 +199,37 @@ def train_cmd(data, source, out, epochs, batch_size, lr, seed, val_size, latent_
     click.echo(f"cvae: validation argmin = label {history[-1]['val_argmin_acc']:.4f} in {seconds:.0f} s -> {stem}.json")
 
 
+@main.command("train-vae")
+@click.option("--data", default="fashion-mnist", show_default=True, help=DATA_HELP)
+@click.option("--out", type=click.Path(), required=True, help="Checkpoint path (writes OUT.safetensors + OUT.json).")
+@click.option("--epochs", default=20, show_default=True)
+@click.option("--batch-size", default=128, show_default=True)
+@click.option("--lr", default=1e-3, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--latent-dim", default=16, show_default=True)
+@click.option("--val-size", default="auto", show_default=True,
+              help="Held-out validation count or fraction; auto: 5000 or a tenth of the data, whichever is less.")
+@click.option("--quiet", is_flag=True)
+def train_vae_cmd(data, out, epochs, batch_size, lr, seed, latent_dim, val_size, quiet):
+    """Train an unconditional VAE: the generator of the Defense-GAN-style baseline."""
+    from . import checkpoint
+    from .models.defensegan import VAE, VAEConfig
+    from .train import TrainConfig, seed_everything, train_vae
+
+    ds, x, _, xv, _ = _split(data, _val_size(val_size), seed)
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
+    seed_everything(seed)
+    vae = VAE(VAEConfig(image_shape=ds.image_shape, latent_dim=latent_dim))
+    start = time.perf_counter()
+    with progress("vae", epochs * ((len(x) + batch_size - 1) // batch_size), quiet) as on_step:
+        history = train_vae(vae, x, xv, cfg, on_step)
+    seconds = time.perf_counter() - start
+    meta = {"dataset": ds.name, "train": cfg.to_dict(), "n_train": len(x), "n_val": len(xv), "history": history,
+            "train_seconds": seconds, "val_loss": history[-1]["val_loss"], **_provenance()}
+    stem = checkpoint.save(vae, out, meta)
+    click.echo(f"vae: validation negative ELBO {history[-1]['val_loss']:.2f} nats in {seconds:.0f} s -> {stem}.json")
+
+
 def _table(report: dict) -> str:
     rows = [f"{'pipeline':<28}{'accuracy':>10}{'argmin=label':>14}{'pred=argmin':>13}{'seconds':>9}",
             f"{'classifier alone':<28}{report['classifier']['accuracy']:>10.4f}{'':>14}{'':>13}"
@@ -246,7 +288,12 @@ def evaluate_cmd(model_dir, cvae, classifier, data, split, n, selections, out):
 @click.option("--selection", type=click.Choice(["mse", "likelihood"]), default="mse", show_default=True)
 @click.option("--percentile", default=99.0, show_default=True,
               help="Rejection threshold: this percentile of the best reconstruction error on clean validation data.")
-def export_cmd(run_dir, out, classifier, selection, percentile):
+@click.option("--triton", "triton_repo", type=click.Path(file_okay=False),
+              help="Also write a Triton model repository for pipeline.onnx here (REPO/NAME/1/model.onnx + config.pbtxt).")
+@click.option("--triton-name", default="purifier", show_default=True, help="Model name in the Triton repository.")
+@click.option("--triton-max-batch", default=256, show_default=True, type=click.IntRange(min=1),
+              help="max_batch_size in config.pbtxt (dynamic batching on).")
+def export_cmd(run_dir, out, classifier, selection, percentile, triton_repo, triton_name, triton_max_batch):
     """Export RUN_DIR's CVAE (+ target classifier) to purifier.onnx and pipeline.onnx, parity-checked.
 
     Example: purifier export models/fashion-mnist --out models/fashion-mnist
@@ -259,6 +306,15 @@ def export_cmd(run_dir, out, classifier, selection, percentile):
         worst = max(max(d.values()) for d in r.parity.values())
         click.echo(f"{name}: {r.path} (parity at batch {sorted(r.parity)}: max abs diff {worst:.2e}; "
                    f"rejection threshold {float(r.metadata['rejection_threshold']):.5f})")
+    if triton_repo:
+        from export.triton import write_triton_repo
+
+        source = results["pipeline"].path if "pipeline" in results else next(iter(results.values())).path
+        try:
+            model_dir = write_triton_repo(source, triton_repo, triton_name, triton_max_batch)
+        except ValueError as exc:
+            raise click.UsageError(str(exc)) from exc
+        click.echo(f"triton: {model_dir}/config.pbtxt + 1/model.onnx (from {source})")
 
 
 @main.command("demo")
@@ -335,6 +391,14 @@ def purify_cmd(inputs, model, out_dir, batch_size, resize, fmt, resume, device, 
                    f"{stats.skipped}; {rate:.0f} images/s; manifest: {Path(out_dir) / 'manifest.jsonl'}", err=True)
     sys.exit(1 if stats.failed else 0)
 
+
+def _add_serve():
+    from serve.cli import serve_command
+
+    main.add_command(serve_command)
+
+
+_add_serve()
 
 if __name__ == "__main__":
     main()

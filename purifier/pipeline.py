@@ -106,19 +106,25 @@ class PurifiedClassifier(nn.Module):
 
     def purified(self, x: torch.Tensor) -> torch.Tensor:
         """The purified batch, carrying the gradient this module's ``grad`` mode defines."""
-        if self.grad == "none":
+        return self.purify_with_scores(x)[0]
+
+    def purify_with_scores(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(purified batch carrying this mode's gradient, the purifier's output dict) in one pass.
+
+        Attacks on the reject option use the dict's ``recon_error``; it carries gradient except in
+        ``bpda`` and ``none`` modes.
+        """
+        if self.grad in ("none", "bpda"):
             with torch.no_grad():
-                return self.purifier(x)["purified"]
-        if self.grad == "bpda":
-            with torch.no_grad():
-                p = self.purifier(x)["purified"]
-            return x + (p - x).detach()
+                out = self.purifier(x)
+            p = out["purified"]
+            return (p if self.grad == "none" else x + (p - x).detach()), out
         out = self.purifier(x)
         if self.grad == "full":
-            return out["purified"]
+            return out["purified"], out
         weights = torch.softmax(-out["recon_error"] / self.tau, dim=1)
         soft = (weights.view(*weights.shape, 1, 1, 1) * out["recon"]).sum(1)
-        return soft + (out["purified"] - soft).detach()
+        return soft + (out["purified"] - soft).detach(), out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.purified(x))

@@ -97,16 +97,76 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1000) -> torch.
     return torch.cat([model(x[i:i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)])
 
 
+@dataclass(frozen=True)
+class AdversarialTraining:
+    """Adversarial training of a classifier, the two baselines of the benchmark protocol.
+
+    ``pgd``:  Madry et al. 2018: train on the last iterate of PGD-L-infinity (``steps`` steps of
+              2.5 * eps / steps from a uniform random start) instead of the clean batch.
+    ``fgsm``: Goodfellow et al. 2015's adversarial loss: mix * CE(x) + (1 - mix) * CE(x + eps * sign(grad)).
+    Adversarial examples are made in eval mode (no dropout), from the model being trained.
+    """
+
+    kind: str = "pgd"
+    eps: float = 0.1
+    steps: int = 7
+    mix: float = 0.5
+
+    def __post_init__(self):
+        if self.kind not in ("pgd", "fgsm"):
+            raise ValueError(f"adversarial training kind must be 'pgd' or 'fgsm', got {self.kind!r}")
+        if not 0 < self.eps <= 1:
+            raise ValueError(f"adversarial eps must be in (0, 1], got {self.eps}")
+        if self.steps < 1:
+            raise ValueError(f"adversarial steps must be at least 1, got {self.steps}")
+        if not 0 <= self.mix <= 1:
+            raise ValueError(f"adversarial mix must be in [0, 1], got {self.mix}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
+    """One signed-gradient step of size eps on the cross-entropy, clipped to [0, 1] (no random start)."""
+    x = x.detach().requires_grad_(True)
+    grad, = torch.autograd.grad(F.cross_entropy(model(x), y, reduction="sum"), x)
+    return (x + eps * grad.sign()).clamp(0, 1).detach()
+
+
 def train_classifier(model: Classifier, x: torch.Tensor, y: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor,
-                     cfg: TrainConfig, on_step: StepCallback | None = None) -> list[dict]:
-    """Plain cross-entropy training; validation accuracy recorded each epoch."""
+                     cfg: TrainConfig, on_step: StepCallback | None = None,
+                     adversarial: AdversarialTraining | None = None) -> list[dict]:
+    """Cross-entropy training, plain or adversarial; validation accuracy recorded each epoch."""
+    from .attacks import PGD
+
     seed_everything(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     model.to(memory_format=torch.channels_last)  # oneDNN convolutions run faster in NHWC on CPU
+    pgd = PGD(eps=adversarial.eps, steps=adversarial.steps, best_iterate=False) if adversarial else None
+
+    def attacked(xb, yb):
+        model.eval()
+        try:
+            if adversarial.kind == "pgd":
+                return pgd(model, xb, yb, generator=gen)
+            return fgsm(model, xb, yb, adversarial.eps)
+        finally:
+            model.train()
 
     def step(xb, yb):
-        logits = model(augment(xb, gen) if cfg.augment else xb)
-        return {"loss": F.cross_entropy(logits, yb), "acc": (logits.argmax(1) == yb).float().mean()}
+        xb = augment(xb, gen) if cfg.augment else xb
+        if adversarial is None:
+            logits = model(xb)
+            return {"loss": F.cross_entropy(logits, yb), "acc": (logits.argmax(1) == yb).float().mean()}
+        xa = attacked(xb, yb)
+        if adversarial.kind == "pgd":
+            logits = model(xa)
+            return {"loss": F.cross_entropy(logits, yb), "adv_acc": (logits.argmax(1) == yb).float().mean()}
+        logits = model(torch.cat([xb, xa]))
+        clean, adv = logits.chunk(2)
+        loss = adversarial.mix * F.cross_entropy(clean, yb) + (1 - adversarial.mix) * F.cross_entropy(adv, yb)
+        return {"loss": loss, "acc": (clean.argmax(1) == yb).float().mean(),
+                "adv_acc": (adv.argmax(1) == yb).float().mean()}
 
     def on_epoch(epoch, record):
         return {"val_acc": float((predict(model, x_val) == y_val).float().mean())}
@@ -115,6 +175,22 @@ def train_classifier(model: Classifier, x: torch.Tensor, y: torch.Tensor, x_val:
         return fit(model, step, x, y, cfg, on_step, on_epoch)
     finally:
         model.to(memory_format=torch.contiguous_format)
+
+
+def train_vae(vae: nn.Module, x: torch.Tensor, x_val: torch.Tensor, cfg: TrainConfig,
+              on_step: StepCallback | None = None) -> list[dict]:
+    """Train the Defense-GAN-style baseline's unconditional VAE on the negative ELBO; validation ELBO per epoch."""
+    from .models.defensegan import vae_loss
+
+    seed_everything(cfg.seed)
+
+    def on_epoch(epoch, record):
+        with torch.no_grad():
+            return {"val_loss": float(sum(vae_loss(vae, x_val[i:i + 1000])["loss"] * len(x_val[i:i + 1000])
+                                          for i in range(0, len(x_val), 1000)) / len(x_val))}
+
+    return fit(vae, lambda xb, yb: vae_loss(vae, xb), x, torch.zeros(len(x), dtype=torch.long), cfg, on_step,
+               on_epoch)
 
 
 def train_cvae(cvae: CVAE, source: nn.Module | None, x: torch.Tensor, y: torch.Tensor, x_val: torch.Tensor,

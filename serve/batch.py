@@ -133,25 +133,37 @@ class Loader:
         return self.validate(np.asarray(self._array[1][item.index])[None])[0]
 
     def _image(self, path: Path) -> np.ndarray:
-        from PIL import Image, UnidentifiedImageError
-
         if path.stat().st_size == 0:
             raise ValueError("empty file (0 bytes)")
-        try:
-            with Image.open(path) as img:
-                img.load()  # decode now: a truncated file fails here, not later
-                img = img.convert("L" if self.c == 1 else "RGB")
-        except UnidentifiedImageError as exc:
-            raise ValueError(f"not an image Pillow can read ({exc})") from exc
-        except OSError as exc:
-            raise ValueError(f"unreadable image ({exc})") from exc
-        if img.size != (self.w, self.h):
-            if not self.resize:
-                raise ValueError(f"image is {img.size[0]} x {img.size[1]} (W x H), the model expects "
-                                 f"{self.w} x {self.h}; pass --resize to resize")
-            img = img.resize((self.w, self.h), Image.BILINEAR)
-        a = np.asarray(img, dtype=np.uint8)
-        return (a[None] if a.ndim == 2 else a.transpose(2, 0, 1)).astype(np.float32) / np.float32(255.0)
+        return decode_image(path, (self.c, self.h, self.w), self.resize)
+
+
+def decode_image(source: Path | bytes, image_shape: tuple[int, int, int], resize: bool = False) -> np.ndarray:
+    """An image file (path or bytes) -> float32 C x H x W in [0, 1]; ``ValueError`` naming what is wrong."""
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    c, h, w = image_shape
+    if isinstance(source, (bytes, bytearray)):
+        if not source:
+            raise ValueError("empty file (0 bytes)")
+        source = io.BytesIO(source)
+    try:
+        with Image.open(source) as img:
+            img.load()  # decode now: a truncated file fails here, not later
+            img = img.convert("L" if c == 1 else "RGB")
+    except UnidentifiedImageError as exc:
+        raise ValueError(f"not an image Pillow can read ({exc})") from exc
+    except (OSError, Image.DecompressionBombError) as exc:
+        raise ValueError(f"unreadable image ({exc})") from exc
+    if img.size != (w, h):
+        if not resize:
+            raise ValueError(f"image is {img.size[0]} x {img.size[1]} (W x H), the model expects "
+                             f"{w} x {h}; pass --resize to resize")
+        img = img.resize((w, h), Image.BILINEAR)
+    a = np.asarray(img, dtype=np.uint8)
+    return (a[None] if a.ndim == 2 else a.transpose(2, 0, 1)).astype(np.float32) / np.float32(255.0)
 
 
 def _read_keys(path: Path) -> set:

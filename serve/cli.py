@@ -1,0 +1,39 @@
+"""The ``serve`` command, shared by ``purifier serve`` and ``python -m serve``: a thin layer over server.py."""
+from __future__ import annotations
+
+import click
+
+
+@click.command("serve")
+@click.option("--model", required=True, type=click.Path(exists=True),
+              help="A model directory (pipeline.onnx or purifier.onnx) or an .onnx file.")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="0: any free port.")
+@click.option("--name", "model_name", help="Model name in the v2 URLs (default: the model directory's name).")
+@click.option("--max-batch-size", default=64, show_default=True, type=click.IntRange(min=1),
+              help="Most images gathered into one onnxruntime batch.")
+@click.option("--max-wait-ms", default=2.0, show_default=True, type=click.FloatRange(min=0),
+              help="Longest a request waits for others to fill a batch.")
+@click.option("--max-queue", default=256, show_default=True, type=click.IntRange(min=1),
+              help="Most images waiting; beyond it requests get 503 with Retry-After.")
+@click.option("--max-body-mb", default=8.0, show_default=True, type=click.FloatRange(min=0.001),
+              help="Largest request body accepted (413 beyond it).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), help="onnxruntime intra-op threads (default: all cores).")
+def serve_command(model, host, port, model_name, max_batch_size, max_wait_ms, max_queue, max_body_mb, device,
+                  threads):
+    """Serve the model over HTTP: Open Inference Protocol v2, /v1/purify, /metrics.
+
+    Example: purifier serve --model models/fashion-mnist --port 8000
+    """
+    from .server import ServerConfig, serve_forever
+
+    cfg = ServerConfig(max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue,
+                       max_body_bytes=int(max_body_mb * (1 << 20)), model_name=model_name)
+    try:
+        serve_forever(model, host, port, cfg, device, threads,
+                      on_ready=lambda url: click.echo(f"serving on {url} (Ctrl-C stops)", err=True))
+    except (FileNotFoundError, ValueError) as exc:
+        raise click.UsageError(str(exc)) from exc
+    except OSError as exc:
+        raise click.UsageError(f"cannot listen on {host}:{port}: {exc}") from exc

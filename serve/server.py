@@ -1,0 +1,504 @@
+"""The HTTP server: the Open Inference Protocol (KServe v2) over one onnxruntime session, with micro-batching.
+
+    purifier serve --model models/fashion-mnist --port 8000      (or: python -m serve --model ...)
+
+Endpoints: ``GET /v2/health/live``, ``/v2/health/ready``, ``/v2``, ``/v2/models/{name}``,
+``/v2/models/{name}/ready``, ``POST /v2/models/{name}/infer`` (JSON tensors, or the binary tensor extension
+that tritonclient uses), ``POST /v1/purify`` (an image upload, JSON back), ``GET /metrics`` (Prometheus).
+
+Concurrent requests are gathered into one batch (up to ``max_batch_size`` images, waiting at most
+``max_wait_ms`` for more) and run on a single worker thread; the queue is bounded, and a full queue answers
+503 with Retry-After. Bad input is a 4xx whose message names the offending value, never a 500.
+Imports neither torch nor purifier nor export.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, File, Query, Request, UploadFile
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from pydantic import BaseModel, Field
+
+from .batch import decode_image
+from .png import encode_png
+from .runtime import OnnxPurifier
+
+# KServe v2 datatype <-> numpy
+DTYPES = {"FP32": np.float32, "FP64": np.float64, "FP16": np.float16, "UINT8": np.uint8, "INT64": np.int64,
+          "INT32": np.int32, "BOOL": np.bool_}
+INPUT_DTYPES = ("FP32", "UINT8")
+NP_TO_V2 = {np.dtype(v): k for k, v in DTYPES.items()}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers or {}
+
+
+# ---- request schemas (documented in OpenAPI; validated by hand so binary bodies work too) -------------------
+class TensorInput(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: str
+    parameters: dict[str, Any] | None = None
+    data: list[Any] | None = None
+
+
+class RequestedOutput(BaseModel):
+    name: str
+    parameters: dict[str, Any] | None = None
+
+
+class InferRequest(BaseModel):
+    id: str | None = None
+    parameters: dict[str, Any] | None = None
+    inputs: list[TensorInput] = Field(min_length=1)
+    outputs: list[RequestedOutput] | None = None
+
+
+@dataclass
+class ServerConfig:
+    max_batch_size: int = 64
+    max_wait_ms: float = 2.0
+    max_queue: int = 256        # images waiting; beyond it requests get 503
+    max_body_bytes: int = 8 << 20
+    max_images_per_request: int = 1024
+    model_name: str | None = None
+
+    def __post_init__(self):
+        for k in ("max_batch_size", "max_queue", "max_body_bytes", "max_images_per_request"):
+            if getattr(self, k) < 1:
+                raise ValueError(f"{k} must be at least 1, got {getattr(self, k)}")
+        if self.max_wait_ms < 0:
+            raise ValueError(f"max_wait_ms must be >= 0, got {self.max_wait_ms}")
+
+
+class Metrics:
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("purifier_requests", "HTTP requests", ["endpoint", "code"], registry=r)
+        self.latency = Histogram("purifier_request_seconds", "Request latency", ["endpoint"], registry=r,
+                                 buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
+        self.batch = Histogram("purifier_batch_images", "Images per onnxruntime batch", registry=r,
+                               buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024))
+        self.errors = Counter("purifier_errors", "Requests answered with an error", ["kind"], registry=r)
+        self.rejections = Counter("purifier_rejected_images", "Images flagged by the reject option", registry=r)
+        self.images = Counter("purifier_images", "Images purified", registry=r)
+        self.queue = Gauge("purifier_queue_images", "Images waiting for a batch", registry=r)
+
+
+class Batcher:
+    """Gathers concurrent requests into batches for one onnxruntime session on one worker thread."""
+
+    def __init__(self, runtime: OnnxPurifier, cfg: ServerConfig, metrics: Metrics):
+        self.runtime, self.cfg, self.metrics = runtime, cfg, metrics
+        self.pending: list[tuple[np.ndarray, asyncio.Future]] = []
+        self.queued = 0
+        self.wakeup: asyncio.Event | None = None
+        self.task: asyncio.Task | None = None
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnxruntime")
+        self.batch_sizes: list[int] = []
+
+    def start(self):
+        self.wakeup = asyncio.Event()
+        self.task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def stop(self):
+        if self.task is not None:
+            self.task.cancel()
+            try:
+                await self.task
+            except asyncio.CancelledError:
+                pass
+        self.pool.shutdown(wait=True)
+
+    async def submit(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        if self.queued + len(x) > self.cfg.max_queue and self.queued > 0:
+            self.metrics.errors.labels("queue_full").inc()
+            raise ApiError(503, f"server busy: {self.queued} images queued (max {self.cfg.max_queue})",
+                           {"Retry-After": "1"})
+        fut = asyncio.get_running_loop().create_future()
+        self.pending.append((x, fut))
+        self.queued += len(x)
+        self.metrics.queue.set(self.queued)
+        self.wakeup.set()
+        return await fut
+
+    async def _loop(self):
+        loop = asyncio.get_running_loop()
+        while True:
+            await self.wakeup.wait()
+            self.wakeup.clear()
+            while self.pending:
+                deadline = loop.time() + self.cfg.max_wait_ms / 1000
+                while self.queued < self.cfg.max_batch_size and loop.time() < deadline:
+                    await asyncio.sleep(min(0.0005, max(0.0, deadline - loop.time())))
+                batch, n = [], 0
+                while self.pending and (n == 0 or n + len(self.pending[0][0]) <= self.cfg.max_batch_size):
+                    item = self.pending.pop(0)
+                    batch.append(item)
+                    n += len(item[0])
+                self.queued -= n
+                self.metrics.queue.set(self.queued)
+                x = np.concatenate([b[0] for b in batch])
+                self.metrics.batch.observe(n)
+                self.batch_sizes.append(n)
+                try:
+                    out = await loop.run_in_executor(self.pool, self.runtime, x)
+                except Exception as exc:  # the model failed: every request in the batch hears why
+                    for _, fut in batch:
+                        if not fut.done():
+                            fut.set_exception(exc)
+                    continue
+                start = 0
+                for xb, fut in batch:
+                    part = {k: v[start:start + len(xb)] for k, v in out.items()}
+                    start += len(xb)
+                    if not fut.done():
+                        fut.set_result(part)
+
+
+def _outputs_meta(runtime: OnnxPurifier) -> list[dict]:
+    k = len(runtime.class_names)
+    shape = [-1, *runtime.image_shape]
+    metas = {"purified": ("FP32", shape), "chosen_class": ("INT64", [-1]), "recon_error": ("FP32", [-1, k]),
+             "logits": ("FP32", [-1, k]), "predicted_class": ("INT64", [-1]), "margin": ("FP32", [-1]),
+             "rejected": ("BOOL", [-1])}
+    names = [n for n in runtime.outputs if n in metas] + ["margin", "rejected"]
+    if "logits" in runtime.outputs:
+        names.insert(names.index("margin"), "predicted_class")
+    return [{"name": n, "datatype": metas[n][0], "shape": metas[n][1]} for n in names]
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing more than ``limit`` bytes (413) whether or not Content-Length says so."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            size = int(declared)
+        except ValueError:
+            raise ApiError(400, f"Content-Length {declared!r} is not a number")
+        if size > limit:
+            raise ApiError(413, f"request body of {size} bytes exceeds the limit of {limit} bytes")
+    chunks, total = [], 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:
+            raise ApiError(413, f"request body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_infer(body: bytes, header_length: str | None) -> tuple[InferRequest, bytes]:
+    """Split a v2 request into its JSON header and binary tail (binary tensor extension)."""
+    if header_length is not None:
+        try:
+            n = int(header_length)
+        except ValueError:
+            raise ApiError(400, f"Inference-Header-Content-Length {header_length!r} is not a number")
+        if not 0 < n <= len(body):
+            raise ApiError(400, f"Inference-Header-Content-Length {n} is outside the body's {len(body)} bytes")
+        head, tail = body[:n], body[n:]
+    else:
+        head, tail = body, b""
+    try:
+        obj = json.loads(head)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ApiError(400, f"request body is not valid JSON: {exc}")
+    try:
+        return InferRequest.model_validate(obj), tail
+    except Exception as exc:  # pydantic.ValidationError: say which field
+        errors = getattr(exc, "errors", lambda: [])()
+        where = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in errors[:5])
+        raise ApiError(422, f"invalid inference request: {where or exc}")
+
+
+def tensor_from(inp: TensorInput, tail: bytes, offset: int, runtime: OnnxPurifier,
+                max_images: int) -> tuple[np.ndarray, int]:
+    """One v2 input tensor -> a validated float32 batch; returns (batch, bytes of the tail consumed)."""
+    if inp.name != "x":
+        raise ApiError(400, f"unknown input {inp.name!r}; the model's input is 'x'")
+    if inp.datatype not in INPUT_DTYPES:
+        raise ApiError(400, f"input 'x' datatype {inp.datatype!r} is not supported; use one of {INPUT_DTYPES}")
+    shape = tuple(inp.shape)
+    want = tuple(runtime.image_shape)
+    if len(shape) != 4 or shape[1:] != want or any(d < 0 for d in shape):
+        raise ApiError(400, f"input 'x' has shape {list(shape)}, the model expects [N, {', '.join(map(str, want))}]")
+    if not 1 <= shape[0] <= max_images:
+        raise ApiError(400, f"input 'x' batch size {shape[0]} must be between 1 and {max_images}")
+    count = int(np.prod(shape))
+    dtype = np.dtype(DTYPES[inp.datatype])
+    size = (inp.parameters or {}).get("binary_data_size")
+    if size is not None:
+        if inp.data is not None:
+            raise ApiError(400, "input 'x' has both 'data' and binary_data_size")
+        if not isinstance(size, int) or size != count * dtype.itemsize:
+            raise ApiError(400, f"input 'x' binary_data_size {size!r} does not match shape {list(shape)} of "
+                                f"{inp.datatype} ({count * dtype.itemsize} bytes)")
+        if offset + size > len(tail):
+            raise ApiError(400, f"input 'x' binary_data_size {size} runs past the body's binary part "
+                                f"({len(tail) - offset} bytes left)")
+        arr = np.frombuffer(tail, dtype=dtype, count=count, offset=offset).reshape(shape)
+        used = size
+    else:
+        if inp.data is None:
+            raise ApiError(400, "input 'x' has no 'data' (and no binary_data_size)")
+        data = inp.data
+        while data and isinstance(data[0], list):  # v2 allows nested (row-major) lists
+            data = [v for row in data for v in (row if isinstance(row, list) else [row])]
+        if len(data) != count:
+            raise ApiError(400, f"input 'x' holds {len(data)} values, shape {list(shape)} needs {count}")
+        bad = next((v for v in data if isinstance(v, bool) or not isinstance(v, (int, float))), None)
+        if bad is not None:
+            raise ApiError(400, f"input 'x' holds a non-numeric value {bad!r}")
+        if inp.datatype == "UINT8":
+            ints = np.asarray(data)
+            if ints.dtype.kind == "f" and not np.all(ints == np.round(ints)):
+                raise ApiError(400, "input 'x' is UINT8 but holds a fractional value")
+            if ints.min() < 0 or ints.max() > 255:
+                raise ApiError(400, f"input 'x' is UINT8 but holds values in [{ints.min()}, {ints.max()}]")
+            arr = ints.astype(np.uint8).reshape(shape)
+        else:
+            arr = np.asarray(data, dtype=np.float64).reshape(shape)
+            if not np.isfinite(arr).all():
+                idx = tuple(int(i) for i in np.argwhere(~np.isfinite(arr))[0])
+                raise ApiError(400, f"input 'x' holds a non-finite value {arr[idx]} at index {list(idx)}")
+            arr = arr.astype(np.float32)
+        used = 0
+    try:
+        return runtime.validate(arr), used
+    except ValueError as exc:
+        raise ApiError(400, f"input 'x': {exc}")
+
+
+def create_app(model: str | os.PathLike, cfg: ServerConfig | None = None, device: str = "auto",
+               threads: int | None = None) -> FastAPI:
+    cfg = cfg or ServerConfig()
+    runtime = OnnxPurifier(model, device=device, threads=threads)
+    name = cfg.model_name or str(runtime.metadata.get("model_name") or runtime.path.parent.name or "purifier")
+    name = name.replace("/", "-")
+    metrics = Metrics()
+    batcher = Batcher(runtime, cfg, metrics)
+    outputs_meta = _outputs_meta(runtime)
+    output_names = [o["name"] for o in outputs_meta]
+
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def lifespan(app):
+        batcher.start()
+        if getattr(app.state, "on_ready", None) is not None:
+            app.state.on_ready()
+        yield
+        await batcher.stop()
+
+    app = FastAPI(title="purifier", version=str(runtime.metadata.get("purifier_version", "unknown")), lifespan=lifespan,
+                  description="PuVAE purification over the Open Inference Protocol (KServe v2).")
+    app.state.runtime, app.state.batcher, app.state.metrics, app.state.model_name = runtime, batcher, metrics, name
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError):
+        metrics.errors.labels(str(exc.status)).inc()
+        return JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers)
+
+    @app.middleware("http")
+    async def measure(request: Request, call_next):
+        start = time.perf_counter()
+        route = request.scope.get("route")
+        response = await call_next(request)
+        route = request.scope.get("route") or route
+        endpoint = getattr(route, "path", "unmatched")
+        metrics.requests.labels(endpoint, str(response.status_code)).inc()
+        metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
+        return response
+
+    def check_model(model_name: str, version: str | None = None):
+        if model_name != name:
+            raise ApiError(404, f"unknown model {model_name!r}; this server serves {name!r}")
+        if version is not None and version != "1":
+            raise ApiError(404, f"unknown version {version!r} of model {name!r}; it has version '1'")
+
+    @app.get("/v2/health/live")
+    async def live():
+        return {"live": True}
+
+    @app.get("/v2/health/ready")
+    async def ready():
+        return {"ready": batcher.task is not None and not batcher.task.done()}
+
+    @app.get("/v2")
+    async def server_metadata():
+        return {"name": "purifier", "version": str(runtime.metadata.get("purifier_version", "unknown")),
+                "extensions": ["binary_tensor_data"]}
+
+    def model_metadata():
+        return {"name": name, "versions": ["1"], "platform": "onnxruntime_onnx",
+                "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, *runtime.image_shape]}],
+                "outputs": outputs_meta,
+                "parameters": {"class_names": runtime.class_names, "rejection_threshold": runtime.threshold,
+                               "accepted_input_datatypes": list(INPUT_DTYPES)}}
+
+    @app.get("/v2/models/{model_name}")
+    async def metadata(model_name: str):
+        check_model(model_name)
+        return model_metadata()
+
+    @app.get("/v2/models/{model_name}/versions/{version}")
+    async def metadata_version(model_name: str, version: str):
+        check_model(model_name, version)
+        return model_metadata()
+
+    @app.get("/v2/models/{model_name}/ready")
+    async def model_ready(model_name: str):
+        check_model(model_name)
+        return {"name": name, "ready": True}
+
+    infer_body = {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": InferRequest.model_json_schema(ref_template="#/components/schemas/{model}")}}}}
+
+    @app.post("/v2/models/{model_name}/infer", openapi_extra=infer_body)
+    async def infer(model_name: str, request: Request):
+        check_model(model_name)
+        return await _infer(request)
+
+    @app.post("/v2/models/{model_name}/versions/{version}/infer", openapi_extra=infer_body)
+    async def infer_version(model_name: str, version: str, request: Request):
+        check_model(model_name, version)
+        return await _infer(request)
+
+    async def _infer(request: Request):
+        body = await read_body(request, cfg.max_body_bytes)
+        req, tail = parse_infer(body, request.headers.get("inference-header-content-length"))
+        if len(req.inputs) != 1:
+            raise ApiError(400, f"the model takes one input 'x', got {len(req.inputs)}: "
+                                f"{[i.name for i in req.inputs]}")
+        x, _ = tensor_from(req.inputs[0], tail, 0, runtime, cfg.max_images_per_request)
+        wanted = req.outputs or [RequestedOutput(name=n) for n in output_names]
+        unknown = [o.name for o in wanted if o.name not in output_names]
+        if unknown:
+            raise ApiError(400, f"unknown output(s) {unknown}; the model has {output_names}")
+        out = await batcher.submit(x)
+        metrics.images.inc(len(x))
+        metrics.rejections.inc(int(out["rejected"].sum()))
+        default_binary = bool((req.parameters or {}).get("binary_data_output", False))
+        head, blobs = [], []
+        for o in wanted:
+            arr = np.ascontiguousarray(out[o.name])
+            entry = {"name": o.name, "datatype": NP_TO_V2[arr.dtype], "shape": list(arr.shape)}
+            if (o.parameters or {}).get("binary_data", default_binary):
+                blob = arr.tobytes()
+                entry["parameters"] = {"binary_data_size": len(blob)}
+                blobs.append(blob)
+            else:
+                entry["data"] = arr.ravel().tolist()
+            head.append(entry)
+        doc = {"model_name": name, "model_version": "1", "outputs": head}
+        if req.id is not None:
+            doc["id"] = req.id
+        text = json.dumps(doc).encode()
+        if not blobs:
+            return Response(text, media_type="application/json")
+        return Response(text + b"".join(blobs), media_type="application/octet-stream",
+                        headers={"Inference-Header-Content-Length": str(len(text))})
+
+    @app.post("/v1/purify")
+    async def purify(request: Request, file: UploadFile = File(..., description="An image file (PNG, JPEG, ...)"),
+                     png: bool = Query(False, description="Also return the purified image as base64 PNG"),
+                     resize: bool = Query(False, description="Resize an image of another size")):
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > cfg.max_body_bytes:
+            raise ApiError(413, f"upload of {declared} bytes exceeds the limit of {cfg.max_body_bytes} bytes")
+        data = await file.read(cfg.max_body_bytes + 1)
+        if len(data) > cfg.max_body_bytes:
+            raise ApiError(413, f"upload exceeds the limit of {cfg.max_body_bytes} bytes")
+        try:
+            x = decode_image(bytes(data), runtime.image_shape, resize)[None]
+        except ValueError as exc:
+            raise ApiError(400, f"file {file.filename!r}: {exc}")
+        out = await batcher.submit(x)
+        metrics.images.inc(1)
+        metrics.rejections.inc(int(out["rejected"].sum()))
+        best = float(out["recon_error"][0].min())
+        doc = {"filename": file.filename, "chosen_class": int(out["chosen_class"][0]),
+               "chosen_class_name": runtime.class_names[int(out["chosen_class"][0])],
+               "recon_error": best, "margin": float(out["margin"][0]), "rejected": bool(out["rejected"][0]),
+               "rejection_threshold": runtime.threshold}
+        if "predicted_class" in out:
+            k = int(out["predicted_class"][0])
+            doc.update({"predicted_class": k, "class_name": runtime.class_names[k]})
+        if png:
+            p = out["purified"][0]
+            p = p[0] if p.shape[0] == 1 else p.transpose(1, 2, 0)
+            doc["purified_png"] = base64.b64encode(encode_png(p)).decode()
+        return doc
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def _server(model, host, port, cfg, device, threads, on_ready, log_level):
+    import socket
+
+    import uvicorn
+
+    app = create_app(model, cfg, device, threads)
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    url = f"http://{host}:{sock.getsockname()[1]}"
+    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, access_log=False, timeout_keep_alive=30))
+    if on_ready is not None:
+        app.state.on_ready = lambda: on_ready(url)
+    return server, sock, url, app
+
+
+def serve_forever(model, host: str = "127.0.0.1", port: int = 8000, cfg: ServerConfig | None = None,
+                  device: str = "auto", threads: int | None = None, on_ready=None, log_level: str = "warning"):
+    """Run the server (blocking). Port 0 picks a free port; ``on_ready(url)`` is called once it starts."""
+    server, sock, _, _ = _server(model, host, port, cfg, device, threads, on_ready, log_level)
+    server.run(sockets=[sock])
+
+
+class BackgroundServer:
+    """The real server on a thread of this process, for tests and load benchmarks::
+
+        with BackgroundServer("models/fashion-mnist") as srv:
+            requests.get(srv.url + "/v2/health/ready")
+    """
+
+    def __init__(self, model, host: str = "127.0.0.1", port: int = 0, cfg: ServerConfig | None = None,
+                 device: str = "cpu", threads: int | None = None):
+        self.args = (model, host, port, cfg, device, threads)
+
+    def __enter__(self) -> "BackgroundServer":
+        import threading
+
+        started = threading.Event()
+        self.server, self.sock, self.url, self.app = _server(*self.args, on_ready=lambda url: started.set(),
+                                                              log_level="warning")
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not (started.is_set() and self.server.started):
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the server at {self.url} did not start")
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=30)

@@ -1,0 +1,248 @@
+"""The real HTTP server on 127.0.0.1 (port 0), spoken to by tritonclient.http (a real v2 client), raw HTTP for
+malformed requests, and schemathesis against its OpenAPI."""
+import base64
+import io
+import json
+import threading
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+tritonclient_http = pytest.importorskip("tritonclient.http")
+from serve.runtime import OnnxPurifier  # noqa: E402
+from serve.server import BackgroundServer, ServerConfig  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = ROOT / "models" / "fashion-mnist"
+NAME = "fashion-mnist"
+
+
+@pytest.fixture(scope="module")
+def server():
+    with BackgroundServer(MODEL, cfg=ServerConfig(max_body_bytes=1 << 20)) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return tritonclient_http.InferenceServerClient(server.url.removeprefix("http://"))
+
+
+@pytest.fixture(scope="module")
+def runtime():
+    return OnnxPurifier(MODEL, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def images(fmnist_test):
+    return fmnist_test.x[:16]
+
+
+def request(url, method="GET", body=None, headers=None):
+    """(status, headers, body bytes) without raising on 4xx/5xx."""
+    req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, {k.lower(): v for k, v in r.headers.items()}, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read()
+
+
+def infer_json(server, doc, name=NAME):
+    body = doc if isinstance(doc, bytes) else json.dumps(doc).encode()
+    return request(f"{server.url}/v2/models/{name}/infer", "POST", body, {"Content-Type": "application/json"})
+
+
+def test_health_and_metadata_through_tritonclient(client, runtime):
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready(NAME)
+    meta = client.get_model_metadata(NAME)
+    assert meta["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, 1, 28, 28]}]
+    names = [o["name"] for o in meta["outputs"]]
+    assert names[:4] == ["purified", "chosen_class", "recon_error", "logits"]
+    assert {"predicted_class", "margin", "rejected"} <= set(names)
+    assert meta["parameters"]["class_names"] == runtime.class_names
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_inference_equals_the_runtime(client, runtime, images, binary):
+    x = images.astype(np.float32)
+    inp = tritonclient_http.InferInput("x", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x, binary_data=binary)
+    outs = [tritonclient_http.InferRequestedOutput(n, binary_data=binary)
+            for n in ("purified", "recon_error", "predicted_class", "rejected")]
+    r = client.infer(NAME, [inp], outputs=outs)
+    direct = runtime(x)
+    np.testing.assert_allclose(r.as_numpy("purified"), direct["purified"], atol=1e-6)
+    np.testing.assert_allclose(r.as_numpy("recon_error"), direct["recon_error"], atol=1e-6)
+    np.testing.assert_array_equal(r.as_numpy("predicted_class"), direct["predicted_class"])
+    np.testing.assert_array_equal(r.as_numpy("rejected"), direct["rejected"])
+    assert r.as_numpy("logits") is None  # only the outputs asked for come back
+
+
+def test_uint8_input_is_scaled_like_the_runtime(client, runtime, images):
+    x8 = np.round(images * 255).astype(np.uint8)
+    inp = tritonclient_http.InferInput("x", list(x8.shape), "UINT8")
+    inp.set_data_from_numpy(x8)
+    r = client.infer(NAME, [inp], outputs=[tritonclient_http.InferRequestedOutput("predicted_class")])
+    np.testing.assert_array_equal(r.as_numpy("predicted_class"), runtime(x8)["predicted_class"])
+
+
+def _doc(x, datatype="FP32", shape=None):
+    return {"inputs": [{"name": "x", "shape": list(shape or x.shape), "datatype": datatype,
+                        "data": np.asarray(x).ravel().tolist()}]}
+
+
+@pytest.mark.parametrize("case, status, words", [
+    ("wrong shape", 400, ["shape", "[1, 1, 28, 27]"]),
+    ("wrong datatype", 400, ["datatype", "INT64"]),
+    ("nan", 400, ["non-finite", "nan"]),
+    ("out of range", 400, ["[0, 1]"]),
+    ("missing inputs", 422, ["inputs"]),
+    ("missing data", 400, ["no 'data'"]),
+    ("wrong count", 400, ["holds 3 values"]),
+    ("garbage json", 400, ["not valid JSON"]),
+    ("wrong model", 404, ["'nope'"]),
+    ("unknown output", 400, ["'bogus'"]),
+    ("oversized", 413, ["exceeds the limit"]),
+    ("bad binary size", 400, ["binary_data_size"]),
+])
+def test_malformed_requests_get_a_4xx_naming_the_problem(server, images, case, status, words):
+    x = images[:1]
+    name, headers = NAME, {"Content-Type": "application/json"}
+    if case == "wrong shape":
+        doc = _doc(x[..., :27], shape=[1, 1, 28, 27])
+    elif case == "wrong datatype":
+        doc = _doc(x, "INT64")
+    elif case == "nan":
+        bad = x.copy()
+        bad[0, 0, 3, 3] = np.nan
+        doc = _doc(bad)
+    elif case == "out of range":
+        doc = _doc(x * 3)
+    elif case == "missing inputs":
+        doc = {"id": "a"}
+    elif case == "missing data":
+        doc = {"inputs": [{"name": "x", "shape": [1, 1, 28, 28], "datatype": "FP32"}]}
+    elif case == "wrong count":
+        doc = {"inputs": [{"name": "x", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": [0.1, 0.2, 0.3]}]}
+    elif case == "garbage json":
+        doc = b"{not json"
+    elif case == "wrong model":
+        doc, name = _doc(x), "nope"
+    elif case == "unknown output":
+        doc = {**_doc(x), "outputs": [{"name": "bogus"}]}
+    elif case == "oversized":
+        doc = b"[" + b"0," * (1 << 20) + b"0]"
+    else:
+        head = json.dumps({"inputs": [{"name": "x", "shape": [1, 1, 28, 28], "datatype": "FP32",
+                                       "parameters": {"binary_data_size": 99}}]}).encode()
+        doc = head + b"\0" * 99
+        headers["Inference-Header-Content-Length"] = str(len(head))
+    body = doc if isinstance(doc, bytes) else json.dumps(doc).encode()
+    code, _, text = request(f"{server.url}/v2/models/{name}/infer", "POST", body, headers)
+    assert code == status, text
+    message = json.loads(text)["error"]
+    for w in words:
+        assert w in message, message
+
+
+def _multipart(filename, data, field="file"):
+    boundary = "----purifiertest"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"{filename}\"\r\n"
+            f"Content-Type: application/octet-stream\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    return body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+
+def test_purify_upload_returns_the_class_and_the_png(server, runtime, images):
+    buf = io.BytesIO()
+    Image.fromarray(np.round(images[3, 0] * 255).astype(np.uint8)).save(buf, format="PNG")
+    body, headers = _multipart("shoe.png", buf.getvalue())
+    code, _, text = request(f"{server.url}/v1/purify?png=true", "POST", body, headers)
+    assert code == 200, text
+    doc = json.loads(text)
+    direct = runtime(np.round(images[3:4] * 255).astype(np.uint8))
+    assert doc["predicted_class"] == int(direct["predicted_class"][0])
+    assert doc["class_name"] == runtime.class_names[doc["predicted_class"]]
+    assert doc["rejected"] == bool(direct["rejected"][0])
+    assert abs(doc["recon_error"] - float(direct["recon_error"][0].min())) < 1e-6
+    png = Image.open(io.BytesIO(base64.b64decode(doc["purified_png"])))
+    assert png.size == (28, 28)
+
+
+@pytest.mark.parametrize("data, words", [(b"hello, not an image", "not an image"), (b"", "empty"),
+                                         ("big", "28 x 28")])
+def test_purify_upload_refuses_non_images(server, data, words):
+    if data == "big":
+        buf = io.BytesIO()
+        Image.new("L", (40, 30)).save(buf, format="PNG")
+        data = buf.getvalue()
+    body, headers = _multipart("x.png", data)
+    code, _, text = request(f"{server.url}/v1/purify", "POST", body, headers)
+    assert code == 400 and words in json.loads(text)["error"], text
+    body, headers = _multipart("x.png", b"123", field="wrong")
+    code, _, text = request(f"{server.url}/v1/purify", "POST", body, headers)
+    assert code == 422, text
+
+
+def test_metrics_count_requests_batches_and_errors(server, client, images):
+    inp = tritonclient_http.InferInput("x", [4, 1, 28, 28], "FP32")
+    inp.set_data_from_numpy(images[:4].astype(np.float32))
+    client.infer(NAME, [inp])
+    infer_json(server, {"id": "no inputs"})
+    _, _, text = request(f"{server.url}/metrics")
+    text = text.decode()
+    assert 'purifier_requests_total{code="200",endpoint="/v2/models/{model_name}/infer"}' in text
+    assert "purifier_batch_images_bucket" in text and "purifier_request_seconds_bucket" in text
+    assert 'purifier_errors_total{kind="422"}' in text
+    assert "purifier_images_total" in text and "purifier_rejected_images_total" in text
+
+
+def test_concurrent_requests_are_batched_and_a_full_queue_answers_503(images):
+    cfg = ServerConfig(max_batch_size=64, max_wait_ms=300, max_queue=4)
+    x = images[:2].astype(np.float32)
+    doc = json.dumps(_doc(x)).encode()
+    with BackgroundServer(MODEL, cfg=cfg) as srv:
+        results = []
+
+        def send():
+            results.append(request(f"{srv.url}/v2/models/{NAME}/infer", "POST", doc,
+                                   {"Content-Type": "application/json"}))
+
+        threads = [threading.Thread(target=send) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        codes = sorted(r[0] for r in results)
+        busy = [r for r in results if r[0] == 503]
+        assert codes.count(200) >= 2 and busy, codes
+        assert busy[0][1].get("retry-after") == "1" and "busy" in json.loads(busy[0][2])["error"]
+        sizes = srv.app.state.batcher.batch_sizes
+        assert max(sizes) == 4  # two 2-image requests gathered into one batch, the rest turned away
+
+
+def test_schemathesis_finds_no_server_error(server):
+    schemathesis = pytest.importorskip("schemathesis")
+    from hypothesis import HealthCheck, given, settings
+
+    schema = schemathesis.openapi.from_url(f"{server.url}/openapi.json")
+    failures, calls = [], []
+    for result in schema.get_all_operations():
+        operation = result.ok()
+
+        @settings(max_examples=25, deadline=None, database=None,
+                  suppress_health_check=list(HealthCheck))
+        @given(case=operation.as_strategy())
+        def check(case):
+            response = case.call()
+            calls.append(operation.label)
+            if response.status_code >= 500:
+                failures.append((operation.label, response.status_code, response.text[:200]))
+
+        check()
+    assert not failures, failures
+    assert any("infer" in c for c in calls) and any("purify" in c for c in calls), sorted(set(calls))
