@@ -40,6 +40,8 @@ baselines: setup
 	$(PY) -m purifier.cli train-classifier --data fashion-mnist --arch a --epochs 3 --seed 0 --adversarial fgsm \
 		--adv-eps 0.1 --adv-mix 0.5 --out $(BASELINES)/fgsm-at
 	$(PY) -m purifier.cli train-vae --data fashion-mnist --epochs 10 --seed 0 --out $(BASELINES)/defensegan-vae
+	$(PY) benchmarks/baselines_card.py $(BASELINES) > $(BASELINES)/MODEL_CARD.md.tmp
+	mv $(BASELINES)/MODEL_CARD.md.tmp $(BASELINES)/MODEL_CARD.md
 
 # Robust accuracy under every threat model, beside the baselines: results/robust-full.{json,md} and plots.
 robust: setup
