@@ -64,8 +64,8 @@ class Profile:
     n_art: int = 500            # AutoAttack and Square on the first n_art images, at the headline eps
     square_queries: int = 1000
     apgd_iters: int = 100
-    n_cw: int = 100
-    cw_iters: int = 50
+    n_cw: int = 50
+    cw_iters: int = 20
     n_dg: int = 50              # Defense-GAN-style: attacked on the first n_dg images, at the headline eps only
     n_dg_clean: int = 500       # Defense-GAN-style clean accuracy on the first n_dg_clean images
     dg_steps: int = 200         # L
@@ -85,7 +85,7 @@ class Profile:
 PROFILES = {
     "full": Profile(n=1000, steps=100, restarts_headline=5),
     "quick": Profile(n=200, steps=40, restarts_headline=1, eps_l2=(2.0,), n_l2=200, n_art=100, square_queries=300,
-                     apgd_iters=40, n_cw=50, cw_iters=20, n_dg=30, n_dg_clean=200, n_latent=50, latent_steps=100,
+                     apgd_iters=40, n_cw=20, cw_iters=10, n_dg=30, n_dg_clean=200, n_latent=50, latent_steps=100,
                      n_sanity=100, sanity_steps=(20, 40), clean_n=2000, speed_reps=3),
     # a smoke test of every code path, for CI; its numbers mean nothing
     "tiny": Profile(n=6, steps=2, restarts_headline=2, eps_linf=(0.1, 0.3), eps_l2=(2.0,), n_l2=4, n_art=4,
@@ -299,12 +299,14 @@ class Bench:
 
         n = self.p.n_cw
         x, y = self.x[:n].numpy(), self.y[:n].numpy()
-        out = {"n": n, "max_iter": self.p.cw_iters, "binary_search_steps": 5, "defenses": {}}
+        out = {"n": n, "max_iter": self.p.cw_iters, "binary_search_steps": 5, "max_halving": 2, "max_doubling": 2,
+               "learning_rate": 0.01, "initial_const": 0.1, "defenses": {}}
         for d, est in (("no defense", self._art(self.clf)), ("PGD-AT", self._art(self.pgd_at)),
                        ("PuVAE purifier", self._art(self.clf, "bpda"))):
+            # ART's line search runs up to max_halving + max_doubling extra forward passes per iteration
             attack = CarliniL2Method(est, confidence=0.0, learning_rate=0.01, binary_search_steps=5,
-                                     max_iter=self.p.cw_iters, initial_const=0.1, batch_size=self.p.batch_size,
-                                     verbose=False)
+                                     max_iter=self.p.cw_iters, initial_const=0.1, max_halving=2, max_doubling=2,
+                                     batch_size=self.p.batch_size, verbose=False)
             adv = attack.generate(x, y=y)
             fooled = ~self.holds(d)(torch.from_numpy(adv), torch.from_numpy(y)).numpy()
             norms = np.sqrt(((adv - x) ** 2).reshape(n, -1).sum(1))
