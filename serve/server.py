@@ -224,9 +224,8 @@ def parse_infer(body: bytes, header_length: str | None) -> tuple[InferRequest, b
         raise ApiError(422, f"invalid inference request: {where or exc}")
 
 
-def tensor_from(inp: TensorInput, tail: bytes, offset: int, runtime: OnnxPurifier,
-                max_images: int) -> tuple[np.ndarray, int]:
-    """One v2 input tensor -> a validated float32 batch; returns (batch, bytes of the tail consumed)."""
+def tensor_from(inp: TensorInput, tail: bytes, runtime: OnnxPurifier, max_images: int) -> np.ndarray:
+    """The v2 input tensor (JSON data, or the binary part of the body) -> a validated float32 batch."""
     if inp.name != "x":
         raise ApiError(400, f"unknown input {inp.name!r}; the model's input is 'x'")
     if inp.datatype not in INPUT_DTYPES:
@@ -246,11 +245,10 @@ def tensor_from(inp: TensorInput, tail: bytes, offset: int, runtime: OnnxPurifie
         if not isinstance(size, int) or size != count * dtype.itemsize:
             raise ApiError(400, f"input 'x' binary_data_size {size!r} does not match shape {list(shape)} of "
                                 f"{inp.datatype} ({count * dtype.itemsize} bytes)")
-        if offset + size > len(tail):
+        if size > len(tail):
             raise ApiError(400, f"input 'x' binary_data_size {size} runs past the body's binary part "
-                                f"({len(tail) - offset} bytes left)")
-        arr = np.frombuffer(tail, dtype=dtype, count=count, offset=offset).reshape(shape)
-        used = size
+                                f"({len(tail)} bytes)")
+        arr = np.frombuffer(tail, dtype=dtype, count=count).reshape(shape)
     else:
         if inp.data is None:
             raise ApiError(400, "input 'x' has no 'data' (and no binary_data_size)")
@@ -275,9 +273,8 @@ def tensor_from(inp: TensorInput, tail: bytes, offset: int, runtime: OnnxPurifie
                 idx = tuple(int(i) for i in np.argwhere(~np.isfinite(arr))[0])
                 raise ApiError(400, f"input 'x' holds a non-finite value {arr[idx]} at index {list(idx)}")
             arr = arr.astype(np.float32)
-        used = 0
     try:
-        return runtime.validate(arr), used
+        return runtime.validate(arr)
     except ValueError as exc:
         raise ApiError(400, f"input 'x': {exc}")
 
@@ -313,10 +310,8 @@ def create_app(model: str | os.PathLike, cfg: ServerConfig | None = None, device
     @app.middleware("http")
     async def measure(request: Request, call_next):
         start = time.perf_counter()
-        route = request.scope.get("route")
         response = await call_next(request)
-        route = request.scope.get("route") or route
-        endpoint = getattr(route, "path", "unmatched")
+        endpoint = getattr(request.scope.get("route"), "path", "unmatched")
         metrics.requests.labels(endpoint, str(response.status_code)).inc()
         metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
         return response
@@ -381,7 +376,7 @@ def create_app(model: str | os.PathLike, cfg: ServerConfig | None = None, device
         if len(req.inputs) != 1:
             raise ApiError(400, f"the model takes one input 'x', got {len(req.inputs)}: "
                                 f"{[i.name for i in req.inputs]}")
-        x, _ = tensor_from(req.inputs[0], tail, 0, runtime, cfg.max_images_per_request)
+        x = tensor_from(req.inputs[0], tail, runtime, cfg.max_images_per_request)
         wanted = req.outputs or [RequestedOutput(name=n) for n in output_names]
         unknown = [o.name for o in wanted if o.name not in output_names]
         if unknown:
