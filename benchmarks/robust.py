@@ -44,7 +44,8 @@ from purifier.data import load_dataset  # noqa: E402
 from purifier.models.defensegan import DefenseGAN  # noqa: E402
 from purifier.pipeline import PurifiedClassifier, Purifier  # noqa: E402
 from purifier.provenance import cpu_model, git_commit  # noqa: E402
-from purifier.robust import Attack, chunked, latent_attack, pgd_attack, ssim, worst_case  # noqa: E402
+from purifier.robust import (Attack, chunked, latent_attack, pgd_attack, purifier_attacks, ssim,  # noqa: E402
+                             worst_case)
 from serve.png import image_grid, write_png  # noqa: E402
 from serve.runtime import OnnxPurifier  # noqa: E402
 
@@ -157,11 +158,7 @@ class Bench:
         """The adaptive attacks on ``defense``, strongest first (the order only changes the cost)."""
         pgd = self.pgd(eps, norm, steps)
         if defense == "PuVAE purifier":
-            c, pur = self.clf, self.purifier
-            return [pgd_attack("selection", pgd, selection_objective(c, pur, reject), restarts),
-                    pgd_attack("full gradient", pgd, pipeline_objective(c, pur, "full", reject=reject), restarts),
-                    pgd_attack("BPDA", pgd, pipeline_objective(c, pur, "bpda", reject=reject), restarts),
-                    pgd_attack("softmin", pgd, pipeline_objective(c, pur, "softmin", reject=reject), restarts)]
+            return purifier_attacks(self.clf, self.purifier, pgd, restarts, reject)
         if defense == "Defense-GAN-style":
             return [pgd_attack("BPDA", pgd, ce_objective(PurifiedClassifier(self.clf, self.dg, grad="bpda")),
                                min(restarts, self.p.dg_attack_restarts))]

@@ -142,7 +142,7 @@ def train_classifier_cmd(data, arch, out, epochs, batch_size, lr, seed, val_size
 @click.option("--data", default="fashion-mnist", show_default=True, help=DATA_HELP)
 @click.option("--source", type=click.Path(), help="Frozen source classifier checkpoint for the CE term.")
 @click.option("--out", type=click.Path(), required=True, help="Run directory (writes cvae.safetensors + cvae.json).")
-@click.option("--epochs", default=10, show_default=True)
+@click.option("--epochs", default=10.0, show_default=True, help="Passes over the data (fractional with --adversarial).")
 @click.option("--batch-size", default=128, show_default=True)
 @click.option("--lr", default=1e-3, show_default=True)
 @click.option("--seed", default=0, show_default=True)
@@ -158,10 +158,28 @@ def train_classifier_cmd(data, arch, out, epochs, batch_size, lr, seed, val_size
 @click.option("--sel-tau", default=0.001, show_default=True, help="Temperature of the selection CE (MSE units).")
 @click.option("--sel-negatives", default=0, show_default=True,
               help="Selection CE over the true class and this many hard negatives from the source (0: all classes).")
+@click.option("--adversarial", type=click.Choice(["none", "cvae", "classifier", "alternating", "joint"]),
+              default="none", show_default=True,
+              help="Adversarial training through the whole pipeline: which parts train against attacks on it.")
+@click.option("--init", "init_dir", type=click.Path(),
+              help="Adversarial: start from this model directory's CVAE (default: a fresh CVAE).")
+@click.option("--target", type=click.Path(),
+              help="Adversarial: the target classifier the pipeline feeds, trained unless the mode is cvae "
+                   "(default: --source). Written to OUT/classifier.")
+@click.option("--adv-eps", default=0.1, show_default=True, help="L-infinity budget of the training attacks.")
+@click.option("--adv-steps", default=3, show_default=True, help="PGD steps of the training attacks.")
+@click.option("--adv-attacks", default="selection,full", show_default=True,
+              help="Training attacks, each on its slice of the batch: selection, full, bpda.")
+@click.option("--adv-sel-weight", default=100.0, show_default=True, help="Selection CE on attacked inputs.")
+@click.option("--adv-pipe-weight", default=10.0, show_default=True,
+              help="Target CE on the true class's reconstruction of attacked inputs.")
+@click.option("--adv-clf-mix", default=0.5, show_default=True, help="Classifier loss: weight of the clean term.")
 @click.option("--quiet", is_flag=True)
 def train_cmd(data, source, out, epochs, batch_size, lr, seed, val_size, latent_dim, channels, conditioning, beta,
-              ce_weight, sel_weight, sel_tau, sel_negatives, quiet):
-    """Train the class-conditional VAE with the PuVAE loss (recon + beta*KL + ce_weight*CE [+ sel_weight*SEL])."""
+              ce_weight, sel_weight, sel_tau, sel_negatives, adversarial, init_dir, target, adv_eps, adv_steps,
+              adv_attacks, adv_sel_weight, adv_pipe_weight, adv_clf_mix, quiet):
+    """Train the class-conditional VAE with the PuVAE loss (recon + beta*KL + ce_weight*CE [+ sel_weight*SEL]),
+    or, with --adversarial, purifier and/or target classifier against attacks on the whole pipeline."""
     from . import checkpoint
     from .losses import PuVAELoss
     from .models.cvae import CVAE, preset_for
@@ -181,11 +199,28 @@ def train_cmd(data, source, out, epochs, batch_size, lr, seed, val_size, latent_
         channels = widths
     overrides = {k: v for k, v in (("latent_dim", latent_dim), ("channels", channels),
                                    ("conditioning", conditioning)) if v is not None}
-    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
+    if epochs <= 0 or (adversarial == "none" and epochs != int(epochs)):
+        raise click.BadParameter(f"expected a positive whole number of epochs (fractions only with --adversarial), "
+                                 f"got {epochs:g}", param_hint="--epochs")
+    cfg = TrainConfig(epochs=int(epochs) if adversarial == "none" else epochs, batch_size=batch_size, lr=lr,
+                      seed=seed)
     loss = PuVAELoss(beta=beta, ce_weight=ce_weight, sel_weight=sel_weight, sel_tau=sel_tau,
                      sel_negatives=sel_negatives)
     seed_everything(seed)
-    cvae = CVAE(preset_for(ds.name, ds.image_shape, ds.num_classes, **overrides))
+    if init_dir:
+        cvae = _load(Path(init_dir) / "cvae", "cvae", "--init")
+        if overrides:
+            raise click.UsageError("--init takes the architecture of its CVAE; drop --latent-dim/--channels/"
+                                   "--conditioning")
+    else:
+        cvae = CVAE(preset_for(ds.name, ds.image_shape, ds.num_classes, **overrides))
+    if adversarial != "none":
+        _train_adversarial(ds, x, y, xv, yv, cvae, src, source, target or source, out, cfg, loss, adversarial,
+                           adv_eps, adv_steps, adv_attacks, adv_sel_weight, adv_pipe_weight, adv_clf_mix,
+                           init_dir, quiet)
+        return
+    if init_dir:
+        raise click.UsageError("--init is for --adversarial runs (fine-tuning); plain training starts fresh")
     start = time.perf_counter()
     with progress("cvae", epochs * ((len(x) + batch_size - 1) // batch_size), quiet) as on_step:
         history = train_cvae(cvae, src, x, y, xv, yv, cfg, loss, on_step)
@@ -197,6 +232,43 @@ def train_cmd(data, source, out, epochs, batch_size, lr, seed, val_size, latent_
             "val_argmin_acc": history[-1]["val_argmin_acc"], **_provenance()}
     stem = checkpoint.save(cvae, Path(out) / "cvae", meta)
     click.echo(f"cvae: validation argmin = label {history[-1]['val_argmin_acc']:.4f} in {seconds:.0f} s -> {stem}.json")
+
+
+def _train_adversarial(ds, x, y, xv, yv, cvae, src, source, target_path, out, cfg, loss, mode, eps, steps, attacks,
+                       sel_weight, pipe_weight, clf_mix, init_dir, quiet):
+    from . import checkpoint
+    from .adversarial import PipelineAdversarial, frozen_copy, train_pipeline_adversarial
+
+    if src is None or not target_path:
+        raise click.UsageError("--adversarial needs --source CLASSIFIER (the CE term's; also the target unless "
+                               "--target is given)")
+    names = tuple(a.strip() for a in attacks.split(",") if a.strip())
+    try:
+        adv = PipelineAdversarial(mode=mode, eps=eps, steps=steps, attacks=names, sel_weight=sel_weight,
+                                  pipe_weight=pipe_weight, clf_mix=clf_mix)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
+    target = _load(target_path, "classifier", "--target")
+    steps_total = round(cfg.epochs * ((len(x) + cfg.batch_size - 1) // cfg.batch_size))
+    start = time.perf_counter()
+    with progress(f"adversarial {mode}", steps_total, quiet) as on_step:
+        history = train_pipeline_adversarial(cvae, target, frozen_copy(src), x, y, xv, yv, cfg, loss, adv,
+                                             cfg.epochs, on_step)
+    seconds = time.perf_counter() - start
+    last = history[-1]
+    meta = {"dataset": ds.name, "class_names": list(ds.class_names), "train": cfg.to_dict(), "loss": loss.to_dict(),
+            "adversarial": adv.to_dict(), "source": str(source),
+            "source_sha256": checkpoint.read_record(source)["weights_sha256"],
+            "init": str(init_dir) if init_dir else None,
+            "init_sha256": checkpoint.read_record(Path(init_dir) / "cvae")["weights_sha256"] if init_dir else None,
+            "target": str(target_path), "target_sha256": checkpoint.read_record(target_path)["weights_sha256"],
+            "n_train": len(x), "n_val": len(xv), "history": history, "train_seconds": seconds,
+            "val_purified_acc": last["val_purified_acc"], "val_adaptive": last["val_adaptive"], **_provenance()}
+    stem = checkpoint.save(cvae, Path(out) / "cvae", meta)
+    checkpoint.save(target, Path(out) / "classifier", {**meta, "trained": adv.trains_classifier})
+    click.echo(f"adversarial {mode}: validation purified accuracy {last['val_purified_acc']:.4f}, adaptive check "
+               f"{last['val_adaptive']:.4f} ({adv.val_n} images, {adv.val_steps}-step selection + full gradient) "
+               f"in {seconds:.0f} s -> {stem.parent}")
 
 
 @main.command("train-vae")

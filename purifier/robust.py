@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .attacks import PGD, Objective
+from .attacks import PGD, Objective, RejectOption, pipeline_objective, selection_objective
 
 # holds(adv, y) -> B bools: does each image still count (classified correctly, or defended)?
 Holds = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -36,6 +36,17 @@ def pgd_attack(name: str, pgd: PGD, objective: Objective, restarts: int = 1) -> 
         return pgd.run(objective, x, y, gen)
 
     return Attack(name, make, restarts)
+
+
+def purifier_attacks(classifier: nn.Module, purifier: nn.Module, pgd: PGD, restarts: int = 1,
+                     reject: RejectOption | None = None) -> list[Attack]:
+    """The adaptive attacks on classifier(purifier(x)) of the benchmark protocol, strongest first (the order
+    only changes the cost of the worst case): selection attack, full gradient, BPDA, softmin."""
+    c, p = classifier, purifier
+    return [pgd_attack("selection", pgd, selection_objective(c, p, reject), restarts),
+            pgd_attack("full gradient", pgd, pipeline_objective(c, p, "full", reject=reject), restarts),
+            pgd_attack("BPDA", pgd, pipeline_objective(c, p, "bpda", reject=reject), restarts),
+            pgd_attack("softmin", pgd, pipeline_objective(c, p, "softmin", reject=reject), restarts)]
 
 
 def chunked(fn: Callable, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> torch.Tensor:

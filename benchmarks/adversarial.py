@@ -1,0 +1,438 @@
+"""Adversarial training through the whole pipeline, measured: clean accuracy against adaptive robust accuracy at
+the headline eps for every training mode, beside plain PuVAE, PGD-AT alone and plain PuVAE in front of PGD-AT.
+
+    python benchmarks/adversarial.py --profile standard   # results/adversarial.{json,md} + plot (about an hour)
+    python benchmarks/adversarial.py --profile quick      # minutes; never quoted
+
+Every row is attacked on the same first n test images with the same attacks (../shared/BENCHMARK_PROTOCOL.md):
+oblivious PGD on the row's target classifier; the adaptive per-image worst case over the selection attack, full
+gradient, BPDA and softmin (PGD with best-iterate accounting; classifier rows: PGD on the classifier); ART's
+Square (scores only) and AutoAttack-style APGD-CE/APGD-DLR through BPDA on the first n_art, which the training
+never used; the worst of all of them; the protocol's sanity checks per row; images/s. The reject option's
+defended rate is measured on the row with the best worst case. Each row is cached under ``--work``, so rows can
+be added as their training runs finish and an interrupted run resumes.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import click
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from export.onnx_export import calibrate_threshold  # noqa: E402
+from purifier import __version__, checkpoint  # noqa: E402
+from purifier.attacks import (PGD, RejectOption, ce_objective, pipeline_objective,  # noqa: E402
+                              selection_objective)
+from purifier.data import load_dataset  # noqa: E402
+from purifier.pipeline import Purifier  # noqa: E402
+from purifier.provenance import cpu_model, git_commit  # noqa: E402
+from purifier.robust import chunked, pgd_attack, purifier_attacks, worst_case  # noqa: E402
+
+from results import markdown_table, write_results  # noqa: E402  (benchmarks/results.py)
+from robust import se  # noqa: E402  (benchmarks/robust.py)
+from speed import time_it  # noqa: E402  (benchmarks/speed.py)
+
+
+@dataclass(frozen=True)
+class Profile:
+    n: int                    # first n test images for every robust figure
+    steps: int                # PGD steps (step 2.5 * eps / steps, random start, best iterate)
+    restarts: int             # restarts of every adaptive attack
+    eps: float = 0.1
+    n_art: int = 250          # Square and AutoAttack on the first n_art
+    square_queries: int = 1000
+    apgd_iters: int = 100
+    n_sanity: int = 100
+    sanity_steps: tuple = (20, 100)
+    sanity_eps: float = 0.2   # robust accuracy there must not exceed the headline's on the same images
+    reject_penalty: float = 10.0
+    clean_n: int = 10000
+    speed_reps: int = 5
+    batch_size: int = 250
+    seed: int = 0
+
+
+PROFILES = {
+    # the protocol's headline settings; about 35 minutes per purifier row on 2 cores
+    "full": Profile(n=1000, steps=100, restarts=5, n_art=500),
+    # what results/adversarial.json was run with: every row in about an hour on 2 cores
+    "standard": Profile(n=500, steps=100, restarts=1),
+    "quick": Profile(n=100, steps=20, restarts=1, n_art=50, square_queries=200, apgd_iters=20, n_sanity=50,
+                     sanity_steps=(10, 20), clean_n=2000, speed_reps=3),
+    "tiny": Profile(n=6, steps=2, restarts=1, n_art=4, square_queries=5, apgd_iters=2, n_sanity=4,
+                    sanity_steps=(1, 2), clean_n=50, speed_reps=1, batch_size=4),
+}
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    classifier: str           # checkpoint path (relative to the repository root or absolute)
+    cvae: str | None = None   # None: the classifier alone, no purifier
+    note: str = ""
+
+
+def default_rows(plain: str, baselines: str, adversarial: str) -> list[Row]:
+    a = adversarial
+    return [
+        Row("PGD-AT", f"{baselines}/pgd-at", note="Madry, eps 0.1, PGD-5, 3 epochs"),
+        Row("plain PuVAE", f"{plain}/classifier", f"{plain}/cvae", "standard classifier as target"),
+        Row("plain PuVAE + PGD-AT", f"{baselines}/pgd-at", f"{plain}/cvae", "no retraining"),
+        Row("adv. training: CVAE alone", f"{a}/cvae/classifier", f"{a}/cvae/cvae", "target PGD-AT, frozen"),
+        Row("adv. training: classifier alone", f"{a}/classifier/classifier", f"{a}/classifier/cvae",
+            "CVAE frozen (plain)"),
+        Row("adv. training: alternating", f"{a}/alternating/classifier", f"{a}/alternating/cvae", ""),
+        Row("adv. training: joint", f"{a}/joint/classifier", f"{a}/joint/cvae", "target from PGD-AT"),
+        Row("adv. training: joint, standard target", f"{a}/joint-standard-target/classifier",
+            f"{a}/joint-standard-target/cvae", "target from the standard classifier"),
+    ]
+
+
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+
+
+class Bench:
+    def __init__(self, profile: Profile, work: Path, on_progress):
+        self.p, self.work, self.say = profile, work, on_progress
+        test = load_dataset("fashion-mnist", "test")
+        self.x_all, self.y_all = torch.from_numpy(test.x), torch.from_numpy(test.y)
+        self.x, self.y = self.x_all[:profile.n], self.y_all[:profile.n]
+
+    def load(self, row: Row):
+        clf = checkpoint.load(ROOT / row.classifier, expect="classifier").eval()
+        for q in clf.parameters():
+            q.requires_grad_(False)
+        if row.cvae is None:
+            return clf, None
+        cvae = checkpoint.load(ROOT / row.cvae, expect="cvae").eval()
+        for q in cvae.parameters():
+            q.requires_grad_(False)
+        return clf, Purifier(cvae).eval()
+
+    def cached(self, name: str, fn):
+        path = self.work / f"{name}.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+        self.say(f"{name} ...")
+        t0 = time.perf_counter()
+        value = fn()
+        value["seconds"] = time.perf_counter() - t0
+        checkpoint.write_json(path, value)
+        self.say(f"{name}: {value['seconds']:.0f} s")
+        return value
+
+    @staticmethod
+    def holds(clf, pur):
+        def fn(x, y):
+            with torch.no_grad():
+                return clf(x if pur is None else pur(x)["purified"]).argmax(1) == y
+        return fn
+
+    def attacks(self, clf, pur, eps: float, restarts: int, steps: int | None = None,
+                reject: RejectOption | None = None):
+        pgd = PGD(eps=eps, steps=steps or self.p.steps, seed=self.p.seed)
+        if pur is None:
+            return [pgd_attack("PGD", pgd, ce_objective(clf), restarts)]
+        return purifier_attacks(clf, pur, pgd, restarts, reject)
+
+    def row(self, row: Row) -> dict:
+        p = self.p
+        clf, pur = self.load(row)
+        holds = self.holds(clf, pur)
+        out = {"name": row.name, "classifier": row.classifier, "cvae": row.cvae, "note": row.note,
+               "checkpoints": {"classifier": checkpoint.read_record(ROOT / row.classifier)["weights_sha256"],
+                               **({"cvae": checkpoint.read_record(ROOT / row.cvae)["weights_sha256"]}
+                                  if row.cvae else {})}}
+        x_c, y_c = self.x_all[:p.clean_n], self.y_all[:p.clean_n]
+        out["clean"] = float(chunked(holds, x_c, y_c, 500).float().mean())
+        out["clean_n"] = p.clean_n
+        # oblivious: PGD on the target classifier (last iterate), then the purifier
+        obl = chunked(lambda a, b: PGD(eps=p.eps, steps=p.steps, seed=p.seed, best_iterate=False)
+                      .run(ce_objective(clf), a, b), self.x, self.y, p.batch_size)
+        out["oblivious"] = float(chunked(holds, obl, self.y, p.batch_size).float().mean())
+        attacks = self.attacks(clf, pur, p.eps, p.restarts)
+        res = worst_case(attacks, holds, self.x, self.y, p.batch_size)
+        out.update({"adaptive": res["accuracy"], "adaptive_robust": res["robust"].tolist(), "steps": res["steps"],
+                    "broken_by": {a.name: res["broken_by"].count(a.name) for a in attacks}})
+        out["art"] = self.art(clf, pur)
+        m = p.n_art
+        worst = res["robust"][:m].numpy() & np.array(out["art"]["square_robust"]) & \
+            np.array(out["art"]["autoattack_robust"])
+        out["worst_of_all"] = float(worst.mean())
+        out["sanity"] = self.sanity(clf, pur, res["robust"], out)
+        out["speed"] = self.speed(clf, pur)
+        return out
+
+    def art(self, clf, pur) -> dict:
+        from art.attacks.evasion import AutoAttack, AutoProjectedGradientDescent, SquareAttack
+        from art.estimators.classification import PyTorchClassifier
+
+        from purifier.art_bridge import PurifierPreprocessor
+
+        def est(grad):
+            defences = [PurifierPreprocessor(pur, grad=grad)] if pur is not None else None
+            return PyTorchClassifier(model=clf, loss=torch.nn.CrossEntropyLoss(), input_shape=(1, 28, 28),
+                                     nb_classes=10, clip_values=(0.0, 1.0), preprocessing_defences=defences,
+                                     device_type="cpu")
+
+        p, eps = self.p, self.p.eps
+        x, y = self.x[:p.n_art].numpy(), self.y[:p.n_art].numpy()
+        np.random.seed(p.seed)
+        sq = SquareAttack(est("none"), norm=np.inf, eps=eps, max_iter=p.square_queries, p_init=0.8, nb_restarts=1,
+                          batch_size=p.batch_size, verbose=False)
+        t0 = time.perf_counter()
+        x_sq = sq.generate(x, y=y)
+        sq_s = time.perf_counter() - t0
+        white = est("bpda")
+        apgd = [AutoProjectedGradientDescent(white, norm=np.inf, eps=eps, eps_step=2 * eps, max_iter=p.apgd_iters,
+                                             nb_random_init=1, batch_size=p.batch_size, loss_type=loss, verbose=False)
+                for loss in ("cross_entropy", "difference_logits_ratio")]
+        aa = AutoAttack(white, norm=np.inf, eps=eps, eps_step=2 * eps, attacks=apgd, batch_size=p.batch_size)
+        t0 = time.perf_counter()
+        x_aa = aa.generate(x, y=y)
+        aa_s = time.perf_counter() - t0
+        holds = self.holds(clf, pur)
+        ok_sq = holds(torch.from_numpy(x_sq), torch.from_numpy(y))
+        ok_aa = holds(torch.from_numpy(x_aa), torch.from_numpy(y))
+        return {"n": p.n_art, "square": float(ok_sq.float().mean()), "autoattack": float(ok_aa.float().mean()),
+                "square_robust": ok_sq.tolist(), "autoattack_robust": ok_aa.tolist(), "square_seconds": sq_s,
+                "autoattack_seconds": aa_s, "max_linf": float(max(np.abs(x_aa - x).max(), np.abs(x_sq - x).max()))}
+
+    def sanity(self, clf, pur, robust: torch.Tensor, row: dict) -> dict:
+        p = self.p
+        n = p.n_sanity
+        x, y = self.x[:n], self.y[:n]
+        holds = self.holds(clf, pur)
+        few, many = p.sanity_steps
+        checks = {}
+        acc1 = worst_case(self.attacks(clf, pur, 1.0, 1, steps=few), holds, x, y, p.batch_size)["accuracy"]
+        checks["eps 1.0 near 0"] = {"pass": acc1 <= 0.05, "value": acc1, "n": n, "steps": few, "limit": 0.05}
+        head = float(robust[:n].float().mean())
+        big = worst_case(self.attacks(clf, pur, p.sanity_eps, 1), holds, x, y, p.batch_size)["accuracy"]
+        checks[f"eps {p.sanity_eps} no higher than eps {p.eps}"] = {
+            "pass": big <= head + 2 * se(head, n), "values": [head, big], "n": n}
+        for a_few, a_many in zip(self.attacks(clf, pur, p.eps, 1, steps=few), self.attacks(clf, pur, p.eps, 1)):
+            acc_few = worst_case([a_few], holds, x, y, p.batch_size)["accuracy"]
+            acc_many = worst_case([a_many], holds, x, y, p.batch_size)["accuracy"]
+            checks[f"more steps ({few} -> {many}) no higher: {a_few.name}"] = {
+                "pass": acc_many <= acc_few + 2 * se(acc_few, n), "values": [acc_few, acc_many], "n": n}
+        if pur is not None:
+            checks["adaptive <= oblivious"] = {
+                "pass": row["adaptive"] <= row["oblivious"] + 2 * se(row["oblivious"], p.n),
+                "values": [row["adaptive"], row["oblivious"]]}
+            with torch.no_grad():
+                checks["deterministic (EOT not needed)"] = {
+                    "pass": bool(torch.equal(pur(x)["purified"], pur(x)["purified"]))}
+        xg, yg = self.x[:64], self.y[:64]
+        objectives = {"PGD": ce_objective(clf)} if pur is None else {
+            "selection": selection_objective(clf, pur), "full gradient": pipeline_objective(clf, pur, "full"),
+            "BPDA": pipeline_objective(clf, pur, "bpda"), "softmin": pipeline_objective(clf, pur, "softmin")}
+        for name, obj in objectives.items():
+            a = xg.clone().requires_grad_(True)
+            value, _ = obj(a, yg)
+            g, = torch.autograd.grad(value, a)
+            frac = float((g.flatten(1).abs().sum(1) > 0).float().mean())
+            checks[f"gradient not zero: {name}"] = {"pass": frac >= 0.99, "value": frac}
+        return checks
+
+    def speed(self, clf, pur) -> dict:
+        x = self.x_all.numpy()
+
+        def fn(a):
+            with torch.no_grad():
+                t = torch.from_numpy(a)
+                return clf(t if pur is None else pur(t)["purified"])
+
+        return {f"batch {b}": time_it(fn, x[:images], b, self.p.speed_reps) for b, images in ((1, 64), (256, 1024))}
+
+    def reject(self, row: Row) -> dict:
+        """Defended rate (correct or rejected) at the headline eps, worst case over the adaptive attacks with and
+        without a penalty for crossing the calibrated threshold (99th percentile of clean validation error)."""
+        p = self.p
+        clf, pur = self.load(row)
+        calib = calibrate_threshold(pur.cvae, "mse", 99.0)
+        thr = calib["threshold"]
+
+        def best_error(x):
+            with torch.no_grad():
+                return chunked(lambda a, b: pur(a)["recon_error"].min(1).values, x, x[:, 0, 0, 0], 500)
+
+        def defended(a, b):
+            with torch.no_grad():
+                out = pur(a)
+                return (clf(out["purified"]).argmax(1) == b) | (out["recon_error"].min(1).values > thr)
+
+        attacks = []
+        for penalty in (0.0, p.reject_penalty):
+            for a in self.attacks(clf, pur, p.eps, p.restarts, reject=RejectOption(thr, penalty)):
+                attacks.append(replace(a, name=f"{a.name} (penalty {penalty:g})"))
+        res = worst_case(attacks, defended, self.x, self.y, p.batch_size)
+        clean_err = best_error(self.x_all[:p.clean_n])
+        return {"row": row.name, "threshold": thr, "calibration": calib, "n": p.n, "restarts": p.restarts,
+                "penalty": p.reject_penalty, "defended": res["accuracy"], "steps": res["steps"],
+                "false_alarm_rate": float((clean_err > thr).float().mean()), "clean_n": p.clean_n,
+                "rejected_among_adversarial": float((best_error(res["adversarial"]) > thr).float().mean())}
+
+
+def headline(rows: dict) -> list[list]:
+    out = []
+    for r in rows.values():
+        fails = [k for k, v in r["sanity"].items() if isinstance(v, dict) and not v["pass"]]
+        out.append([r["name"], f"{r['clean']:.4f}", f"{r['oblivious']:.3f}", f"**{r['adaptive']:.3f}**",
+                    f"{r['art']['square']:.3f}", f"{r['art']['autoattack']:.3f}", f"{r['worst_of_all']:.3f}",
+                    f"{r['speed']['batch 256']['images_per_s']:.0f}",
+                    "all pass" if not fails else "FAIL: " + "; ".join(fails), r["note"]])
+    return out
+
+
+def render(report: dict) -> str:
+    p = report["profile"]
+    rows = report["rows"]
+    parts = [f"Fashion-MNIST test set. Robust figures on the first {p['n']} images, L-infinity eps {p['eps']}; "
+             f"adaptive = per-image worst case over the selection attack, full gradient, BPDA and softmin (classifier "
+             f"rows: PGD on the classifier), PGD-{p['steps']} (step 2.5*eps/steps, random start, best iterate), "
+             f"{p['restarts']} restart(s), seed {p['seed']}. Square ({p['square_queries']} queries, scores only) "
+             f"and AutoAttack-style APGD-CE + APGD-DLR ({p['apgd_iters']} iterations, 1 start, through BPDA) from "
+             f"ART on the first {p['n_art']}; worst of all = every attack together on those {p['n_art']}. Clean "
+             f"accuracy on the first {p['clean_n']}. images/s: purifier + classifier in torch eager, batch 256, "
+             f"{report['machine']['torch_threads']} threads, median of {p['speed_reps']}.",
+             "", markdown_table(["defense", "clean", "oblivious", f"adaptive (n {p['n']})", "Square", "AutoAttack",
+                                 f"worst of all (n {p['n_art']})", "images/s", "sanity checks", "note"],
+                                headline(rows))]
+    rows_p = [[r["name"], *[str(v) for v in r["broken_by"].values()]] for r in rows.values() if len(r["broken_by"]) > 1]
+    if rows_p:
+        names = list(next(r for r in rows.values() if len(r["broken_by"]) > 1)["broken_by"])
+        parts += ["", "### Which attack broke each image first (strongest first; later ones only see survivors)",
+                  markdown_table(["defense", *names], rows_p)]
+    if report.get("training"):
+        parts += ["", "### Training runs (purifier train --adversarial MODE; validation: 5,000 held-out train "
+                      "images; adaptive check: 200 of them, 10-step selection + full gradient)",
+                  markdown_table(["run", "mode", "epochs", "train attacks", "seconds", "val purified acc",
+                                  "val adaptive check (upper bound)"],
+                                 [[k, t["mode"], f"{t['epochs']:g}", f"{','.join(t['attacks'])} x {t['steps']} steps",
+                                   f"{t['train_seconds']:.0f}", f"{t['val_purified_acc']:.4f}",
+                                   " -> ".join(f"{h['val_adaptive']:.2f}" for h in t["history"])]
+                                  for k, t in report["training"].items()])]
+    rj = report.get("reject")
+    if rj:
+        parts += ["", f"### Reject option ({rj['row']})",
+                  markdown_table(["threshold (99th pct of clean validation error)", "clean false alarms",
+                                  f"defended at eps {p['eps']} (worst case with and without penalty {rj['penalty']:g})",
+                                  "adversarial examples flagged"],
+                                 [[f"{rj['threshold']:.5f}", f"{rj['false_alarm_rate']:.4f}", f"{rj['defended']:.3f}",
+                                   f"{rj['rejected_among_adversarial']:.3f}"]])]
+    return "\n".join(parts)
+
+
+def plot(report: dict, out: Path) -> str:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for r in report["rows"].values():
+        ips = r["speed"]["batch 256"]["images_per_s"]
+        ax.scatter(r["clean"], r["adaptive"], s=40)
+        ax.annotate(f"{r['name']}\n{ips:.0f} img/s", (r["clean"], r["adaptive"]), fontsize=7,
+                    xytext=(4, 4), textcoords="offset points")
+    p = report["profile"]
+    ax.set_xlabel(f"clean accuracy (first {p['clean_n']} test images)")
+    ax.set_ylabel(f"adaptive robust accuracy, eps {p['eps']} (first {p['n']})")
+    ax.set_title(f"Fashion-MNIST: clean vs adaptive worst case (PGD-{p['steps']}, profile {report['profile_name']})")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = out.with_suffix(".png")
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+    return path.name
+
+
+def training_record(row: Row) -> dict | None:
+    if row.cvae is None:
+        return None
+    meta = checkpoint.read_record(ROOT / row.cvae).get("meta", {})
+    adv = meta.get("adversarial")
+    if not adv:
+        return None
+    return {"mode": adv["mode"], "epochs": meta["train"]["epochs"], "attacks": adv["attacks"], "steps": adv["steps"],
+            "eps": adv["eps"], "train_seconds": meta["train_seconds"], "val_purified_acc": meta["val_purified_acc"],
+            "command": meta.get("command"),
+            "history": [{k: h[k] for k in ("epoch", "val_purified_acc", "val_adaptive")} for h in meta["history"]]}
+
+
+@click.command()
+@click.option("--profile", "profile_name", type=click.Choice(sorted(PROFILES)), default="quick", show_default=True)
+@click.option("--plain", default="models/fashion-mnist", show_default=True, help="Plain PuVAE model directory.")
+@click.option("--baselines", default="models/baselines", show_default=True)
+@click.option("--adversarial", "adv_dir", default="models/adversarial", show_default=True,
+              help="Directory of the training runs (one subdirectory per mode).")
+@click.option("--rows", help="Comma-separated row names to run (default: every row).")
+@click.option("--out", help="Results file (default results/adversarial.json; other profiles adversarial-PROFILE).")
+@click.option("--work", help="Cache of finished rows (default: results/.OUT-work).")
+@click.option("--threads", type=int, help="torch threads (default: torch's).")
+def main(profile_name, plain, baselines, adv_dir, rows, out, work, threads):
+    if threads:
+        torch.set_num_threads(threads)
+    profile = PROFILES[profile_name]
+    name = "adversarial" if profile_name == "standard" else f"adversarial-{profile_name}"
+    out = Path(out or ROOT / "results" / f"{name}.json")
+    work = Path(work or out.parent / f".{out.stem}-work")
+    work.mkdir(parents=True, exist_ok=True)
+    all_rows = default_rows(plain, baselines, adv_dir)
+    if rows:
+        wanted = [r.strip() for r in rows.split(",")]
+        unknown = sorted(set(wanted) - {r.name for r in all_rows})
+        if unknown:
+            raise click.BadParameter(f"unknown rows {unknown}; known: {[r.name for r in all_rows]}",
+                                     param_hint="--rows")
+        all_rows = [r for r in all_rows if r.name in wanted]
+    missing = [r.name for r in all_rows if not (ROOT / f"{r.classifier}.json").is_file()
+               or (r.cvae and not (ROOT / f"{r.cvae}.json").is_file())]
+    if missing:
+        raise click.UsageError(f"rows without checkpoints (train them first, see README): {missing}")
+    start = time.perf_counter()
+    bench = Bench(profile, work, lambda m: click.echo(m, err=True))
+    report = {"command": shlex.join(["python", "benchmarks/adversarial.py", *sys.argv[1:]]),
+              "commit": git_commit(ROOT), "version": __version__, "profile_name": profile_name,
+              "profile": asdict(profile),
+              "notes": {"classifier rows": "no purifier: oblivious and adaptive are both white-box PGD on the model",
+                        "AutoAttack": "ART's AutoAttack with APGD-CE and APGD-DLR (1 start each) through BPDA; "
+                                      "Square runs alone (scores only, through the purifier) and enters the worst of "
+                                      "all; the standard list adds DeepFool and 5 starts",
+                        "training attacks": "selection + full gradient, 3-step PGD; evaluation adds BPDA, softmin, "
+                                            "Square and APGD-CE/DLR and uses 100 steps with best-iterate accounting"},
+              "software": {"torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version(),
+                           "art": __import__("art").__version__},
+              "machine": {"cpu": cpu_model(), "torch_threads": torch.get_num_threads()}}
+    results = {r.name: bench.cached(f"row-{slug(r.name)}", lambda r=r: bench.row(r)) for r in all_rows}
+    report["rows"] = results
+    report["training"] = {r.name: t for r in all_rows if (t := training_record(r))}
+    purifier_rows = [r for r in all_rows if r.cvae]
+    if purifier_rows:
+        best = max(purifier_rows, key=lambda r: (results[r.name]["worst_of_all"], results[r.name]["adaptive"]))
+        report["reject"] = bench.cached(f"reject-{slug(best.name)}", lambda: bench.reject(best))
+    report["seconds"] = time.perf_counter() - start
+    report["section_seconds"] = {k: v["seconds"] for k, v in results.items()}
+    report["plot"] = plot(report, out)
+    heading = (f"# Adversarial training through the pipeline, profile {profile_name}\n\nGenerated by "
+               f"benchmarks/adversarial.py; plot {report['plot']} (clean against adaptive, images/s as labels).")
+    write_results(out, report, heading, render(report))
+    click.echo(render(report))
+    click.echo(f"{report['seconds']:.0f} s; -> {out}", err=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,240 @@
+"""Adversarial training through the whole pipeline: purifier and target classifier trained against the adaptive
+attacks they are measured with (``purifier train --adversarial MODE``).
+
+Each batch is attacked with PGD (L-infinity, ``steps`` steps of 2.5 * eps / steps, random start, last iterate)
+against the current pipeline, one slice of the batch per attack in ``attacks``:
+
+  ``selection``  the selection attack on the decision rule (``attacks.selection_objective``)
+  ``full``       cross-entropy through the chosen class's encoder and decoder (argmin held fixed)
+  ``bpda``       cross-entropy with the purifier crossed as the identity
+
+then the parts being trained take a step on the attacked batch:
+
+  CVAE        PuVAE loss on the clean batch (recon + KL + CE of the frozen source + selection CE)
+              + sel_weight * selection CE on the adversarial batch (the true class's reconstruction must fit
+                the attacked input best)
+              + pipe_weight * CE of the target classifier on the true class's reconstruction of the attacked input
+  classifier  CE on the purified clean batch and the purified adversarial batch (mixed by ``clf_mix``); in
+              ``joint`` mode the target also receives the CVAE's pipe term through its weights
+
+Modes: ``cvae`` (target frozen), ``classifier`` (CVAE frozen), ``alternating`` (one optimiser step for the CVAE,
+the next for the classifier, each on freshly attacked batches) and ``joint`` (one step for both on the same
+batch). The source classifier of the CE term stays frozen in every mode.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .attacks import PGD, pipeline_objective, selection_objective
+from .losses import PuVAELoss
+from .models.cvae import CVAE
+from .pipeline import Purifier, class_scores, purify
+from .train import StepCallback, TrainConfig, predict, seed_everything
+
+MODES = ("cvae", "classifier", "alternating", "joint")
+TRAIN_ATTACKS = ("selection", "full", "bpda")
+
+
+@dataclass(frozen=True)
+class PipelineAdversarial:
+    mode: str = "joint"
+    eps: float = 0.1
+    steps: int = 3
+    attacks: tuple = ("selection", "full")
+    sel_weight: float = 100.0  # selection CE on the attacked batch (same temperature as the clean term)
+    pipe_weight: float = 10.0  # target CE on the true class's reconstruction of the attacked batch
+    clf_mix: float = 0.5  # classifier loss: clf_mix * clean + (1 - clf_mix) * adversarial
+    val_n: int = 200  # validation images attacked after each epoch
+    val_steps: int = 10
+    val_every: float = 0.25  # epochs between validation records (and at the end)
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"adversarial mode must be one of {MODES}, got {self.mode!r}")
+        bad = [a for a in self.attacks if a not in TRAIN_ATTACKS]
+        if bad or not self.attacks:
+            raise ValueError(f"training attacks must be a non-empty subset of {TRAIN_ATTACKS}, got {self.attacks!r}")
+        if not 0 < self.eps <= 1:
+            raise ValueError(f"adversarial eps must be in (0, 1], got {self.eps}")
+        if self.steps < 1:
+            raise ValueError(f"adversarial steps must be at least 1, got {self.steps}")
+        if not 0 <= self.clf_mix <= 1:
+            raise ValueError(f"clf_mix must be in [0, 1], got {self.clf_mix}")
+
+    @property
+    def trains_cvae(self) -> bool:
+        return self.mode != "classifier"
+
+    @property
+    def trains_classifier(self) -> bool:
+        return self.mode != "cvae"
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "attacks": list(self.attacks)}
+
+
+def _objective(name: str, classifier: nn.Module, purifier: Purifier):
+    if name == "selection":
+        return selection_objective(classifier, purifier)
+    return pipeline_objective(classifier, purifier, name)
+
+
+def attack_batch(classifier: nn.Module, purifier: Purifier, x: torch.Tensor, y: torch.Tensor, pgd: PGD,
+                 attacks, generator: torch.Generator) -> torch.Tensor:
+    """Split the batch into one slice per attack and attack each slice; modules must be in eval mode."""
+    parts = torch.arange(len(x)).chunk(len(attacks))
+    out = x.clone()
+    for name, idx in zip(attacks, parts):
+        if len(idx):
+            out[idx] = pgd.run(_objective(name, classifier, purifier), x[idx], y[idx], generator)
+    return out
+
+
+def cvae_adversarial_terms(cvae: CVAE, target: nn.Module, xa: torch.Tensor, y: torch.Tensor,
+                           sel_tau: float) -> dict:
+    """Selection CE and the target's CE on the true class's reconstruction, both on the attacked batch."""
+    out = cvae.reconstruct_all(xa, deterministic=True)
+    scores = class_scores(xa, out, "mse")
+    true_recon = out["recon"][torch.arange(len(y)), y]
+    return {"adv_sel": F.cross_entropy(-scores / sel_tau, y),
+            "adv_sel_acc": (scores.argmin(1) == y).float().mean(),
+            "adv_pipe": F.cross_entropy(target(true_recon), y)}
+
+
+def _freeze(module: nn.Module, frozen: bool) -> None:
+    for p in module.parameters():
+        p.requires_grad_(not frozen)
+
+
+@torch.no_grad()
+def purified_accuracy(cvae: CVAE, classifier: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    purified = purify(Purifier(cvae), x)["purified"]
+    return float((predict(classifier, purified) == y).float().mean())
+
+
+def adaptive_check(cvae: CVAE, classifier: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int,
+                   seed: int = 0) -> dict:
+    """A cheap adaptive check for training logs: selection and full-gradient PGD (best iterate), per-image worst
+    case. Upper bound only; the benchmark measures properly."""
+    purifier = Purifier(cvae).eval()
+    classifier.eval()
+    pgd = PGD(eps=eps, steps=steps, seed=seed)
+    robust = torch.ones(len(x), dtype=torch.bool)
+    for name in ("selection", "full"):
+        adv = pgd.run(_objective(name, classifier, purifier), x, y)
+        with torch.no_grad():
+            robust &= classifier(purifier(adv)["purified"]).argmax(1) == y
+    return {"val_adaptive": float(robust.float().mean()), "val_adaptive_n": len(x), "val_adaptive_steps": steps}
+
+
+def train_pipeline_adversarial(cvae: CVAE, target: nn.Module, source: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                               x_val: torch.Tensor, y_val: torch.Tensor, cfg: TrainConfig, loss: PuVAELoss,
+                               adv: PipelineAdversarial, epochs: float,
+                               on_step: StepCallback | None = None) -> list[dict]:
+    """Train ``cvae`` and/or ``target`` in place as ``adv.mode`` says, for ``epochs`` (may be fractional) passes
+    over (x, y); returns a record every ``adv.val_every`` epochs (and at the end) with the mean training terms
+    since the last one, validation clean purified accuracy and a cheap adaptive check. ``source`` (the CE term's classifier) is never trained; pass a copy if it is the
+    same object as ``target``.
+    """
+    if source is target and adv.trains_classifier:
+        raise ValueError("source and target are the same module; pass a frozen copy as the source")
+    seed_everything(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    source.eval()
+    _freeze(source, True)
+    _freeze(cvae, not adv.trains_cvae)
+    _freeze(target, not adv.trains_classifier)
+    purifier = Purifier(cvae)
+    pgd = PGD(eps=adv.eps, steps=adv.steps, best_iterate=False)
+    steps_per_epoch = math.ceil(len(x) / cfg.batch_size)
+    total = max(1, round(epochs * steps_per_epoch))
+    every = max(1, round(adv.val_every * steps_per_epoch))
+
+    def optimiser(params):
+        opt = torch.optim.Adam(params, lr=cfg.lr)
+        # alternating: each optimiser steps on every other batch, and its schedule spans its own steps
+        t_max = math.ceil(total / 2) if adv.mode == "alternating" else total
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, t_max) if cfg.lr_decay else None
+        return opt, sched
+
+    groups = {}
+    if adv.mode == "joint":
+        groups["joint"] = optimiser([*cvae.parameters(), *target.parameters()])
+    else:
+        if adv.trains_cvae:
+            groups["cvae"] = optimiser(list(cvae.parameters()))
+        if adv.trains_classifier:
+            groups["classifier"] = optimiser(list(target.parameters()))
+
+    history, sums, count, start = [], {}, 0, time.perf_counter()
+    perm = torch.randperm(len(x), generator=gen)
+    for step in range(total):
+        epoch, i = divmod(step, steps_per_epoch)
+        if i == 0 and step:
+            perm = torch.randperm(len(x), generator=gen)
+        idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+        xb, yb = x[idx], y[idx]
+        # which parts step now: alternating takes turns, CVAE first
+        turn = ("cvae" if step % 2 == 0 else "classifier") if adv.mode == "alternating" else adv.mode
+        cvae.eval()
+        target.eval()
+        xa = attack_batch(target, purifier, xb, yb, pgd, adv.attacks, gen)
+        terms = {}
+        total_loss = xb.new_zeros(())
+        if turn in ("cvae", "joint"):
+            cvae.train()
+            clean = loss(cvae, source, xb, yb)
+            advt = cvae_adversarial_terms(cvae, target, xa, yb, loss.sel_tau)
+            total_loss = total_loss + clean["loss"] + adv.sel_weight * advt["adv_sel"] + \
+                adv.pipe_weight * advt["adv_pipe"]
+            terms.update({f"cvae_{k}" if k == "loss" else k: v for k, v in clean.items()}, **advt)
+        if turn in ("classifier", "joint"):
+            target.train()
+            with torch.no_grad():
+                cvae.eval()
+                pur = purifier(torch.cat([xb, xa]))["purified"]
+            logits_clean, logits_adv = target(pur).chunk(2)
+            clf = adv.clf_mix * F.cross_entropy(logits_clean, yb) + \
+                (1 - adv.clf_mix) * F.cross_entropy(logits_adv, yb)
+            total_loss = total_loss + clf
+            terms.update({"clf_loss": clf, "clf_clean_acc": (logits_clean.argmax(1) == yb).float().mean(),
+                          "clf_adv_acc": (logits_adv.argmax(1) == yb).float().mean()})
+        opt, sched = groups[turn]
+        opt.zero_grad(set_to_none=True)
+        total_loss.backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+        terms["loss"] = total_loss
+        stats = {k: float(v.detach()) for k, v in terms.items()}
+        for k, v in stats.items():
+            sums[k] = sums.get(k, 0.0) + v
+        count += 1
+        if on_step is not None:
+            on_step(epoch, i, steps_per_epoch, stats)
+        if (step + 1) % every == 0 or step == total - 1:
+            cvae.eval()
+            target.eval()
+            record = {"epoch": (step + 1) / steps_per_epoch, **{k: v / count for k, v in sums.items()},
+                      "seconds": time.perf_counter() - start,
+                      "val_purified_acc": purified_accuracy(cvae, target, x_val, y_val),
+                      **adaptive_check(cvae, target, x_val[:adv.val_n], y_val[:adv.val_n], adv.eps, adv.val_steps)}
+            history.append(record)
+            sums, count, start = {}, 0, time.perf_counter()
+    cvae.eval()
+    target.eval()
+    _freeze(cvae, False)
+    _freeze(target, False)
+    return history
+
+
+def frozen_copy(module: nn.Module) -> nn.Module:
+    return copy.deepcopy(module).eval()
+

@@ -1,0 +1,123 @@
+"""Adversarial training through the whole pipeline: the training attacks, which parts each mode trains, the
+CLI that writes a complete model directory, and benchmarks/adversarial.py on a handful of images."""
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from purifier import checkpoint
+from purifier.adversarial import PipelineAdversarial, attack_batch, train_pipeline_adversarial
+from purifier.attacks import PGD, _selection_margin
+from purifier.losses import PuVAELoss
+from purifier.pipeline import Purifier
+from purifier.train import TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = ROOT / "models" / "fashion-mnist"
+
+
+@pytest.fixture(scope="module")
+def data(fmnist_test):
+    x, y = torch.from_numpy(fmnist_test.x[:96]), torch.from_numpy(fmnist_test.y[:96])
+    return x[:64], y[:64], x[64:], y[64:]
+
+
+def _params(module):
+    return torch.cat([p.detach().flatten() for p in module.parameters()]).clone()
+
+
+@pytest.mark.parametrize("bad, match", [({"mode": "both"}, "mode"), ({"attacks": ("cw",)}, "attacks"),
+                                        ({"attacks": ()}, "attacks"), ({"eps": 0}, "eps"), ({"steps": 0}, "steps"),
+                                        ({"clf_mix": 2}, "clf_mix")])
+def test_bad_settings_name_the_value(bad, match):
+    with pytest.raises(ValueError, match=match):
+        PipelineAdversarial(**bad)
+
+
+def test_training_attacks_stay_in_the_ball_and_each_slice_gets_its_attack(data):
+    x, y = data[0][:16], data[1][:16]
+    clf = checkpoint.load(MODEL / "classifier").eval()
+    pur = Purifier(checkpoint.load(MODEL / "cvae")).eval()
+    pgd = PGD(eps=0.1, steps=5, best_iterate=False)
+    xa = attack_batch(clf, pur, x, y, pgd, ("selection", "full"), torch.Generator().manual_seed(0))
+    assert (xa - x).abs().max() <= 0.1 + 1e-6 and xa.min() >= 0 and xa.max() <= 1
+    assert not torch.equal(xa, x)
+    with torch.no_grad():
+        before = _selection_margin(pur(x[:8])["recon_error"], y[:8])
+        after = _selection_margin(pur(xa[:8])["recon_error"], y[:8])
+    # the first half was attacked on the selection margin: it must have risen on average
+    assert after.mean() > before.mean()
+
+
+@pytest.mark.parametrize("mode", ["cvae", "classifier", "alternating", "joint"])
+def test_each_mode_trains_its_parts_and_never_the_source(mode, data, small_cvae, small_classifier):
+    x, y, xv, yv = data
+    cvae, target = small_cvae, small_classifier
+    source = copy.deepcopy(small_classifier)
+    before = {"cvae": _params(cvae), "target": _params(target), "source": _params(source)}
+    adv = PipelineAdversarial(mode=mode, steps=1, val_n=8, val_steps=1, val_every=1.0)
+    hist = train_pipeline_adversarial(cvae, target, source, x, y, xv, yv, TrainConfig(batch_size=32),
+                                      PuVAELoss(ce_weight=1.0, sel_weight=1.0), adv, epochs=1.0)
+    changed = {k: not torch.equal(before[k], _params(m)) for k, m in
+               (("cvae", cvae), ("target", target), ("source", source))}
+    assert changed == {"cvae": mode != "classifier", "target": mode != "cvae", "source": False}
+    assert len(hist) == 1 and hist[0]["epoch"] == 1.0
+    assert 0 <= hist[0]["val_purified_acc"] <= 1 and 0 <= hist[0]["val_adaptive"] <= 1
+    assert all(p.requires_grad for p in [*cvae.parameters(), *target.parameters()])
+
+
+def test_source_must_not_be_the_trained_target(data, small_cvae, small_classifier):
+    x, y, xv, yv = data
+    with pytest.raises(ValueError, match="copy"):
+        train_pipeline_adversarial(small_cvae, small_classifier, small_classifier, x, y, xv, yv, TrainConfig(),
+                                   PuVAELoss(), PipelineAdversarial(mode="joint"), epochs=0.1)
+
+
+def test_cli_writes_a_complete_model_directory(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "purifier.cli", "train", "--source", str(ROOT / "models/baselines/pgd-at"),
+           "--init", str(MODEL), "--adversarial", "joint", "--epochs", "0.005", "--val-size", "100",
+           "--adv-steps", "1", "--out", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "adversarial joint" in r.stdout
+    cvae, clf = checkpoint.read_record(out / "cvae"), checkpoint.read_record(out / "classifier")
+    assert cvae["meta"]["adversarial"]["mode"] == "joint" and cvae["meta"]["adversarial"]["steps"] == 1
+    assert cvae["meta"]["init_sha256"] == checkpoint.read_record(MODEL / "cvae")["weights_sha256"]
+    assert clf["meta"]["trained"] is True
+    assert clf["weights_sha256"] != checkpoint.read_record(ROOT / "models/baselines/pgd-at")["weights_sha256"]
+    # the run directory is a model directory: both checkpoints load and purify
+    pur = Purifier(checkpoint.load(out / "cvae")).eval()
+    with torch.no_grad():
+        logits = checkpoint.load(out / "classifier").eval()(pur(torch.rand(2, 1, 28, 28))["purified"])
+    assert logits.shape == (2, 10)
+    bad = subprocess.run(cmd[:-2] + ["--epochs", "0.5", "--adversarial", "none", "--out", str(tmp_path / "x")],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "0.5" in bad.stderr
+
+
+def test_benchmark_tiny_profile_end_to_end(tmp_path):
+    """benchmarks/adversarial.py on a handful of images, classifier and plain purifier rows (numbers mean nothing)."""
+    out = tmp_path / "adv-tiny.json"
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "adversarial.py"), "--profile", "tiny",
+                        "--rows", "PGD-AT,plain PuVAE + PGD-AT", "--out", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads(out.read_text())
+    rows = report["rows"]
+    assert set(rows) == {"PGD-AT", "plain PuVAE + PGD-AT"}
+    pu = rows["plain PuVAE + PGD-AT"]
+    assert {s["attack"] for s in pu["steps"]} == {"selection", "full gradient", "BPDA", "softmin"}
+    n_art = pu["art"]["n"]
+    assert pu["worst_of_all"] <= sum(pu["adaptive_robust"][:n_art]) / n_art + 1e-9
+    assert "gradient not zero: selection" in pu["sanity"]
+    assert report["reject"]["row"] == "plain PuVAE + PGD-AT"
+    assert (tmp_path / report["plot"]).stat().st_size > 0
+    assert "| defense | clean |" in out.with_suffix(".md").read_text()
+    bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "adversarial.py"), "--profile", "tiny",
+                          "--rows", "nonsense", "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "nonsense" in bad.stderr
