@@ -566,7 +566,9 @@ def plots(report: dict, out: Path) -> list[str]:
 
 @click.command()
 @click.option("--profile", "profile_name", type=click.Choice(sorted(PROFILES)), default="quick", show_default=True)
-@click.option("--model", "model_dir", default=str(ROOT / "models" / "fashion-mnist"), show_default=True)
+@click.option("--model", "model_dir", default=str(ROOT / "models" / "fashion-mnist-plain"), show_default=True,
+              help="The PuVAE model measured (results/robust-full.json: plain PuVAE, the default before "
+                   "adversarial training).")
 @click.option("--baselines", default=str(ROOT / "models" / "baselines"), show_default=True)
 @click.option("--n", type=int, help="Override the profile's image count.")
 @click.option("--out", help="Results file (default results/robust-PROFILE.json).")

@@ -77,13 +77,18 @@ class Purifier(nn.Module):
 
 @torch.no_grad()
 def purify(purifier: Purifier, x: torch.Tensor, batch_size: int = 512) -> dict[str, torch.Tensor]:
-    """Purify a batch of any size in eval mode, chunked; returns ``purified``, ``chosen_class``, ``recon_error``."""
-    was_training = purifier.training
+    """Purify a batch of any size in eval mode, chunked; returns ``purified``, ``chosen_class``, ``recon_error``.
+
+    Every submodule gets back the mode it had (a freshly wrapped ``Purifier(cvae)`` is in training mode while
+    its CVAE may not be; restoring the wrapper's flag alone would switch the CVAE to sampling).
+    """
+    modes = [(m, m.training) for m in purifier.modules()]
     purifier.eval()
     try:
         parts = [purifier(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
     finally:
-        purifier.train(was_training)
+        for m, mode in modes:
+            m.training = mode
     keys = ("purified", "chosen_class", "recon_error")
     if not parts:
         check_images(x, purifier.image_shape)

@@ -14,10 +14,11 @@ from purifier.train import augment
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "models" / "fashion-mnist"
+PLAIN = ROOT / "models" / "fashion-mnist-plain"  # its classifier is undefended
 
 
 def test_pgd_stays_in_the_ball_and_breaks_the_bare_classifier(fmnist_test):
-    clf = checkpoint.load(MODEL / "classifier").train()  # PGD must switch it to eval and back
+    clf = checkpoint.load(PLAIN / "classifier").train()  # PGD must switch it to eval and back
     x, y = torch.from_numpy(fmnist_test.x[:64]), torch.from_numpy(fmnist_test.y[:64])
     adv = PGD(eps=0.1, steps=10)(clf, x, y)
     assert clf.training
@@ -59,7 +60,7 @@ def test_selection_attack_moves_the_argmin_to_a_wrong_class(fmnist_test):
     from purifier.attacks import selection_loss
     from purifier.pipeline import PurifiedClassifier, Purifier
 
-    cvae, clf = checkpoint.load(MODEL / "cvae"), checkpoint.load(MODEL / "classifier")
+    cvae, clf = checkpoint.load(PLAIN / "cvae"), checkpoint.load(PLAIN / "classifier")
     purifier = Purifier(cvae)
     x, y = torch.from_numpy(fmnist_test.x[:32]), torch.from_numpy(fmnist_test.y[:32])
     adv = PGD(eps=0.2, steps=10)(PurifiedClassifier(clf, purifier, grad="none"), x, y, selection_loss(purifier))
