@@ -40,7 +40,7 @@ from purifier.pipeline import Purifier  # noqa: E402
 from purifier.provenance import cpu_model, git_commit  # noqa: E402
 from purifier.robust import chunked, pgd_attack, purifier_attacks, worst_case  # noqa: E402
 
-from results import markdown_table, write_results  # noqa: E402  (benchmarks/results.py)
+from results import cached, markdown_table, write_results  # noqa: E402  (benchmarks/results.py)
 from robust import se  # noqa: E402  (benchmarks/robust.py)
 from speed import time_it  # noqa: E402  (benchmarks/speed.py)
 
@@ -130,16 +130,7 @@ class Bench:
         return clf, Purifier(cvae).eval()
 
     def cached(self, name: str, fn):
-        path = self.work / f"{name}.json"
-        if path.is_file():
-            return json.loads(path.read_text())
-        self.say(f"{name} ...")
-        t0 = time.perf_counter()
-        value = fn()
-        value["seconds"] = time.perf_counter() - t0
-        checkpoint.write_json(path, value)
-        self.say(f"{name}: {value['seconds']:.0f} s")
-        return value
+        return cached(self.work, name, fn, self.say)
 
     @staticmethod
     def holds(clf, pur):
@@ -182,15 +173,10 @@ class Bench:
 
     def art(self, clf, pur) -> dict:
         from art.attacks.evasion import AutoAttack, AutoProjectedGradientDescent, SquareAttack
-        from art.estimators.classification import PyTorchClassifier
-
-        from purifier.art_bridge import PurifierPreprocessor
+        from purifier.art_bridge import art_classifier
 
         def est(grad):
-            defences = [PurifierPreprocessor(pur, grad=grad)] if pur is not None else None
-            return PyTorchClassifier(model=clf, loss=torch.nn.CrossEntropyLoss(), input_shape=(1, 28, 28),
-                                     nb_classes=10, clip_values=(0.0, 1.0), preprocessing_defences=defences,
-                                     device_type="cpu")
+            return art_classifier(clf, pur, grad=grad)
 
         p, eps = self.p, self.p.eps
         x, y = self.x[:p.n_art].numpy(), self.y[:p.n_art].numpy()

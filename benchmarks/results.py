@@ -1,6 +1,8 @@
 """Results files: ``NAME.json`` (every setting and number) beside ``NAME.md`` (the table), both atomic."""
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 
 from purifier.checkpoint import write_json
@@ -18,3 +20,17 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join("---" for _ in headers) + " |"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def cached(work: Path, name: str, fn, say) -> dict:
+    """``fn()`` (a dict) cached as ``work/NAME.json``, with the seconds it took; ``say`` reports progress."""
+    path = Path(work) / f"{name}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    say(f"{name} ...")
+    t0 = time.perf_counter()
+    value = fn()
+    value["seconds"] = time.perf_counter() - t0
+    write_json(path, value)
+    say(f"{name}: {value['seconds']:.0f} s")
+    return value

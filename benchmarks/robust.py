@@ -49,7 +49,7 @@ from purifier.robust import (Attack, chunked, latent_attack, pgd_attack, purifie
 from serve.png import image_grid, write_png  # noqa: E402
 from serve.runtime import OnnxPurifier  # noqa: E402
 
-from results import markdown_table, write_results  # noqa: E402  (benchmarks/results.py)
+from results import cached, markdown_table, write_results  # noqa: E402  (benchmarks/results.py)
 from speed import time_it  # noqa: E402  (benchmarks/speed.py)
 
 
@@ -166,16 +166,7 @@ class Bench:
 
     # ---- caching -------------------------------------------------------------------------------------------
     def cached(self, name: str, fn):
-        path = self.work / f"{name}.json"
-        if path.is_file():
-            return json.loads(path.read_text())
-        self.say(f"{name} ...")
-        t0 = time.perf_counter()
-        value = fn()
-        value["seconds"] = time.perf_counter() - t0
-        checkpoint.write_json(path, value)
-        self.say(f"{name}: {value['seconds']:.0f} s")
-        return value
+        return cached(self.work, name, fn, self.say)
 
     # ---- sections ------------------------------------------------------------------------------------------
     def clean(self) -> dict:
@@ -245,13 +236,8 @@ class Bench:
                 "rejected_among_adversarial": float((err > self.threshold).float().mean())}
 
     def _art(self, model, preprocess=None):
-        from art.estimators.classification import PyTorchClassifier
-
-        from purifier.art_bridge import PurifierPreprocessor
-        defences = [PurifierPreprocessor(self.purifier, grad=preprocess)] if preprocess else None
-        return PyTorchClassifier(model=model, loss=torch.nn.CrossEntropyLoss(), input_shape=(1, 28, 28),
-                                 nb_classes=10, clip_values=(0.0, 1.0), preprocessing_defences=defences,
-                                 device_type="cpu")
+        from purifier.art_bridge import art_classifier
+        return art_classifier(model, self.purifier if preprocess else None, grad=preprocess or "bpda")
 
     def art_attacks(self) -> dict:
         """AutoAttack (APGD-CE, APGD-DLR, Square) and Square alone from ART at the headline eps."""

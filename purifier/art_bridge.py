@@ -36,3 +36,15 @@ class PurifierPreprocessor(PreprocessorPyTorch):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None):
         return self._modes.purified(x.to(torch.get_default_dtype())), y
+
+
+def art_classifier(classifier: torch.nn.Module, purifier: torch.nn.Module | None = None, grad: str = "bpda",
+                   input_shape=(1, 28, 28), nb_classes: int = 10):
+    """An ART ``PyTorchClassifier`` over ``classifier`` on CPU, inputs in [0, 1], with the purifier attached as a
+    ``PurifierPreprocessor(grad)`` when one is given."""
+    from art.estimators.classification import PyTorchClassifier
+
+    defences = [PurifierPreprocessor(purifier, grad=grad)] if purifier is not None else None
+    return PyTorchClassifier(model=classifier, loss=torch.nn.CrossEntropyLoss(), input_shape=tuple(input_shape),
+                             nb_classes=nb_classes, clip_values=(0.0, 1.0), preprocessing_defences=defences,
+                             device_type="cpu")
