@@ -51,7 +51,7 @@ class PipelineAdversarial:
     sel_weight: float = 100.0  # selection CE on the attacked batch (same temperature as the clean term)
     pipe_weight: float = 10.0  # target CE on the true class's reconstruction of the attacked batch
     clf_mix: float = 0.5  # classifier loss: clf_mix * clean + (1 - clf_mix) * adversarial
-    val_n: int = 200  # validation images attacked after each epoch
+    val_n: int = 200  # validation images attacked at each validation record
     val_steps: int = 10
     val_every: float = 0.25  # epochs between validation records (and at the end)
 
@@ -140,8 +140,9 @@ def train_pipeline_adversarial(cvae: CVAE, target: nn.Module, source: nn.Module,
                                on_step: StepCallback | None = None) -> list[dict]:
     """Train ``cvae`` and/or ``target`` in place as ``adv.mode`` says, for ``epochs`` (may be fractional) passes
     over (x, y); returns a record every ``adv.val_every`` epochs (and at the end) with the mean training terms
-    since the last one, validation clean purified accuracy and a cheap adaptive check. ``source`` (the CE term's classifier) is never trained; pass a copy if it is the
-    same object as ``target``.
+    since the last one, validation clean purified accuracy and a cheap adaptive check. ``source`` (the CE term's
+    classifier) is never trained; pass a copy if it is the same object as ``target``. On return every parameter
+    of ``cvae`` and ``target`` requires grad again and both are in eval mode.
     """
     if source is target and adv.trains_classifier:
         raise ValueError("source and target are the same module; pass a frozen copy as the source")
@@ -173,7 +174,7 @@ def train_pipeline_adversarial(cvae: CVAE, target: nn.Module, source: nn.Module,
         if adv.trains_classifier:
             groups["classifier"] = optimiser(list(target.parameters()))
 
-    history, sums, count, start = [], {}, 0, time.perf_counter()
+    history, sums, counts, start = [], {}, {}, time.perf_counter()
     perm = torch.randperm(len(x), generator=gen)
     for step in range(total):
         epoch, i = divmod(step, steps_per_epoch)
@@ -214,20 +215,20 @@ def train_pipeline_adversarial(cvae: CVAE, target: nn.Module, source: nn.Module,
             sched.step()
         terms["loss"] = total_loss
         stats = {k: float(v.detach()) for k, v in terms.items()}
-        for k, v in stats.items():
+        for k, v in stats.items():  # per term: alternating logs CVAE and classifier terms on alternate batches
             sums[k] = sums.get(k, 0.0) + v
-        count += 1
+            counts[k] = counts.get(k, 0) + 1
         if on_step is not None:
             on_step(epoch, i, steps_per_epoch, stats)
         if (step + 1) % every == 0 or step == total - 1:
             cvae.eval()
             target.eval()
-            record = {"epoch": (step + 1) / steps_per_epoch, **{k: v / count for k, v in sums.items()},
+            record = {"epoch": (step + 1) / steps_per_epoch, **{k: v / counts[k] for k, v in sums.items()},
                       "seconds": time.perf_counter() - start,
                       "val_purified_acc": purified_accuracy(cvae, target, x_val, y_val),
                       **adaptive_check(cvae, target, x_val[:adv.val_n], y_val[:adv.val_n], adv.eps, adv.val_steps)}
             history.append(record)
-            sums, count, start = {}, 0, time.perf_counter()
+            sums, counts, start = {}, {}, time.perf_counter()
     cvae.eval()
     target.eval()
     _freeze(cvae, False)

@@ -222,7 +222,7 @@ def train_cmd(data, source, out, epochs, batch_size, lr, seed, val_size, latent_
     if init_dir:
         raise click.UsageError("--init is for --adversarial runs (fine-tuning); plain training starts fresh")
     start = time.perf_counter()
-    with progress("cvae", epochs * ((len(x) + batch_size - 1) // batch_size), quiet) as on_step:
+    with progress("cvae", cfg.epochs * ((len(x) + batch_size - 1) // batch_size), quiet) as on_step:
         history = train_cvae(cvae, src, x, y, xv, yv, cfg, loss, on_step)
     seconds = time.perf_counter() - start
     meta = {"dataset": ds.name, "class_names": list(ds.class_names), "train": cfg.to_dict(), "loss": loss.to_dict(),
