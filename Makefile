@@ -79,6 +79,8 @@ adversarial: setup
 		--out $(ADV)/cvae
 	$(PY) -m purifier.cli train --source $(BASELINES)/pgd-at --init $(PLAIN) --adversarial alternating --epochs 0.75 \
 		--out $(ADV)/alternating
+	$(PY) -m purifier.cli train --source $(BASELINES)/pgd-at --init $(ADV)/alternating \
+		--target $(ADV)/alternating/classifier --adversarial alternating --epochs 0.75 --out $(ADV)/alternating-longer
 
 adversarial-bench: setup
 	$(PY) benchmarks/adversarial.py --profile standard --plain $(PLAIN)

@@ -67,7 +67,7 @@ class Profile:
 PROFILES = {
     # the protocol's headline settings; about 35 minutes per purifier row on 2 cores
     "full": Profile(n=1000, steps=100, restarts=5, n_art=500),
-    # what results/adversarial.json was run with: 7 rows in about 80 minutes on 2 cores (Square's 500 queries
+    # what results/adversarial.json was run with: 8 rows in about 80 minutes on 2 cores (Square's 500 queries
     # through the purifier cost most of a row)
     "standard": Profile(n=500, steps=100, restarts=1, n_art=200, square_queries=500),
     "quick": Profile(n=100, steps=20, restarts=1, n_art=50, square_queries=200, apgd_iters=20, n_sanity=50,
@@ -96,6 +96,8 @@ def default_rows(plain: str, baselines: str, adversarial: str) -> list[Row]:
             "CVAE frozen (plain)"),
         Row("adv. training: alternating", f"{a}/alternating/classifier", f"{a}/alternating/cvae", ""),
         Row("adv. training: joint", f"{a}/joint/classifier", f"{a}/joint/cvae", "target from PGD-AT"),
+        Row("adv. training: alternating, longer", f"{a}/alternating-longer/classifier",
+            f"{a}/alternating-longer/cvae", "alternating + 0.75 epoch more (new cosine schedule)"),
     ]
 
 
