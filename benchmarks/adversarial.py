@@ -33,12 +33,11 @@ sys.path.insert(0, str(ROOT))
 
 from export.onnx_export import calibrate_threshold  # noqa: E402
 from purifier import __version__, checkpoint  # noqa: E402
-from purifier.attacks import (PGD, RejectOption, ce_objective, pipeline_objective,  # noqa: E402
-                              selection_objective)
+from purifier.attacks import PGD, RejectOption, ce_objective  # noqa: E402
 from purifier.data import load_dataset  # noqa: E402
 from purifier.pipeline import Purifier  # noqa: E402
 from purifier.provenance import cpu_model, git_commit  # noqa: E402
-from purifier.robust import chunked, pgd_attack, purifier_attacks, worst_case  # noqa: E402
+from purifier.robust import chunked, pgd_attack, purifier_attacks, purifier_objectives, worst_case  # noqa: E402
 
 from results import cached, markdown_table, write_results  # noqa: E402  (benchmarks/results.py)
 from robust import se  # noqa: E402  (benchmarks/robust.py)
@@ -229,9 +228,7 @@ class Bench:
                 checks["deterministic (EOT not needed)"] = {
                     "pass": bool(torch.equal(pur(x)["purified"], pur(x)["purified"]))}
         xg, yg = self.x[:64], self.y[:64]
-        objectives = {"PGD": ce_objective(clf)} if pur is None else {
-            "selection": selection_objective(clf, pur), "full gradient": pipeline_objective(clf, pur, "full"),
-            "BPDA": pipeline_objective(clf, pur, "bpda"), "softmin": pipeline_objective(clf, pur, "softmin")}
+        objectives = {"PGD": ce_objective(clf)} if pur is None else purifier_objectives(clf, pur)
         for name, obj in objectives.items():
             a = xg.clone().requires_grad_(True)
             value, _ = obj(a, yg)

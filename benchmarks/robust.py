@@ -38,14 +38,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from purifier import __version__, checkpoint  # noqa: E402
-from purifier.attacks import (PGD, RejectOption, ce_objective, pipeline_objective,  # noqa: E402
-                              selection_objective)
+from purifier.attacks import PGD, RejectOption, ce_objective  # noqa: E402
 from purifier.data import load_dataset  # noqa: E402
 from purifier.models.defensegan import DefenseGAN  # noqa: E402
 from purifier.pipeline import PurifiedClassifier, Purifier  # noqa: E402
 from purifier.provenance import cpu_model, git_commit  # noqa: E402
-from purifier.robust import (Attack, chunked, latent_attack, pgd_attack, purifier_attacks, ssim,  # noqa: E402
-                             worst_case)
+from purifier.robust import (Attack, chunked, latent_attack, pgd_attack, purifier_attacks,  # noqa: E402
+                             purifier_objectives, ssim, worst_case)
 from serve.png import image_grid, write_png  # noqa: E402
 from serve.runtime import OnnxPurifier  # noqa: E402
 
@@ -369,10 +368,7 @@ class Bench:
                     "values": [r["adaptive"], r["oblivious"]]}
         # 5. the gradient through the attacked module is not zero
         xg, yg = self.x[:64], self.y[:64]
-        grads = {"selection": selection_objective(self.clf, self.purifier),
-                 "full gradient": pipeline_objective(self.clf, self.purifier, "full"),
-                 "BPDA": pipeline_objective(self.clf, self.purifier, "bpda"),
-                 "softmin": pipeline_objective(self.clf, self.purifier, "softmin"),
+        grads = {**purifier_objectives(self.clf, self.purifier),
                  "Defense-GAN BPDA": ce_objective(PurifiedClassifier(self.clf, self.dg, grad="bpda"))}
         for name, obj in grads.items():
             xa = xg[:8] if name.startswith("Defense") else xg  # a Defense-GAN forward is costly

@@ -38,15 +38,22 @@ def pgd_attack(name: str, pgd: PGD, objective: Objective, restarts: int = 1) -> 
     return Attack(name, make, restarts)
 
 
+def purifier_objectives(classifier: nn.Module, purifier: nn.Module,
+                        reject: RejectOption | None = None) -> dict[str, Objective]:
+    """The adaptive objectives on classifier(purifier(x)) of the benchmark protocol, by name, strongest first:
+    selection attack, full gradient, BPDA, softmin."""
+    c, p = classifier, purifier
+    return {"selection": selection_objective(c, p, reject),
+            "full gradient": pipeline_objective(c, p, "full", reject=reject),
+            "BPDA": pipeline_objective(c, p, "bpda", reject=reject),
+            "softmin": pipeline_objective(c, p, "softmin", reject=reject)}
+
+
 def purifier_attacks(classifier: nn.Module, purifier: nn.Module, pgd: PGD, restarts: int = 1,
                      reject: RejectOption | None = None) -> list[Attack]:
-    """The adaptive attacks on classifier(purifier(x)) of the benchmark protocol, strongest first (the order
-    only changes the cost of the worst case): selection attack, full gradient, BPDA, softmin."""
-    c, p = classifier, purifier
-    return [pgd_attack("selection", pgd, selection_objective(c, p, reject), restarts),
-            pgd_attack("full gradient", pgd, pipeline_objective(c, p, "full", reject=reject), restarts),
-            pgd_attack("BPDA", pgd, pipeline_objective(c, p, "bpda", reject=reject), restarts),
-            pgd_attack("softmin", pgd, pipeline_objective(c, p, "softmin", reject=reject), restarts)]
+    """PGD on each of ``purifier_objectives``, in that order (the order only changes the cost of the worst case)."""
+    return [pgd_attack(name, pgd, objective, restarts)
+            for name, objective in purifier_objectives(classifier, purifier, reject).items()]
 
 
 def chunked(fn: Callable, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> torch.Tensor:
