@@ -25,6 +25,7 @@ from purifier import __version__
 from purifier import checkpoint
 from purifier.data import load_dataset, train_val_split
 from purifier.models.cvae import CVAE
+from purifier.designs import load_purifier
 from purifier.pipeline import Purifier, purify
 
 PURIFIER_OUTPUTS = ("purified", "chosen_class", "recon_error")
@@ -35,6 +36,21 @@ PARITY_BATCHES = (1, 64)
 
 class ParityError(RuntimeError):
     """onnxruntime and torch disagree on an exported model beyond tolerance."""
+
+
+class ExportError(ValueError):
+    """The purifier cannot be written as one inference graph."""
+
+
+def not_exportable(purifier: Purifier) -> str | None:
+    """Why ``purifier`` cannot be exported, or None."""
+    if getattr(purifier, "spec", {}).get("kind") == "abs":
+        return ("analysis by synthesis optimises each class's latent by gradient descent at inference; ONNX "
+                "inference graphs have no autodiff operator, so the decoder's backward pass would have to be "
+                "written out by hand for every step")
+    if getattr(purifier.cvae, "random", False):
+        return "the model samples at inference (temperature > 0); export it with temperature 0"
+    return None
 
 
 class _Graph(nn.Module):
@@ -60,18 +76,21 @@ class ExportResult:
     parity: dict  # batch size -> max abs difference per output
 
 
-def calibrate_threshold(cvae: CVAE, selection: str, percentile: float = 99.0) -> dict:
+def calibrate_threshold(cvae: CVAE | Purifier, selection: str = "mse", percentile: float = 99.0) -> dict:
     """Rejection threshold: the ``percentile`` of the chosen class's score on the CVAE's own validation split.
 
-    The split is rebuilt from the dataset, validation size and seed recorded in the CVAE's checkpoint, so it
-    is the held-out data the CVAE never trained on (never the test set).
+    ``cvae``: a model (wrapped with ``selection``'s rule) or a whole purifier (its own rule). The split is rebuilt
+    from the dataset, validation size and seed recorded in the model's checkpoint, so it is the held-out data
+    the model never trained on (never the test set).
     """
+    purifier = cvae if isinstance(cvae, Purifier) else Purifier(cvae, selection)
+    cvae = purifier.cvae
     meta = getattr(cvae, "meta", {})
     if not {"dataset", "n_val", "train"} <= set(meta):
         raise ValueError("the CVAE checkpoint records no dataset/validation split; pass threshold= explicitly")
     ds = load_dataset(meta["dataset"], "train")
     _, val = train_val_split(len(ds.y), int(meta["n_val"]), int(meta["train"]["seed"]))
-    scores = purify(Purifier(cvae, selection), torch.from_numpy(ds.x[val]))["recon_error"]
+    scores = purify(purifier, torch.from_numpy(ds.x[val]))["recon_error"]
     best = scores.min(1).values.numpy()
     return {"threshold": float(np.percentile(best, percentile)), "percentile": percentile, "n": len(best),
             "source": f"{meta['dataset']} validation split (seed {meta['train']['seed']})"}
@@ -105,15 +124,20 @@ def _check_parity(path: Path, graph: _Graph, names, image_shape, seed: int = 0) 
     return report
 
 
-def export_onnx(path: str | os.PathLike, cvae: CVAE, classifier: nn.Module | None = None, selection: str = "mse",
-                metadata: dict | None = None) -> ExportResult:
-    """Export purifier (+ classifier) to ``path``, check parity against torch, then move it into place."""
-    cvae = cvae.eval()
+def export_onnx(path: str | os.PathLike, cvae: CVAE | Purifier, classifier: nn.Module | None = None,
+                selection: str = "mse", metadata: dict | None = None) -> ExportResult:
+    """Export purifier (+ classifier) to ``path``, check parity against torch, then move it into place.
+
+    ``cvae``: a model (wrapped with ``selection``'s rule) or a whole purifier of any design that runs as one
+    graph (not analysis by synthesis: ``ExportError``)."""
+    purifier = cvae if isinstance(cvae, Purifier) else Purifier(cvae, selection)
+    if not_exportable(purifier):
+        raise ExportError(not_exportable(purifier))
     if classifier is not None:
         classifier = classifier.eval()
-    graph = _Graph(Purifier(cvae, selection), classifier).eval()
+    graph = _Graph(purifier.eval(), classifier).eval()
     names = PIPELINE_OUTPUTS if classifier is not None else PURIFIER_OUTPUTS
-    image_shape = tuple(cvae.cfg.image_shape)
+    image_shape = tuple(purifier.image_shape)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
@@ -134,17 +158,23 @@ def export_onnx(path: str | os.PathLike, cvae: CVAE, classifier: nn.Module | Non
     return ExportResult(path, props, parity)
 
 
-def export_run(cvae_path, classifier_path, out_dir, selection: str = "mse", percentile: float = 99.0,
+def export_run(cvae_path, classifier_path, out_dir, selection: str | None = None, percentile: float = 99.0,
                threshold: float | None = None) -> dict[str, ExportResult]:
-    """Export ``purifier.onnx`` and ``pipeline.onnx`` for a trained CVAE and target classifier into ``out_dir``."""
-    cvae = checkpoint.load(cvae_path, expect="cvae")
+    """Export ``purifier.onnx`` and ``pipeline.onnx`` for a trained model and target classifier into ``out_dir``.
+
+    The purifier is the one the model's checkpoint records (its design), or PuVAE's with ``selection``'s rule.
+    """
+    purifier = load_purifier(cvae_path, None if selection is None else {"selection": selection})
+    cvae = purifier.cvae
+    if not_exportable(purifier):
+        raise ExportError(f"{cvae_path}: {not_exportable(purifier)}")
     classifier = checkpoint.load(classifier_path, expect="classifier")
     if tuple(classifier.cfg.image_shape) != tuple(cvae.cfg.image_shape) or \
             classifier.cfg.num_classes != cvae.cfg.num_classes:
         raise ValueError(f"classifier {classifier_path} expects {classifier.cfg.image_shape} x "
                          f"{classifier.cfg.num_classes} classes, the CVAE {cvae.cfg.image_shape} x {cvae.cfg.num_classes}")
     if threshold is None:
-        calib = calibrate_threshold(cvae, selection, percentile)
+        calib = calibrate_threshold(purifier, percentile=percentile)
     else:
         calib = {"threshold": float(threshold), "percentile": None, "n": 0, "source": "given"}
     meta = cvae.meta
@@ -154,19 +184,20 @@ def export_run(cvae_path, classifier_path, out_dir, selection: str = "mse", perc
         "class_names": list(meta.get("class_names") or [str(k) for k in range(cvae.cfg.num_classes)]),
         "num_classes": cvae.cfg.num_classes,
         "input_name": "x", "input_shape": ["N", c, h, w], "input_dtype": "float32", "value_range": [0.0, 1.0],
-        "selection": selection,
+        "selection": purifier.selection, "purifier": purifier.spec, "design": meta.get("design", "puvae"),
+        "model_kind": checkpoint.read_record(cvae_path)["kind"],
         "rejection_threshold": calib["threshold"], "rejection_calibration": calib,
         "purifier_version": __version__, "torch_version": torch.__version__,
         "cvae_sha256": checkpoint.read_record(cvae_path)["weights_sha256"],
     }
     out_dir = Path(out_dir)
-    results = {"purifier": export_onnx(out_dir / "purifier.onnx", cvae, None, selection,
-                                       {**common, "kind": "purifier"})}
+    results = {"purifier": export_onnx(out_dir / "purifier.onnx", purifier, None, metadata={**common, "kind": "purifier"})}
     results["pipeline"] = export_onnx(
-        out_dir / "pipeline.onnx", cvae, classifier, selection,
+        out_dir / "pipeline.onnx", purifier, classifier, metadata=
         {**common, "kind": "pipeline", "classifier_sha256": checkpoint.read_record(classifier_path)["weights_sha256"],
          "classifier_arch": classifier.cfg.arch})
     return results
 
 
-__all__ = ["export_onnx", "export_run", "calibrate_threshold", "ParityError", "ExportResult"]
+__all__ = ["export_onnx", "export_run", "calibrate_threshold", "not_exportable", "ParityError", "ExportError",
+           "ExportResult"]

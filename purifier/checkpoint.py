@@ -20,9 +20,13 @@ from . import __version__
 from .models.classifiers import Classifier, ClassifierConfig
 from .models.cvae import CVAE, CVAEConfig
 from .models.defensegan import VAE, VAEConfig
+from .models.hcvae import HCVAE, HCVAEConfig
 
 # kind -> (module class, config class); the only constructors a checkpoint can name
-REGISTRY = {"cvae": (CVAE, CVAEConfig), "classifier": (Classifier, ClassifierConfig), "vae": (VAE, VAEConfig)}
+REGISTRY = {"cvae": (CVAE, CVAEConfig), "hcvae": (HCVAE, HCVAEConfig), "classifier": (Classifier, ClassifierConfig),
+            "vae": (VAE, VAEConfig)}
+# what ``load(..., expect=...)`` accepts: every class-conditional model a Purifier can wrap counts as a "cvae"
+FAMILIES = {"cvae": ("cvae", "hcvae")}
 
 
 def write_json(path: str | os.PathLike, obj, **kwargs) -> None:
@@ -85,7 +89,7 @@ def load(path: str | os.PathLike, expect: str | None = None) -> nn.Module:
     """
     stem = _stem(path)
     record = read_record(stem)
-    if expect is not None and record["kind"] != expect:
+    if expect is not None and record["kind"] not in FAMILIES.get(expect, (expect,)):
         raise ValueError(f"{stem}.json holds a {record['kind']!r}, expected a {expect!r}")
     cls, cfg_cls = REGISTRY[record["kind"]]
     weights_path = stem.with_suffix(".safetensors")

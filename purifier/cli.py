@@ -14,6 +14,8 @@ from pathlib import Path
 
 import click
 
+from .designs import DESIGNS as DESIGN_NAMES
+
 DATA_HELP = "Dataset: 'fashion-mnist' or 'npz:PATH' (x, y[, x_test, y_test, class_names])."
 
 
@@ -151,13 +153,19 @@ def train_classifier_cmd(data, arch, out, epochs, batch_size, lr, seed, val_size
 @click.option("--latent-dim", type=int, help="Latent size (default: the dataset preset's).")
 @click.option("--channels", help="Encoder/decoder conv widths, e.g. 16,32 (default: the preset's).")
 @click.option("--conditioning", type=click.Choice(["onehot", "embedding"]))
-@click.option("--beta", default=1.0, show_default=True, help="KL weight.")
-@click.option("--ce-weight", default=10.0, show_default=True, help="Weight of the source classifier's CE.")
-@click.option("--sel-weight", default=100.0, show_default=True,
-              help="Weight of the selection CE over K classes (0: plain PuVAE).")
-@click.option("--sel-tau", default=0.001, show_default=True, help="Temperature of the selection CE (MSE units).")
-@click.option("--sel-negatives", default=0, show_default=True,
-              help="Selection CE over the true class and this many hard negatives from the source (0: all classes).")
+@click.option("--arch", type=click.Choice(sorted(DESIGN_NAMES)), default="puvae", show_default=True,
+              help="Purifier design (model, extra loss terms, decision rule); see README 'choosing a purifier'. "
+                   "Loss options given here override the design's.")
+@click.option("--beta", type=float, help="KL weight [1; ks-cov designs: 0].")
+@click.option("--ce-weight", type=float, help="Weight of the source classifier's CE [10].")
+@click.option("--sel-weight", type=float, help="Weight of the selection CE over K classes [100; 0: plain PuVAE].")
+@click.option("--sel-tau", type=float, help="Temperature of the selection CE (MSE units) [0.001].")
+@click.option("--sel-negatives", type=int,
+              help="Selection CE over the true class and this many hard negatives from the source [0: all classes].")
+@click.option("--tc-weight", type=float, help="beta-TC: extra weight (beta - 1) on the total correlation [0].")
+@click.option("--ks-weight", type=float, help="KS loss on the codes, in units of its prior weight [0].")
+@click.option("--cv-weight", type=float, help="Covariance loss on the codes, in units of its prior weight [0].")
+@click.option("--couple-alpha", type=float, help="Two-point coupling with latent-attack codes (0: off) [0].")
 @click.option("--adversarial", type=click.Choice(["none", "cvae", "classifier", "alternating", "joint"]),
               default="none", show_default=True,
               help="Adversarial training through the whole pipeline: which parts train against attacks on it.")
@@ -175,16 +183,23 @@ def train_classifier_cmd(data, arch, out, epochs, batch_size, lr, seed, val_size
               help="Target CE on the true class's reconstruction of attacked inputs.")
 @click.option("--adv-clf-mix", default=0.5, show_default=True, help="Classifier loss: weight of the clean term.")
 @click.option("--quiet", is_flag=True)
-def train_cmd(data, source, out, epochs, batch_size, lr, seed, val_size, latent_dim, channels, conditioning, beta,
-              ce_weight, sel_weight, sel_tau, sel_negatives, adversarial, init_dir, target, adv_eps, adv_steps,
-              adv_attacks, adv_sel_weight, adv_pipe_weight, adv_clf_mix, quiet):
+def train_cmd(data, source, out, epochs, batch_size, lr, seed, val_size, latent_dim, channels, conditioning, arch,
+              beta, ce_weight, sel_weight, sel_tau, sel_negatives, tc_weight, ks_weight, cv_weight, couple_alpha,
+              adversarial, init_dir, target, adv_eps, adv_steps, adv_attacks, adv_sel_weight, adv_pipe_weight,
+              adv_clf_mix, quiet):
     """Train the class-conditional VAE with the PuVAE loss (recon + beta*KL + ce_weight*CE [+ sel_weight*SEL]),
-    or, with --adversarial, purifier and/or target classifier against attacks on the whole pipeline."""
-    from . import checkpoint
+    or another design of the purifier family (--arch), or, with --adversarial, purifier and/or target
+    classifier against attacks on the whole pipeline."""
+    from . import checkpoint, designs
     from .losses import PuVAELoss
-    from .models.cvae import CVAE, preset_for
     from .train import TrainConfig, seed_everything, train_cvae
 
+    design = designs.get(arch)
+    given = {k: v for k, v in (("beta", beta), ("ce_weight", ce_weight), ("sel_weight", sel_weight),
+                               ("sel_tau", sel_tau), ("sel_negatives", sel_negatives), ("tc_weight", tc_weight),
+                               ("ks_weight", ks_weight), ("cv_weight", cv_weight), ("couple_alpha", couple_alpha))
+             if v is not None}
+    ce_weight = given.get("ce_weight", design.loss.get("ce_weight", PuVAELoss.ce_weight))
     if ce_weight and not source:
         raise click.UsageError("--ce-weight > 0 needs --source CLASSIFIER (or pass --ce-weight 0)")
     ds, x, y, xv, yv = _split(data, _val_size(val_size), seed)
@@ -204,8 +219,10 @@ def train_cmd(data, source, out, epochs, batch_size, lr, seed, val_size, latent_
                                  f"got {epochs:g}", param_hint="--epochs")
     cfg = TrainConfig(epochs=int(epochs) if adversarial == "none" else epochs, batch_size=batch_size, lr=lr,
                       seed=seed)
-    loss = PuVAELoss(beta=beta, ce_weight=ce_weight, sel_weight=sel_weight, sel_tau=sel_tau,
-                     sel_negatives=sel_negatives)
+    try:
+        loss = PuVAELoss(**{**design.loss, **given, "tc_dataset_size": len(x)})
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
     seed_everything(seed)
     if init_dir:
         cvae = _load(Path(init_dir) / "cvae", "cvae", "--init")
@@ -213,11 +230,15 @@ def train_cmd(data, source, out, epochs, batch_size, lr, seed, val_size, latent_
             raise click.UsageError("--init takes the architecture of its CVAE; drop --latent-dim/--channels/"
                                    "--conditioning")
     else:
-        cvae = CVAE(preset_for(ds.name, ds.image_shape, ds.num_classes, **overrides))
+        try:
+            cvae = designs.build_model(design, ds.name, ds.image_shape, ds.num_classes, **overrides)
+        except ValueError as exc:
+            raise click.UsageError(f"--arch {arch}: {exc}") from exc
+    spec = {"design": design.name, "purifier": design.purifier}
     if adversarial != "none":
         _train_adversarial(ds, x, y, xv, yv, cvae, src, source, target or source, out, cfg, loss, adversarial,
                            adv_eps, adv_steps, adv_attacks, adv_sel_weight, adv_pipe_weight, adv_clf_mix,
-                           init_dir, quiet)
+                           init_dir, quiet, spec)
         return
     if init_dir:
         raise click.UsageError("--init is for --adversarial runs (fine-tuning); plain training starts fresh")
@@ -226,16 +247,16 @@ def train_cmd(data, source, out, epochs, batch_size, lr, seed, val_size, latent_
         history = train_cvae(cvae, src, x, y, xv, yv, cfg, loss, on_step)
     seconds = time.perf_counter() - start
     meta = {"dataset": ds.name, "class_names": list(ds.class_names), "train": cfg.to_dict(), "loss": loss.to_dict(),
-            "source": str(source) if source else None,
+            **spec, "source": str(source) if source else None,
             "source_sha256": checkpoint.read_record(source)["weights_sha256"] if source else None,
             "n_train": len(x), "n_val": len(xv), "history": history, "train_seconds": seconds,
             "val_argmin_acc": history[-1]["val_argmin_acc"], **_provenance()}
     stem = checkpoint.save(cvae, Path(out) / "cvae", meta)
-    click.echo(f"cvae: validation argmin = label {history[-1]['val_argmin_acc']:.4f} in {seconds:.0f} s -> {stem}.json")
+    click.echo(f"{design.name}: validation argmin = label {history[-1]['val_argmin_acc']:.4f} in {seconds:.0f} s -> {stem}.json")
 
 
 def _train_adversarial(ds, x, y, xv, yv, cvae, src, source, target_path, out, cfg, loss, mode, eps, steps, attacks,
-                       sel_weight, pipe_weight, clf_mix, init_dir, quiet):
+                       sel_weight, pipe_weight, clf_mix, init_dir, quiet, spec):
     from . import checkpoint
     from .adversarial import PipelineAdversarial, frozen_copy, train_pipeline_adversarial
 
@@ -257,7 +278,7 @@ def _train_adversarial(ds, x, y, xv, yv, cvae, src, source, target_path, out, cf
     seconds = time.perf_counter() - start
     last = history[-1]
     meta = {"dataset": ds.name, "class_names": list(ds.class_names), "train": cfg.to_dict(), "loss": loss.to_dict(),
-            "adversarial": adv.to_dict(), "source": str(source),
+            "adversarial": adv.to_dict(), **spec, "source": str(source),
             "source_sha256": checkpoint.read_record(source)["weights_sha256"],
             "init": str(init_dir) if init_dir else None,
             "init_sha256": checkpoint.read_record(Path(init_dir) / "cvae")["weights_sha256"] if init_dir else None,
@@ -320,8 +341,9 @@ def _table(report: dict) -> str:
 @click.option("--data", default="fashion-mnist", show_default=True, help=DATA_HELP)
 @click.option("--split", type=click.Choice(["test", "train"]), default="test", show_default=True)
 @click.option("--n", type=int, help="Evaluate on the first N images only.")
-@click.option("--selection", "selections", multiple=True, type=click.Choice(["mse", "likelihood"]),
-              default=("mse", "likelihood"), show_default=True)
+@click.option("--selection", "selections", multiple=True,
+              type=click.Choice(["mse", "likelihood", "iwae", "design"]), default=("mse", "likelihood"),
+              show_default=True, help="Decision rules to compare; design: the purifier the model's checkpoint records.")
 @click.option("--out", type=click.Path(), help="Write the full report (per class too) as JSON.")
 def evaluate_cmd(model_dir, cvae, classifier, data, split, n, selections, out):
     """Clean accuracy of the target classifier alone and behind the purifier, per selection rule."""
@@ -357,7 +379,8 @@ def evaluate_cmd(model_dir, cvae, classifier, data, split, n, selections, out):
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", type=click.Path(file_okay=False), help="Output directory (default: RUN_DIR).")
 @click.option("--classifier", type=click.Path(), help="Target classifier checkpoint (default RUN_DIR/classifier).")
-@click.option("--selection", type=click.Choice(["mse", "likelihood"]), default="mse", show_default=True)
+@click.option("--selection", type=click.Choice(["mse", "likelihood", "iwae"]),
+              help="Decision rule (default: the one the model's design records; PuVAE: mse).")
 @click.option("--percentile", default=99.0, show_default=True,
               help="Rejection threshold: this percentile of the best reconstruction error on clean validation data.")
 @click.option("--triton", "triton_repo", type=click.Path(file_okay=False),
@@ -370,10 +393,13 @@ def export_cmd(run_dir, out, classifier, selection, percentile, triton_repo, tri
 
     Example: purifier export models/fashion-mnist --out models/fashion-mnist
     """
-    from export.onnx_export import export_run
+    from export.onnx_export import ExportError, export_run
 
-    results = export_run(Path(run_dir) / "cvae", classifier or Path(run_dir) / "classifier", out or run_dir,
-                         selection, percentile)
+    try:
+        results = export_run(Path(run_dir) / "cvae", classifier or Path(run_dir) / "classifier", out or run_dir,
+                             selection, percentile)
+    except ExportError as exc:
+        raise click.UsageError(f"cannot export: {exc}") from exc
     for name, r in results.items():
         worst = max(max(d.values()) for d in r.parity.values())
         click.echo(f"{name}: {r.path} (parity at batch {sorted(r.parity)}: max abs diff {worst:.2e}; "

@@ -6,6 +6,7 @@ import time
 import torch
 from torch import nn
 
+from .designs import purifier_from_spec
 from .models.cvae import CVAE
 from .pipeline import Purifier, purify
 from .train import predict
@@ -19,7 +20,8 @@ def evaluate(classifier: nn.Module, cvae: CVAE, x: torch.Tensor, y: torch.Tensor
              selections=("mse", "likelihood"), class_names=None, batch_size: int = 500) -> dict:
     """Accuracy of ``classifier`` on x, and of classifier(purifier(x)) for each selection rule.
 
-    For each rule: ``accuracy`` (purified prediction = label), ``argmin_acc`` (chosen class = label),
+    A rule is ``mse``, ``likelihood``, ``iwae`` or ``design``: the purifier the model's checkpoint records
+    (analysis by synthesis, say). For each rule: ``accuracy`` (purified prediction = label), ``argmin_acc`` (chosen class = label),
     ``pred_eq_argmin`` (purified prediction = chosen class), all per class too, and seconds taken.
     """
     classifier.eval()
@@ -31,7 +33,11 @@ def evaluate(classifier: nn.Module, cvae: CVAE, x: torch.Tensor, y: torch.Tensor
                                           "seconds": time.perf_counter() - start}, "selections": {}}
     for selection in selections:
         start = time.perf_counter()
-        out = purify(Purifier(cvae, selection), x, batch_size)
+        if selection == "design":
+            purifier = purifier_from_spec(cvae, getattr(cvae, "meta", {}).get("purifier"))
+        else:
+            purifier = Purifier(cvae, selection)
+        out = purify(purifier, x, batch_size)
         pred = predict(classifier, out["purified"])
         chosen = out["chosen_class"]
         per_class = {}

@@ -11,6 +11,8 @@ libraries can attack the whole pipeline; its ``grad`` says how gradients cross t
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -18,7 +20,7 @@ from torch.nn import functional as F
 from .models.cvae import CVAE, kl_divergence
 from .validation import check_images
 
-SELECTIONS = ("mse", "likelihood")
+SELECTIONS = ("mse", "likelihood", "iwae")
 GRADS = ("bpda", "full", "softmin", "none")
 
 
@@ -26,15 +28,42 @@ def class_scores(x: torch.Tensor, out: dict[str, torch.Tensor], selection: str =
     """Per-class scores B x K from ``CVAE.reconstruct_all`` output; the purifier picks the lowest.
 
     ``mse``: mean squared error between x and each reconstruction (PuVAE's rule).
-    ``likelihood``: negative ELBO at z = mu, Bernoulli reconstruction term (summed over pixels) plus KL.
+    ``likelihood``: negative ELBO at z = mu, Bernoulli reconstruction term (summed over pixels) plus KL
+    (a hierarchical model's ``kl`` B x K, summed over its layers, when it returns one).
+    ``iwae`` needs the model and fixed noise: see ``iwae_scores``.
     """
     xk = x.unsqueeze(1)
     if selection == "mse":
         return (out["recon"] - xk).pow(2).flatten(2).mean(-1)
     if selection == "likelihood":
-        bce = F.binary_cross_entropy_with_logits(out["logits"], xk.expand_as(out["logits"]), reduction="none")
-        return bce.flatten(2).sum(-1) + kl_divergence(out["mu"], out["logvar"])
+        kl = out["kl"] if "kl" in out else kl_divergence(out["mu"], out["logvar"])
+        return _bernoulli_nll(out["logits"], xk) + kl
     raise ValueError(f"unknown selection {selection!r}; choose from {SELECTIONS}")
+
+
+def _bernoulli_nll(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """-log p(x | z) summed over pixels: logits ... x C x H x W against x broadcast to them -> ...."""
+    return F.binary_cross_entropy_with_logits(logits, x.expand_as(logits), reduction="none").flatten(-3).sum(-1)
+
+
+def iwae_scores(cvae: CVAE, x: torch.Tensor, out: dict[str, torch.Tensor], noise: torch.Tensor) -> torch.Tensor:
+    """Negative importance-weighted bound (Burda et al. 2016) per class, B x K, with S fixed noise draws.
+
+    z_s = mu + sigma * noise_s (noise: S x latent_dim, a constant of the purifier, so the rule is deterministic,
+    exportable and needs no EOT), log w_s = log p(x | z_s, y) + log N(z_s; 0, I) - log q(z_s | x, y), score =
+    -(logsumexp_s log w_s - log S): never above the mean of the S single-sample bounds, and tighter as S grows.
+    """
+    mu, logvar = out["mu"], out["logvar"]                       # B x K x D
+    b, k, d = mu.shape
+    s = noise.shape[0]
+    eps = noise.view(1, 1, s, d)
+    z = mu.unsqueeze(2) + torch.exp(0.5 * logvar).unsqueeze(2) * eps  # B x K x S x D
+    y = torch.arange(k, device=x.device).repeat_interleave(s).repeat(b)
+    logits = cvae.decode_logits(z.reshape(b * k * s, d), y).view(b, k, s, *x.shape[1:])
+    log_px = -_bernoulli_nll(logits, x.view(b, 1, 1, *x.shape[1:]))
+    log_pz = -0.5 * (z.pow(2) + math.log(2 * math.pi)).sum(-1)
+    log_qz = -0.5 * (eps.pow(2) + logvar.unsqueeze(2) + math.log(2 * math.pi)).sum(-1)
+    return -(torch.logsumexp(log_px + log_pz - log_qz, dim=2) - math.log(s))
 
 
 def select(recon: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,12 +81,31 @@ class Purifier(nn.Module):
       ``recon`` B x K x C x H x W (every class's reconstruction).
     """
 
-    def __init__(self, cvae: CVAE, selection: str = "mse"):
+    def __init__(self, cvae: CVAE, selection: str = "mse", samples: int = 8, noise_seed: int = 0):
         super().__init__()
         if selection not in SELECTIONS:
             raise ValueError(f"unknown selection {selection!r}; choose from {SELECTIONS}")
+        if samples < 1:
+            raise ValueError(f"samples must be at least 1, got {samples}")
         self.cvae = cvae
         self.selection = selection
+        self.samples = samples
+        self.noise_seed = noise_seed
+        if selection == "iwae" and not isinstance(cvae, CVAE):
+            raise ValueError(f"the iwae rule needs a flat CVAE (one latent); got a {type(cvae).__name__}")
+        if selection == "iwae":
+            # the importance samples' noise is part of the purifier, drawn once from its seed: no sampling at
+            # inference, the same scores in torch and in the exported graph
+            gen = torch.Generator().manual_seed(noise_seed)
+            self.register_buffer("noise", torch.randn(samples, cvae.cfg.latent_dim, generator=gen), persistent=False)
+
+    @property
+    def spec(self) -> dict:
+        """The settings that rebuild this purifier around its model (``from_spec``), as JSON."""
+        out = {"selection": self.selection}
+        if self.selection == "iwae":
+            out.update(samples=self.samples, noise_seed=self.noise_seed)
+        return out
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -70,7 +118,10 @@ class Purifier(nn.Module):
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         check_images(x, self.image_shape)
         out = self.cvae.reconstruct_all(x)
-        scores = class_scores(x, out, self.selection)
+        if self.selection == "iwae":
+            scores = iwae_scores(self.cvae, x, out, self.noise)
+        else:
+            scores = class_scores(x, out, self.selection)
         purified, chosen = select(out["recon"], scores)
         return {"purified": purified, "chosen_class": chosen, "recon_error": scores, "recon": out["recon"]}
 

@@ -132,10 +132,11 @@ class CVAE(nn.Module):
         return torch.sigmoid(self.decode_logits(z, y))
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        """x: B x C x H x W in [0, 1], y: B -> dict with ``logits``, ``recon``, ``mu``, ``logvar``."""
+        """x: B x C x H x W in [0, 1], y: B -> dict with ``logits``, ``recon``, ``mu``, ``logvar``, ``z``."""
         mu, logvar = self.encode(x, y)
-        logits = self.decode_logits(self.reparameterize(mu, logvar), y)
-        return {"logits": logits, "recon": torch.sigmoid(logits), "mu": mu, "logvar": logvar}
+        z = self.reparameterize(mu, logvar)
+        logits = self.decode_logits(z, y)
+        return {"logits": logits, "recon": torch.sigmoid(logits), "mu": mu, "logvar": logvar, "z": z}
 
     def reconstruct_all(self, x: torch.Tensor, deterministic: bool = False,
                         classes: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -167,3 +168,8 @@ class CVAE(nn.Module):
 def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """KL(N(mu, exp(logvar)) || N(0, I)), summed over the last dimension."""
     return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(-1)
+
+
+def gaussian_kl(mu_q: torch.Tensor, logvar_q: torch.Tensor, mu_p: torch.Tensor, logvar_p: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu_q, exp(logvar_q)) || N(mu_p, exp(logvar_p))), summed over the last dimension."""
+    return 0.5 * (logvar_p - logvar_q + (logvar_q.exp() + (mu_q - mu_p).pow(2)) * torch.exp(-logvar_p) - 1.0).sum(-1)
