@@ -380,7 +380,7 @@ def training_record(row: Row) -> dict | None:
               help="Directory of the training runs (one subdirectory per mode).")
 @click.option("--default", "default", default="models/fashion-mnist", show_default=True,
               help="The shipped default model: its row (matched by sha256) gets the reject-option measurement.")
-@click.option("--rows", help="Comma-separated row names to run (default: every row).")
+@click.option("--row", "rows", multiple=True, help="A row to run, by name; repeat for more (default: every row).")
 @click.option("--out", help="Results file (default results/adversarial.json; other profiles adversarial-PROFILE).")
 @click.option("--work", help="Cache of finished rows (default: results/.OUT-work).")
 @click.option("--threads", type=int, help="torch threads (default: torch's).")
@@ -398,11 +398,11 @@ def main(profile_name, plain, baselines, adv_dir, default, rows, out, work, thre
     work.mkdir(parents=True, exist_ok=True)
     all_rows = default_rows(plain, baselines, adv_dir)
     if rows:
-        wanted = [r.strip() for r in rows.split(",")]
+        wanted = [r.strip() for r in rows]
         unknown = sorted(set(wanted) - {r.name for r in all_rows})
         if unknown:
             raise click.BadParameter(f"unknown rows {unknown}; known: {[r.name for r in all_rows]}",
-                                     param_hint="--rows")
+                                     param_hint="--row")
         all_rows = [r for r in all_rows if r.name in wanted]
     missing = [r.name for r in all_rows if not (ROOT / f"{r.classifier}.json").is_file()
                or (r.cvae and not (ROOT / f"{r.cvae}.json").is_file())]

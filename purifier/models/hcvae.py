@@ -102,7 +102,7 @@ class HCVAE(nn.Module):
     def _top_down(self, h: torch.Tensor | None, y: torch.Tensor, k: int, sample: bool, temperature: float) -> dict:
         """Blocks 1..k from the posterior (needs h), the rest from the prior. sample: posterior draws (training);
         prior draws are mean + temperature * sigma * noise."""
-        s = self.start.expand(len(y), -1)
+        s = self.start.unsqueeze(0).expand(y.shape[0], -1)  # y.shape, not len(): keeps the batch dynamic in export
         zs, kl, top = [], 0.0, None
         for i, block in enumerate(self.blocks):
             p_mu, p_lv, q_mu, q_lv = block(s, y, h if i < k else None)
@@ -129,7 +129,7 @@ class HCVAE(nn.Module):
 
     def encode(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The top block's posterior (mu, logvar): the code latent regularisers and attacks act on."""
-        _, _, q_mu, q_lv = self.blocks[0](self.start.expand(len(y), -1), y, self.enc(x))
+        _, _, q_mu, q_lv = self.blocks[0](self.start.unsqueeze(0).expand(y.shape[0], -1), y, self.enc(x))
         return q_mu, q_lv
 
     def reconstruct_all(self, x: torch.Tensor, deterministic: bool = False,
