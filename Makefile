@@ -84,3 +84,18 @@ adversarial: setup
 
 adversarial-bench: setup
 	$(PY) benchmarks/adversarial.py --profile standard --plain $(PLAIN)
+
+# The purifier family (README "choosing a purifier"): every design that trains differently from PuVAE, with
+# PuVAE's settings (standard classifier as source and target, 5 epochs, seed 0), into $(VARIANTS)/DESIGN; the
+# likelihood, IWAE and analysis-by-synthesis designs only change inference and run on $(PLAIN)'s weights.
+VARIANTS ?= models/variants
+TRAINED_DESIGNS ?= ks-cov ks-cov-coupled beta-tc seatbelt hcvae
+.PHONY: variants
+variants: setup
+	for d in $(TRAINED_DESIGNS); do \
+		$(PY) -m purifier.cli train --arch $$d --data fashion-mnist --source $(PLAIN)/classifier \
+			--out $(VARIANTS)/$$d --epochs $(CVAE_EPOCHS) --seed 0 --quiet && \
+		cp $(PLAIN)/classifier.safetensors $(PLAIN)/classifier.json $(VARIANTS)/$$d/ && \
+		$(PY) -m purifier.cli export $(VARIANTS)/$$d --out $(VARIANTS)/$$d || exit 1; \
+	done
+

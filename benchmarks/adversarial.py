@@ -35,7 +35,7 @@ from export.onnx_export import calibrate_threshold  # noqa: E402
 from purifier import __version__, checkpoint  # noqa: E402
 from purifier.attacks import PGD, RejectOption, ce_objective  # noqa: E402
 from purifier.data import load_dataset  # noqa: E402
-from purifier.pipeline import Purifier  # noqa: E402
+from purifier.designs import purifier_from_spec  # noqa: E402
 from purifier.provenance import cpu_model, git_commit  # noqa: E402
 from purifier.robust import chunked, pgd_attack, purifier_attacks, purifier_objectives, worst_case  # noqa: E402
 
@@ -82,6 +82,7 @@ class Row:
     classifier: str           # checkpoint path (relative to the repository root or absolute)
     cvae: str | None = None   # None: the classifier alone, no purifier
     note: str = ""
+    purifier: dict | None = None  # the purifier spec around the model (None: the one its checkpoint records)
 
 
 def default_rows(plain: str, baselines: str, adversarial: str) -> list[Row]:
@@ -105,6 +106,8 @@ def checkpoints_of(row: Row) -> dict:
     out = {"classifier": checkpoint.read_record(ROOT / row.classifier)["weights_sha256"]}
     if row.cvae:
         out["cvae"] = checkpoint.read_record(ROOT / row.cvae)["weights_sha256"]
+    if row.purifier:
+        out["purifier"] = row.purifier
     return out
 
 
@@ -132,7 +135,11 @@ class Bench:
                 m.to(memory_format=torch.channels_last)
             for q in m.parameters():
                 q.requires_grad_(False)
-        return models[0], (Purifier(models[1]).eval() if len(models) == 2 else None)
+        if len(models) == 1:
+            return models[0], None
+        pur = purifier_from_spec(models[1], row.purifier or models[1].meta.get("purifier"))
+        # analysis by synthesis: attacks differentiate through the unrolled latent steps (the same forward)
+        return models[0], (pur.attack_view() if hasattr(pur, "attack_view") else pur).eval()
 
     def cached(self, name: str, fn):
         return cached(self.work, name, fn, self.say)

@@ -43,8 +43,8 @@ from purifier.data import load_dataset  # noqa: E402
 from purifier.models.defensegan import DefenseGAN  # noqa: E402
 from purifier.pipeline import PurifiedClassifier, Purifier  # noqa: E402
 from purifier.provenance import cpu_model, git_commit  # noqa: E402
-from purifier.robust import (Attack, chunked, latent_attack, pgd_attack, purifier_attacks,  # noqa: E402
-                             purifier_objectives, ssim, worst_case)
+from purifier.robust import (Attack, chunked, latent_attack_report, pgd_attack, purifier_attacks,  # noqa: E402
+                             purifier_objectives, worst_case)
 from serve.png import image_grid, write_png  # noqa: E402
 from serve.runtime import OnnxPurifier  # noqa: E402
 
@@ -305,29 +305,8 @@ class Bench:
 
     def latent(self) -> dict:
         """Kos et al.'s latent attack on the CVAE: source reconstructed like a target of another class."""
-        n = self.p.n_latent
-        xs, ys = self.x_all[:n], self.y_all[:n]
-        # target: the next test image (cyclically, from image n on) whose class differs from the source's
-        pool_x, pool_y = self.x_all[n:], self.y_all[n:]
-        t_idx, j = [], 0
-        for label in ys.tolist():
-            while int(pool_y[j % len(pool_y)]) == label:
-                j += 1
-            t_idx.append(j % len(pool_y))
-            j += 1
-        xt, yt = pool_x[t_idx], pool_y[t_idx]
-        adv = chunked(lambda a, b: latent_attack(self.purifier, a, b, steps=self.p.latent_steps, seed=self.p.seed),
-                      xs, xt, self.p.batch_size)
-        with torch.no_grad():
-            p_adv = self.purifier(adv)["purified"]
-            p_tgt = self.purifier(xt)["purified"]
-            pred = self.clf(p_adv).argmax(1)
-        return {"n": n, "lambda": 1.0, "steps": self.p.latent_steps, "lr": 0.01, "noise": 0.01,
-                "AS_ignore_target": float((pred != ys).float().mean()), "AS_target": float((pred == yt).float().mean()),
-                "ssim_target_vs_adv_recon": float(ssim(p_tgt, p_adv).mean()),
-                "l2_target_vs_adv_recon": float((p_tgt - p_adv).flatten(1).norm(dim=1).mean()),
-                "l2_source_vs_adv": float((adv - xs).flatten(1).norm(dim=1).mean()),
-                "linf_source_vs_adv": float((adv - xs).abs().flatten(1).max(1).values.mean())}
+        return latent_attack_report(self.purifier, self.clf, self.x_all, self.y_all, self.p.n_latent,
+                                    self.p.latent_steps, self.p.seed, self.p.batch_size)
 
     def sanity(self, grids: dict) -> dict:
         checks = {}

@@ -66,8 +66,9 @@ def build_model(design: Design, dataset: str, image_shape, num_classes: int, **o
     base = HCVAEConfig(**HCVAE_PRESETS.get(dataset, {}))
     if "latent_dim" in settings:  # one size for every block
         settings["latent_dims"] = (settings.pop("latent_dim"),) * len(base.latent_dims)
-    if settings.pop("conditioning", "embedding") != "embedding":
-        raise ValueError("the hierarchical model embeds the label in every block; it has no one-hot conditioning")
+    conditioning = settings.pop("conditioning", "embedding")
+    if conditioning != "embedding":
+        raise ValueError(f"conditioning {conditioning!r}: the hierarchical model embeds the label in every block")
     return HCVAE(replace(base, image_shape=tuple(image_shape), num_classes=num_classes, **settings))
 
 

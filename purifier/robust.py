@@ -119,8 +119,10 @@ def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 11, sigma: float = 1.5,
 
 
 def latent_codes(purifier: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The purifier's latent code of each image: the encoder means under every class, B x (K * latent)."""
-    return purifier.cvae.reconstruct_all(x, deterministic=True)["mu"].flatten(1)
+    """The purifier's latent code of each image: the encoder means under every class, B x (K * latent); for a
+    hierarchical model, the means of every posterior block the purifier uses (``codes``)."""
+    out = purifier.cvae.reconstruct_all(x, deterministic=True)
+    return out.get("codes", out["mu"]).flatten(1)
 
 
 def latent_attack(purifier: nn.Module, x_source: torch.Tensor, x_target: torch.Tensor, lam: float = 1.0,
@@ -145,3 +147,32 @@ def latent_attack(purifier: nn.Module, x_source: torch.Tensor, x_target: torch.T
         with torch.no_grad():
             adv.clamp_(0, 1)  # projected Adam: stay a valid image
     return adv.detach()
+
+
+def latent_attack_report(purifier: nn.Module, classifier: nn.Module, x_pool: torch.Tensor, y_pool: torch.Tensor,
+                         n: int, steps: int = 200, seed: int = 0, batch_size: int = 250) -> dict:
+    """Kos et al.'s latent attack on the first n images of a pool, each against a target of another class (the
+    next pool image from n on, cyclically, whose class differs), scored as the VAE-robustness papers do:
+    AS_ignore-target (the purified prediction is not the source's class) and AS_target (it is the target's),
+    SSIM and L2 between the target's and the adversarial image's purified reconstructions."""
+    xs, ys = x_pool[:n], y_pool[:n]
+    pool_x, pool_y = x_pool[n:], y_pool[n:]
+    t_idx, j = [], 0
+    for label in ys.tolist():
+        while int(pool_y[j % len(pool_y)]) == label:
+            j += 1
+        t_idx.append(j % len(pool_y))
+        j += 1
+    xt, yt = pool_x[t_idx], pool_y[t_idx]
+    adv = chunked(lambda a, b: latent_attack(purifier, a, b, steps=steps, seed=seed), xs, xt, batch_size)
+    with torch.no_grad():
+        p_adv = purifier(adv)["purified"]
+        p_tgt = purifier(xt)["purified"]
+        pred = classifier(p_adv).argmax(1)
+    return {"n": n, "lambda": 1.0, "steps": steps, "lr": 0.01, "noise": 0.01,
+            "AS_ignore_target": float((pred != ys).float().mean()), "AS_target": float((pred == yt).float().mean()),
+            "ssim_target_vs_adv_recon": float(ssim(p_tgt, p_adv).mean()),
+            "l2_target_vs_adv_recon": float((p_tgt - p_adv).flatten(1).norm(dim=1).mean()),
+            "l2_source_vs_adv": float((adv - xs).flatten(1).norm(dim=1).mean()),
+            "linf_source_vs_adv": float((adv - xs).abs().flatten(1).max(1).values.mean())}
+
