@@ -42,8 +42,13 @@ def class_scores(x: torch.Tensor, out: dict[str, torch.Tensor], selection: str =
 
 
 def _bernoulli_nll(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """-log p(x | z) summed over pixels: logits ... x C x H x W against x broadcast to them -> ...."""
-    return F.binary_cross_entropy_with_logits(logits, x.expand_as(logits), reduction="none").flatten(-3).sum(-1)
+    """-log p(x | z) summed over pixels: logits ... x C x H x W against x broadcast to them -> ....
+
+    Written out as relu(l) - l x + log(1 + exp(-|l|)), stable for any logit: the exported form of torch's
+    binary_cross_entropy_with_logits takes log(sigmoid(l)) in onnxruntime, -inf for a saturated pixel.
+    """
+    nll = F.relu(logits) - logits * x + torch.log1p(torch.exp(-logits.abs()))
+    return nll.flatten(-3).sum(-1)
 
 
 def iwae_scores(cvae: CVAE, x: torch.Tensor, out: dict[str, torch.Tensor], noise: torch.Tensor) -> torch.Tensor:
@@ -63,7 +68,11 @@ def iwae_scores(cvae: CVAE, x: torch.Tensor, out: dict[str, torch.Tensor], noise
     log_px = -_bernoulli_nll(logits, x.view(b, 1, 1, *x.shape[1:]))
     log_pz = -0.5 * (z.pow(2) + math.log(2 * math.pi)).sum(-1)
     log_qz = -0.5 * (eps.pow(2) + logvar.unsqueeze(2) + math.log(2 * math.pi)).sum(-1)
-    return -(torch.logsumexp(log_px + log_pz - log_qz, dim=2) - math.log(s))
+    log_w = log_px + log_pz - log_qz
+    # logsumexp spelled out: onnxruntime's ReduceLogSumExp does not subtract the max, and log w is in the
+    # hundreds of negative nats on real images, where exp underflows to 0 and the score becomes inf
+    top = log_w.max(dim=2, keepdim=True).values
+    return -(top.squeeze(2) + torch.log(torch.exp(log_w - top).sum(2)) - math.log(s))
 
 
 def select(recon: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,6 +2,7 @@
 modules, ONNX parity for the designs that export, gradient masking of analysis by synthesis when not unrolled,
 and ``purifier train --arch`` end to end on a small dataset."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +18,8 @@ from purifier.losses import PuVAELoss
 from purifier.models.hcvae import HCVAE, HCVAEConfig
 from purifier.pipeline import Purifier
 from serve.runtime import OnnxPurifier
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _codes(n=256, d=8, seed=0):
@@ -86,7 +89,7 @@ def test_iwae_bound_is_below_its_single_sample_bounds(small_cvae, batch):
     assert not (together == torch.stack(singles).mean(0)).all()
 
 
-def test_iwae_and_hierarchical_designs_export_with_parity(tmp_path, small_cvae, small_classifier):
+def test_iwae_and_hierarchical_designs_export_with_parity(tmp_path, small_cvae, small_classifier, fmnist_test):
     torch.manual_seed(0)
     hier = HCVAE(HCVAEConfig(latent_dims=(4, 4), channels=(8, 16), hidden=32, skip=True, k=1)).eval()
     for name, purifier in (("iwae", Purifier(small_cvae, "iwae", samples=3)), ("hcvae", Purifier(hier, "likelihood"))):
@@ -94,11 +97,33 @@ def test_iwae_and_hierarchical_designs_export_with_parity(tmp_path, small_cvae, 
             "dataset": "toy", "class_names": [str(k) for k in range(10)], "input_shape": ["N", 1, 28, 28],
             "value_range": [0.0, 1.0], "rejection_threshold": 1e9})
         assert max(max(d.values()) for d in result.parity.values()) <= 1e-4
-        x = np.random.default_rng(2).random((5, 1, 28, 28), dtype=np.float32)
+        # real images too: their log weights are far below zero, where a naive logsumexp underflows to inf
+        x = np.concatenate([np.random.default_rng(2).random((5, 1, 28, 28), dtype=np.float32), fmnist_test.x[:64]])
         with torch.no_grad():
             ref = purifier.eval()(torch.from_numpy(x))
         got = OnnxPurifier(result.path, device="cpu")(x)
         assert np.array_equal(got["chosen_class"], ref["chosen_class"].numpy())
+        assert np.isfinite(got["recon_error"]).all()
+        assert np.allclose(got["recon_error"], ref["recon_error"].numpy(), rtol=1e-4)
+
+
+@pytest.mark.parametrize("rule", ["likelihood", "iwae"])
+def test_likelihood_rules_on_the_plain_model_match_onnxruntime_on_real_images(tmp_path, fmnist_test, rule):
+    # trained weights on real images: saturated pixel logits, where the exported form of torch's BCE with logits
+    # takes log(0), and log weights hundreds of nats below zero, where a logsumexp that does not subtract its
+    # max (onnxruntime's ReduceLogSumExp) underflows: either makes scores inf or nan
+    from purifier import checkpoint
+
+    model = checkpoint.load(ROOT / "models" / "fashion-mnist-plain" / "cvae", expect="cvae")
+    purifier = Purifier(model, rule, samples=4).eval()
+    result = export_onnx(tmp_path / f"{rule}.onnx", purifier, metadata={
+        "dataset": "fashion-mnist", "class_names": [str(k) for k in range(10)], "input_shape": ["N", 1, 28, 28],
+        "value_range": [0.0, 1.0], "rejection_threshold": 1e9})
+    x = fmnist_test.x[:64]
+    with torch.no_grad():
+        ref = purifier(torch.from_numpy(x))["recon_error"].numpy()
+    got = OnnxPurifier(result.path, device="cpu")(x)["recon_error"]
+    assert np.isfinite(got).all() and np.allclose(got, ref, rtol=1e-4)
 
 
 def test_analysis_by_synthesis_masks_gradients_unless_unrolled(small_cvae, batch, tmp_path):

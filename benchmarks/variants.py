@@ -1,0 +1,197 @@
+"""The purifier family side by side: every design of ``purifier.designs`` beside plain PuVAE, the shipped
+default and PGD-AT, attacked by the same adaptive attacks on the same images with the same settings.
+
+    python benchmarks/variants.py --profile standard   # results/variants.{json,md,png}
+    python benchmarks/variants.py --profile quick      # minutes; never quoted
+
+Per row, the attacks of ``benchmarks/adversarial.py`` (oblivious; adaptive worst case over selection, full
+gradient, BPDA and softmin, analysis by synthesis differentiated through its unrolled latent steps; Square and
+APGD-CE/DLR through BPDA; the protocol's sanity checks), then the attacks on autoencoders from the VAE-robustness
+papers (Kos et al.'s latent attack: AS_ignore-target, AS_target, SSIM and L2 of the reconstructions), and the
+export: parity of ONNX against torch and onnxruntime images/s, or why the design cannot be exported. Rows are
+cached under ``--work`` by the sha256 of their weights and their purifier spec.
+
+The likelihood, IWAE and analysis-by-synthesis designs only change inference: their rows wrap the plain PuVAE
+model's weights (``purifier train --arch`` trains them exactly as PuVAE). The others are ``make variants``'s runs.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import shlex
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import click
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from export.onnx_export import export_onnx, not_exportable  # noqa: E402
+from purifier import __version__, checkpoint, designs  # noqa: E402
+from purifier.provenance import cpu_model, git_commit  # noqa: E402
+from purifier.robust import latent_attack_report  # noqa: E402
+
+from adversarial import PROFILES, Bench, Row, checkpoints_of, headline, plot, slug  # noqa: E402
+from results import markdown_table, write_results  # noqa: E402
+from speed import time_it  # noqa: E402
+
+INFERENCE_ONLY = ("likelihood", "iwae", "abs")  # designs that run on the plain PuVAE model's weights
+LATENT = {"full": (1000, 200), "standard": (200, 200), "quick": (50, 100), "tiny": (3, 3)}  # profile -> (n, steps)
+
+
+def default_rows(plain: str, default: str, baselines: str, variants: str) -> list[Row]:
+    rows = [Row("PGD-AT", f"{baselines}/pgd-at", note="Madry, eps 0.1, PGD-5, 3 epochs"),
+            Row("plain PuVAE", f"{plain}/classifier", f"{plain}/cvae", "design puvae"),
+            Row("shipped default", f"{default}/classifier", f"{default}/cvae", "puvae + joint adversarial training")]
+    for name, d in designs.DESIGNS.items():
+        if name == "puvae":
+            continue
+        if name in INFERENCE_ONLY:
+            rows.append(Row(name, f"{plain}/classifier", f"{plain}/cvae", d.summary, purifier=d.purifier))
+        else:
+            rows.append(Row(name, f"{variants}/{name}/classifier", f"{variants}/{name}/cvae", d.summary))
+    return rows
+
+
+class VariantsBench(Bench):
+    def __init__(self, profile_name: str, work: Path, on_progress):
+        super().__init__(PROFILES[profile_name], work, on_progress)
+        self.profile_name = profile_name
+
+    def row(self, row: Row) -> dict:
+        out = super().row(row)
+        if row.cvae is not None:
+            clf, pur = self.load(row)
+            n, steps = LATENT[self.profile_name]
+            out["latent"] = latent_attack_report(pur, clf, self.x_all, self.y_all, n, steps, self.p.seed,
+                                                 self.p.batch_size)
+            out["design"] = checkpoint.read_record(ROOT / row.cvae)["meta"].get("design", "puvae")
+        return out
+
+    def export(self, row: Row) -> dict:
+        """ONNX parity against torch and onnxruntime images/s (CPU provider, batch 256), or why not."""
+        clf, pur = self.load(row, channels_last=False)
+        if pur is None:
+            return {"exportable": None}
+        reason = not_exportable(pur)
+        if reason:
+            return {"exportable": False, "why": reason}
+        from serve.runtime import OnnxPurifier
+
+        with tempfile.TemporaryDirectory() as tmp:
+            res = export_onnx(Path(tmp) / "pipeline.onnx", pur, clf, metadata={
+                "dataset": "fashion-mnist", "class_names": [str(k) for k in range(10)],
+                "input_shape": ["N", 1, 28, 28], "value_range": [0.0, 1.0], "rejection_threshold": 1e9})
+            rt = OnnxPurifier(res.path, device="cpu")
+            speed = time_it(rt, self.x_all.numpy()[:1024], 256, self.p.speed_reps)
+        return {"exportable": True, "parity": {str(b): max(d.values()) for b, d in res.parity.items()},
+                "onnx_batch_256": speed}
+
+
+def render(report: dict) -> str:
+    p, rows = report["profile"], report["rows"]
+    n_lat, steps_lat = LATENT[report["profile_name"]]
+    parts = [f"Fashion-MNIST test set; every row attacked as in results/adversarial.md (profile "
+             f"{report['profile_name']}): first {p['n']} images, L-infinity eps {p['eps']}, PGD-{p['steps']}, "
+             f"{p['restarts']} restart(s), seed {p['seed']}; adaptive = per-image worst case over selection, full "
+             f"gradient, BPDA, softmin (analysis by synthesis: through its unrolled latent steps); Square "
+             f"({p['square_queries']} queries) and APGD-CE/DLR ({p['apgd_iters']} iterations, BPDA) on the first "
+             f"{p['n_art']}. Latent attack (Kos et al.): first {n_lat} test images, each against the next test image "
+             f"of another class, Adam {steps_lat} steps, lambda 1. images/s: torch eager, batch 256, "
+             f"{report['machine']['torch_threads']} threads; ONNX: onnxruntime CPU provider, batch 256.", "",
+             markdown_table(["defense", "clean", "oblivious", f"adaptive (n {p['n']})", "Square", "AutoAttack",
+                             f"worst of all (n {p['n_art']})", "images/s", "sanity checks", "note"],
+                            headline(rows, report["speed"])), "",
+             "### Attacks on the autoencoder, and export",
+             markdown_table(["defense", "AS_ignore-target", "AS_target", "SSIM(target recon, adv recon)",
+                             "L2(target recon, adv recon)", "ONNX parity (max rel. diff)", "ONNX images/s"],
+                            [[name, *(_latent_cells(r.get("latent"))), *_export_cells(report["export"][name])]
+                             for name, r in rows.items()])]
+    return "\n".join(parts)
+
+
+def _latent_cells(la: dict | None) -> list[str]:
+    if not la:
+        return ["-"] * 4
+    return [f"{la['AS_ignore_target']:.3f}", f"{la['AS_target']:.3f}", f"{la['ssim_target_vs_adv_recon']:.3f}",
+            f"{la['l2_target_vs_adv_recon']:.2f}"]
+
+
+def _export_cells(ex: dict) -> list[str]:
+    if ex["exportable"] is None:
+        return ["-", "-"]
+    if not ex["exportable"]:
+        return [f"not exportable: {ex['why']}", "-"]
+    return [f"{max(ex['parity'].values()):.1e}", f"{ex['onnx_batch_256']['images_per_s']:.0f}"]
+
+
+@click.command()
+@click.option("--profile", "profile_name", type=click.Choice(sorted(PROFILES)), default="quick", show_default=True)
+@click.option("--plain", default="models/fashion-mnist-plain", show_default=True)
+@click.option("--default", "default", default="models/fashion-mnist", show_default=True)
+@click.option("--baselines", default="models/baselines", show_default=True)
+@click.option("--variants", "variants_dir", default="models/variants", show_default=True,
+              help="Directory of `make variants`'s runs (one subdirectory per design).")
+@click.option("--row", "rows", multiple=True, help="A row to run, by name; repeat for more (default: every row).")
+@click.option("--out", help="Results file (default results/variants.json; other profiles variants-PROFILE).")
+@click.option("--work", help="Cache of finished rows (default: results/.OUT-work).")
+@click.option("--threads", type=int, help="torch threads (default: torch's).")
+def main(profile_name, plain, default, baselines, variants_dir, rows, out, work, threads):
+    if threads:
+        torch.set_num_threads(threads)
+    profile = PROFILES[profile_name]
+    name = "variants" if profile_name == "standard" else f"variants-{profile_name}"
+    out = Path(out or ROOT / "results" / f"{name}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(work or out.parent / f".{out.stem}-work")
+    work.mkdir(parents=True, exist_ok=True)
+    all_rows = default_rows(plain, default, baselines, variants_dir)
+    if rows:
+        unknown = sorted(set(rows) - {r.name for r in all_rows})
+        if unknown:
+            raise click.BadParameter(f"unknown rows {unknown}; known: {[r.name for r in all_rows]}", param_hint="--row")
+        all_rows = [r for r in all_rows if r.name in rows]
+    missing = [r.name for r in all_rows if not (ROOT / f"{r.classifier}.json").is_file()
+               or (r.cvae and not (ROOT / f"{r.cvae}.json").is_file())]
+    if missing:
+        raise click.UsageError(f"rows without checkpoints (run `make variants` first): {missing}")
+    start = time.perf_counter()
+    bench = VariantsBench(profile_name, work, lambda m: click.echo(m, err=True))
+    report = {"command": shlex.join(["python", "benchmarks/variants.py", *sys.argv[1:]]),
+              "commit": git_commit(ROOT), "version": __version__, "profile_name": profile_name,
+              "profile": asdict(profile), "latent": dict(zip(("n", "steps"), LATENT[profile_name])),
+              "designs": {k: {**asdict(d), "trained_on_plain_weights": k in INFERENCE_ONLY}
+                          for k, d in designs.DESIGNS.items()},
+              "software": {"torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version(),
+                           "art": __import__("art").__version__},
+              "machine": {"cpu": cpu_model(), "torch_threads": torch.get_num_threads()}}
+    results = {}
+    for r in all_rows:
+        key = f"row-{slug(r.name)}"
+        stale = work / f"{key}.json"
+        if stale.is_file() and json.loads(stale.read_text())["checkpoints"] != checkpoints_of(r):
+            stale.unlink()
+        results[r.name] = bench.cached(key, lambda r=r: bench.row(r))
+    report["rows"] = results
+    report["export"] = {r.name: bench.cached(f"export-{slug(r.name)}", lambda r=r: bench.export(r)) for r in all_rows}
+    report["speed"] = bench.cached("speed", lambda: bench.speed(all_rows))
+    if set(report["speed"]) - {"seconds"} != {r.name for r in all_rows}:
+        (work / "speed.json").unlink()
+        report["speed"] = bench.cached("speed", lambda: bench.speed(all_rows))
+    report["seconds"] = time.perf_counter() - start
+    report["plot"] = plot(report, out)
+    heading = (f"# The purifier family side by side, profile {profile_name}\n\nGenerated by benchmarks/variants.py; "
+               f"plot {report['plot']} (clean against adaptive, images/s as labels).")
+    write_results(out, report, heading, render(report))
+    click.echo(render(report))
+    click.echo(f"{report['seconds']:.0f} s; -> {out}", err=True)
+
+
+if __name__ == "__main__":
+    main()
