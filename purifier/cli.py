@@ -153,9 +153,9 @@ def train_classifier_cmd(data, arch, out, epochs, batch_size, lr, seed, val_size
 @click.option("--latent-dim", type=int, help="Latent size (default: the dataset preset's).")
 @click.option("--channels", help="Encoder/decoder conv widths, e.g. 16,32 (default: the preset's).")
 @click.option("--conditioning", type=click.Choice(["onehot", "embedding"]))
-@click.option("--arch", type=click.Choice(sorted(DESIGN_NAMES)), default="puvae", show_default=True,
+@click.option("--arch", type=click.Choice(sorted(DESIGN_NAMES)),
               help="Purifier design (model, extra loss terms, decision rule); see README 'choosing a purifier'. "
-                   "Loss options given here override the design's.")
+                   "Loss options given here override the design's. [puvae; with --init: the init model's]")
 @click.option("--beta", type=float, help="KL weight [1; ks-cov designs: 0].")
 @click.option("--ce-weight", type=float, help="Weight of the source classifier's CE [10].")
 @click.option("--sel-weight", type=float, help="Weight of the selection CE over K classes [100; 0: plain PuVAE].")
@@ -194,6 +194,8 @@ def train_cmd(data, source, out, epochs, batch_size, lr, seed, val_size, latent_
     from .losses import PuVAELoss
     from .train import TrainConfig, seed_everything, train_cvae
 
+    if arch is None:
+        arch = _load(Path(init_dir) / "cvae", "cvae", "--init").meta.get("design", "puvae") if init_dir else "puvae"
     design = designs.get(arch)
     given = {k: v for k, v in (("beta", beta), ("ce_weight", ce_weight), ("sel_weight", sel_weight),
                                ("sel_tau", sel_tau), ("sel_negatives", sel_negatives), ("tc_weight", tc_weight),

@@ -169,3 +169,24 @@ def test_train_arch_records_the_design_and_export_rebuilds_it(tmp_path, tiny_npz
     r = run.invoke(main, ["train", "--data", data, "--arch", "ks-cov", "--couple-alpha", "1.5", "--source",
                           str(tmp_path / "run" / "classifier"), "--out", str(tmp_path / "k"), "--quiet"])
     assert r.exit_code == 2 and "1.5" in r.output
+
+
+def test_adversarial_training_mode_applies_to_the_hierarchical_designs(small_classifier):
+    import copy
+
+    from purifier.adversarial import PipelineAdversarial, train_pipeline_adversarial
+    from purifier.train import TrainConfig
+
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.rand(64, 1, 28, 28, generator=gen), torch.arange(64) % 10
+    design = designs.get("seatbelt")
+    torch.manual_seed(0)
+    model = designs.build_model(design, "fashion-mnist", (1, 28, 28), 10, latent_dim=4, channels=(8, 16), hidden=32)
+    before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+    hist = train_pipeline_adversarial(
+        model, small_classifier, copy.deepcopy(small_classifier), x, y, x[:16], y[:16], TrainConfig(batch_size=32),
+        PuVAELoss(**{**design.loss, "ce_weight": 1.0, "sel_weight": 1.0, "tc_dataset_size": 64}),
+        PipelineAdversarial(mode="alternating", steps=1, val_n=8, val_steps=1, val_every=1.0), epochs=1.0)
+    after = torch.cat([p.detach().flatten() for p in model.parameters()])
+    assert not torch.equal(before, after) and 0 <= hist[-1]["val_adaptive"] <= 1
+
