@@ -59,6 +59,7 @@ class Profile:
     reject_penalty: float = 10.0
     clean_n: int = 10000
     speed_reps: int = 5
+    speed_images: tuple = (64, 1024)  # images timed at batch 1 and at batch 256
     batch_size: int = 250
     seed: int = 0
 
@@ -72,7 +73,7 @@ PROFILES = {
     "quick": Profile(n=100, steps=20, restarts=1, n_art=50, square_queries=200, apgd_iters=20, n_sanity=50,
                      sanity_steps=(10, 20), clean_n=2000, speed_reps=3),
     "tiny": Profile(n=6, steps=2, restarts=1, n_art=4, square_queries=5, apgd_iters=2, n_sanity=4,
-                    sanity_steps=(1, 2), clean_n=50, speed_reps=1, batch_size=4),
+                    sanity_steps=(1, 2), clean_n=50, speed_reps=1, speed_images=(4, 256), batch_size=4),
 }
 
 
@@ -260,7 +261,8 @@ class Bench:
                 t = torch.from_numpy(a)
                 return clf(t if pur is None else pur(t)["purified"])
 
-        return {f"batch {b}": time_it(fn, x[:images], b, self.p.speed_reps) for b, images in ((1, 64), (256, 1024))}
+        return {f"batch {b}": time_it(fn, x[:images], b, self.p.speed_reps)
+                for b, images in zip((1, 256), self.p.speed_images)}
 
     def reject(self, row: Row) -> dict:
         """Defended rate (correct or rejected) at the headline eps, worst case over the adaptive attacks with and
@@ -379,6 +381,77 @@ def training_record(row: Row) -> dict | None:
             "history": [{k: h[k] for k in ("epoch", "val_purified_acc", "val_adaptive")} for h in meta["history"]]}
 
 
+def output_paths(stem: str, profile_name: str, out: str | None, work: str | None) -> tuple[Path, Path]:
+    """results/STEM.json for the standard profile (STEM-PROFILE.json otherwise) and its row cache, created."""
+    name = stem if profile_name == "standard" else f"{stem}-{profile_name}"
+    out = Path(out or ROOT / "results" / f"{name}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(work or out.parent / f".{out.stem}-work")
+    work.mkdir(parents=True, exist_ok=True)
+    return out, work
+
+
+def choose_rows(all_rows: list[Row], wanted, hint: str) -> list[Row]:
+    """The rows named in ``wanted`` (all when empty), each with its checkpoints on disk; ``hint`` says how to
+    train what is missing."""
+    if wanted:
+        wanted = [w.strip() for w in wanted]
+        unknown = sorted(set(wanted) - {r.name for r in all_rows})
+        if unknown:
+            raise click.BadParameter(f"unknown rows {unknown}; known: {[r.name for r in all_rows]}",
+                                     param_hint="--row")
+        all_rows = [r for r in all_rows if r.name in wanted]
+    missing = [r.name for r in all_rows if not (ROOT / f"{r.classifier}.json").is_file()
+               or (r.cvae and not (ROOT / f"{r.cvae}.json").is_file())]
+    if missing:
+        raise click.UsageError(f"rows without checkpoints ({hint}): {missing}")
+    return all_rows
+
+
+def report_head(script: str, profile_name: str) -> dict:
+    """What every results file starts with: the command, commit, profile, software and machine."""
+    return {"command": shlex.join(["python", f"benchmarks/{script}", *sys.argv[1:]]), "commit": git_commit(ROOT),
+            "version": __version__, "profile_name": profile_name, "profile": asdict(PROFILES[profile_name]),
+            "software": {"torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version(),
+                         "art": __import__("art").__version__},
+            "machine": {"cpu": cpu_model(), "torch_threads": torch.get_num_threads()}}
+
+
+def measure_rows(bench: Bench, rows: list[Row]) -> dict:
+    """Every row through ``bench.row``, cached; a cached row whose weights (or purifier spec) changed is redone."""
+    results = {}
+    for r in rows:
+        key = f"row-{slug(r.name)}"
+        stale = bench.work / f"{key}.json"
+        if stale.is_file() and json.loads(stale.read_text())["checkpoints"] != checkpoints_of(r):
+            stale.unlink()  # the row's weights changed since it was measured: measure again
+        results[r.name] = bench.cached(key, lambda r=r: bench.row(r))
+        # the weights are the ones measured (same sha256); record where they live now
+        results[r.name].update(classifier=r.classifier, cvae=r.cvae)
+        results[r.name].pop("speed", None)  # rows cached by an earlier version timed themselves while sharing cores
+    return results
+
+
+def speed_together(bench: Bench, rows: list[Row]) -> dict:
+    """images/s of every row in one section, after the rows (which may have shared the machine)."""
+    speed = bench.cached("speed", lambda: bench.speed(rows))
+    if set(speed) - {"seconds"} != {r.name for r in rows}:
+        (bench.work / "speed.json").unlink()
+        speed = bench.cached("speed", lambda: bench.speed(rows))
+    return speed
+
+
+def publish(report: dict, out: Path, title: str, text: str, start: float) -> None:
+    """Plot, then write the JSON and its markdown atomically, and echo the table."""
+    report["seconds"] = time.perf_counter() - start
+    report["plot"] = plot(report, out)
+    heading = (f"# {title}, profile {report['profile_name']}\n\nGenerated by {report['command'].split()[1]}; plot "
+               f"{report['plot']} (clean against adaptive, images/s as labels).")
+    write_results(out, report, heading, text)
+    click.echo(text)
+    click.echo(f"{report['seconds']:.0f} s; -> {out}", err=True)
+
+
 @click.command()
 @click.option("--profile", "profile_name", type=click.Choice(sorted(PROFILES)), default="quick", show_default=True)
 @click.option("--plain", default="models/fashion-mnist-plain", show_default=True, help="Plain PuVAE model directory.")
@@ -398,48 +471,21 @@ def main(profile_name, plain, baselines, adv_dir, default, rows, out, work, thre
     if threads:
         torch.set_num_threads(threads)
     profile = PROFILES[profile_name]
-    name = "adversarial" if profile_name == "standard" else f"adversarial-{profile_name}"
-    out = Path(out or ROOT / "results" / f"{name}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(work or out.parent / f".{out.stem}-work")
-    work.mkdir(parents=True, exist_ok=True)
-    all_rows = default_rows(plain, baselines, adv_dir)
-    if rows:
-        wanted = [r.strip() for r in rows]
-        unknown = sorted(set(wanted) - {r.name for r in all_rows})
-        if unknown:
-            raise click.BadParameter(f"unknown rows {unknown}; known: {[r.name for r in all_rows]}",
-                                     param_hint="--row")
-        all_rows = [r for r in all_rows if r.name in wanted]
-    missing = [r.name for r in all_rows if not (ROOT / f"{r.classifier}.json").is_file()
-               or (r.cvae and not (ROOT / f"{r.cvae}.json").is_file())]
-    if missing:
-        raise click.UsageError(f"rows without checkpoints (train them first, see README): {missing}")
+    out, work = output_paths("adversarial", profile_name, out, work)
+    all_rows = choose_rows(default_rows(plain, baselines, adv_dir), rows, "train them first, see README")
     start = time.perf_counter()
     bench = Bench(profile, work, lambda m: click.echo(m, err=True))
-    report = {"command": shlex.join(["python", "benchmarks/adversarial.py", *sys.argv[1:]]),
-              "commit": git_commit(ROOT), "version": __version__, "profile_name": profile_name,
-              "profile": asdict(profile),
-              "notes": {"classifier rows": "no purifier: oblivious and adaptive are both white-box PGD on the model",
-                        "AutoAttack": "ART's AutoAttack with APGD-CE and APGD-DLR (1 start each) through BPDA; "
-                                      "Square runs alone (scores only, through the purifier) and enters the worst of "
-                                      "all; the standard list adds DeepFool and 5 starts",
-                        "layout": "attacks run the models in channels_last (same arithmetic up to float rounding, "
-                                  "~1.5x faster here); images/s is timed in the default layout",
-                        "training attacks": "selection + full gradient, 3-step PGD; evaluation adds BPDA, softmin, "
-                                            "Square and APGD-CE/DLR and uses 100 steps with best-iterate accounting"},
-              "software": {"torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version(),
-                           "art": __import__("art").__version__},
-              "machine": {"cpu": cpu_model(), "torch_threads": torch.get_num_threads()}}
-    results = {}
-    for r in all_rows:
-        stale = bench.work / f"row-{slug(r.name)}.json"
-        if stale.is_file() and json.loads(stale.read_text())["checkpoints"] != checkpoints_of(r):
-            stale.unlink()  # the row's weights changed since it was measured: measure again
-        results[r.name] = bench.cached(f"row-{slug(r.name)}", lambda r=r: bench.row(r))
-        # the weights are the ones measured (same sha256); record where they live now
-        results[r.name].update(classifier=r.classifier, cvae=r.cvae)
-        results[r.name].pop("speed", None)  # rows cached by an earlier version timed themselves while sharing cores
+    report = report_head("adversarial.py", profile_name)
+    report["notes"] = {
+        "classifier rows": "no purifier: oblivious and adaptive are both white-box PGD on the model",
+        "AutoAttack": "ART's AutoAttack with APGD-CE and APGD-DLR (1 start each) through BPDA; Square runs alone "
+                      "(scores only, through the purifier) and enters the worst of all; the standard list adds "
+                      "DeepFool and 5 starts",
+        "layout": "attacks run the models in channels_last (same arithmetic up to float rounding, ~1.5x faster "
+                  "here); images/s is timed in the default layout",
+        "training attacks": "selection + full gradient, 3-step PGD; evaluation adds BPDA, softmin, Square and "
+                            "APGD-CE/DLR and uses 100 steps with best-iterate accounting"}
+    results = measure_rows(bench, all_rows)
     report["rows"] = results
     report["training"] = {r.name: t for r in all_rows if (t := training_record(r))}
     purifier_rows = [r for r in all_rows if r.cvae]
@@ -450,19 +496,9 @@ def main(profile_name, plain, baselines, adv_dir, default, rows, out, work, thre
         chosen = [r for r in purifier_rows if results[r.name]["checkpoints"] == shipped] or \
             [max(purifier_rows, key=lambda r: (results[r.name]["worst_of_all"], results[r.name]["adaptive"]))]
         report["reject"] = bench.cached(f"reject-{slug(chosen[0].name)}", lambda: bench.reject(chosen[0]))
-    # after every row, in one section: the rows above may have shared the machine with other runs
-    report["speed"] = bench.cached("speed", lambda: bench.speed(all_rows))
-    if set(report["speed"]) - {"seconds"} != {r.name for r in all_rows}:
-        (bench.work / "speed.json").unlink()
-        report["speed"] = bench.cached("speed", lambda: bench.speed(all_rows))
-    report["seconds"] = time.perf_counter() - start
+    report["speed"] = speed_together(bench, all_rows)
     report["section_seconds"] = {k: v["seconds"] for k, v in results.items()}
-    report["plot"] = plot(report, out)
-    heading = (f"# Adversarial training through the pipeline, profile {profile_name}\n\nGenerated by "
-               f"benchmarks/adversarial.py; plot {report['plot']} (clean against adaptive, images/s as labels).")
-    write_results(out, report, heading, render(report))
-    click.echo(render(report))
-    click.echo(f"{report['seconds']:.0f} s; -> {out}", err=True)
+    publish(report, out, "Adversarial training through the pipeline", render(report), start)
 
 
 if __name__ == "__main__":

@@ -16,9 +16,6 @@ model's weights (``purifier train --arch`` trains them exactly as PuVAE). The ot
 """
 from __future__ import annotations
 
-import json
-import platform
-import shlex
 import sys
 import tempfile
 import time
@@ -26,19 +23,18 @@ from dataclasses import asdict
 from pathlib import Path
 
 import click
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from export.onnx_export import export_onnx, not_exportable  # noqa: E402
-from purifier import __version__, checkpoint, designs  # noqa: E402
-from purifier.provenance import cpu_model, git_commit  # noqa: E402
+from purifier import checkpoint, designs  # noqa: E402
 from purifier.robust import latent_attack_report  # noqa: E402
 
-from adversarial import PROFILES, Bench, Row, checkpoints_of, headline, plot, slug  # noqa: E402
-from results import markdown_table, write_results  # noqa: E402
+from adversarial import (PROFILES, Bench, Row, choose_rows, headline, measure_rows, output_paths,  # noqa: E402
+                         publish, report_head, slug, speed_together)
+from results import markdown_table  # noqa: E402
 from speed import time_it  # noqa: E402
 
 INFERENCE_ONLY = ("likelihood", "iwae", "abs")  # designs that run on the plain PuVAE model's weights
@@ -89,7 +85,7 @@ class VariantsBench(Bench):
                 "dataset": "fashion-mnist", "class_names": [str(k) for k in range(10)],
                 "input_shape": ["N", 1, 28, 28], "value_range": [0.0, 1.0], "rejection_threshold": 1e9})
             rt = OnnxPurifier(res.path, device="cpu")
-            speed = time_it(rt, self.x_all.numpy()[:1024], 256, self.p.speed_reps)
+            speed = time_it(rt, self.x_all.numpy()[:self.p.speed_images[1]], 256, self.p.speed_reps)
         return {"exportable": True, "parity": {str(b): max(d.values()) for b, d in res.parity.items()},
                 "onnx_batch_256": speed}
 
@@ -145,52 +141,18 @@ def _export_cells(ex: dict) -> list[str]:
 def main(profile_name, plain, default, baselines, variants_dir, rows, out, work, threads):
     if threads:
         torch.set_num_threads(threads)
-    profile = PROFILES[profile_name]
-    name = "variants" if profile_name == "standard" else f"variants-{profile_name}"
-    out = Path(out or ROOT / "results" / f"{name}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(work or out.parent / f".{out.stem}-work")
-    work.mkdir(parents=True, exist_ok=True)
-    all_rows = default_rows(plain, default, baselines, variants_dir)
-    if rows:
-        unknown = sorted(set(rows) - {r.name for r in all_rows})
-        if unknown:
-            raise click.BadParameter(f"unknown rows {unknown}; known: {[r.name for r in all_rows]}", param_hint="--row")
-        all_rows = [r for r in all_rows if r.name in rows]
-    missing = [r.name for r in all_rows if not (ROOT / f"{r.classifier}.json").is_file()
-               or (r.cvae and not (ROOT / f"{r.cvae}.json").is_file())]
-    if missing:
-        raise click.UsageError(f"rows without checkpoints (run `make variants` first): {missing}")
+    out, work = output_paths("variants", profile_name, out, work)
+    all_rows = choose_rows(default_rows(plain, default, baselines, variants_dir), rows, "run `make variants` first")
     start = time.perf_counter()
     bench = VariantsBench(profile_name, work, lambda m: click.echo(m, err=True))
-    report = {"command": shlex.join(["python", "benchmarks/variants.py", *sys.argv[1:]]),
-              "commit": git_commit(ROOT), "version": __version__, "profile_name": profile_name,
-              "profile": asdict(profile), "latent": dict(zip(("n", "steps"), LATENT[profile_name])),
-              "designs": {k: {**asdict(d), "trained_on_plain_weights": k in INFERENCE_ONLY}
-                          for k, d in designs.DESIGNS.items()},
-              "software": {"torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version(),
-                           "art": __import__("art").__version__},
-              "machine": {"cpu": cpu_model(), "torch_threads": torch.get_num_threads()}}
-    results = {}
-    for r in all_rows:
-        key = f"row-{slug(r.name)}"
-        stale = work / f"{key}.json"
-        if stale.is_file() and json.loads(stale.read_text())["checkpoints"] != checkpoints_of(r):
-            stale.unlink()
-        results[r.name] = bench.cached(key, lambda r=r: bench.row(r))
-    report["rows"] = results
+    report = report_head("variants.py", profile_name)
+    report["latent"] = dict(zip(("n", "steps"), LATENT[profile_name]))
+    report["designs"] = {k: {**asdict(d), "trained_on_plain_weights": k in INFERENCE_ONLY}
+                         for k, d in designs.DESIGNS.items()}
+    report["rows"] = measure_rows(bench, all_rows)
     report["export"] = {r.name: bench.cached(f"export-{slug(r.name)}", lambda r=r: bench.export(r)) for r in all_rows}
-    report["speed"] = bench.cached("speed", lambda: bench.speed(all_rows))
-    if set(report["speed"]) - {"seconds"} != {r.name for r in all_rows}:
-        (work / "speed.json").unlink()
-        report["speed"] = bench.cached("speed", lambda: bench.speed(all_rows))
-    report["seconds"] = time.perf_counter() - start
-    report["plot"] = plot(report, out)
-    heading = (f"# The purifier family side by side, profile {profile_name}\n\nGenerated by benchmarks/variants.py; "
-               f"plot {report['plot']} (clean against adaptive, images/s as labels).")
-    write_results(out, report, heading, render(report))
-    click.echo(render(report))
-    click.echo(f"{report['seconds']:.0f} s; -> {out}", err=True)
+    report["speed"] = speed_together(bench, all_rows)
+    publish(report, out, "The purifier family side by side", render(report), start)
 
 
 if __name__ == "__main__":

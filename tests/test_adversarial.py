@@ -104,7 +104,7 @@ def test_benchmark_tiny_profile_end_to_end(tmp_path):
     """benchmarks/adversarial.py on a handful of images, classifier and plain purifier rows (numbers mean nothing)."""
     out = tmp_path / "adv-tiny.json"
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "adversarial.py"), "--profile", "tiny",
-                        "--rows", "PGD-AT,plain PuVAE + PGD-AT", "--out", str(out)],
+                        "--row", "PGD-AT", "--row", "plain PuVAE + PGD-AT", "--out", str(out)],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads(out.read_text())
@@ -119,5 +119,5 @@ def test_benchmark_tiny_profile_end_to_end(tmp_path):
     assert (tmp_path / report["plot"]).stat().st_size > 0
     assert "| defense | clean |" in out.with_suffix(".md").read_text()
     bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "adversarial.py"), "--profile", "tiny",
-                          "--rows", "nonsense", "--out", str(out)], capture_output=True, text=True, timeout=120)
+                          "--row", "nonsense", "--out", str(out)], capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "nonsense" in bad.stderr

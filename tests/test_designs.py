@@ -190,3 +190,23 @@ def test_adversarial_training_mode_applies_to_the_hierarchical_designs(small_cla
     after = torch.cat([p.detach().flatten() for p in model.parameters()])
     assert not torch.equal(before, after) and 0 <= hist[-1]["val_adaptive"] <= 1
 
+
+def test_variants_benchmark_tiny_profile_end_to_end(tmp_path):
+    """benchmarks/variants.py on a handful of images: an exportable and a non-exportable design (numbers mean
+    nothing), the latent attack per row, the export column."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "variants-tiny.json"
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "variants.py"), "--profile", "tiny", "--row", "iwae",
+                        "--row", "abs", "--out", str(out)], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert set(report["rows"]) == {"iwae", "abs"}
+    assert report["rows"]["abs"]["checkpoints"]["purifier"]["kind"] == "abs"
+    assert report["export"]["iwae"]["exportable"] is True and report["export"]["iwae"]["parity"]["64"] <= 1e-4
+    assert report["export"]["abs"]["exportable"] is False and "autodiff" in report["export"]["abs"]["why"]
+    assert {"AS_target", "ssim_target_vs_adv_recon"} <= set(report["rows"]["iwae"]["latent"])
+    assert report["rows"]["abs"]["sanity"]["gradient not zero: full gradient"]["pass"]  # unrolled, not masked
+    assert "not exportable" in out.with_suffix(".md").read_text()
+
