@@ -72,22 +72,26 @@ class Condition(nn.Module):
         return F.one_hot(y, self.num_classes).to(torch.get_default_dtype())
 
 
+def conv_trunks(image_shape, channels) -> tuple[nn.Sequential, nn.Sequential, tuple[int, int, int]]:
+    """The convolutional encoder trunk (C x H x W -> flat features) and decoder trunk (features -> pixel logits),
+    two stride-2 layers each, shared by the flat and the hierarchical CVAE; returns them and the feature shape."""
+    c, h, w = image_shape
+    c1, c2 = channels
+    enc = nn.Sequential(nn.Conv2d(c, c1, 4, 2, 1), nn.LeakyReLU(0.2), nn.Conv2d(c1, c2, 4, 2, 1), nn.LeakyReLU(0.2),
+                        nn.Flatten())
+    dec = nn.Sequential(nn.ConvTranspose2d(c2, c1, 4, 2, 1), nn.LeakyReLU(0.2), nn.ConvTranspose2d(c1, c, 4, 2, 1))
+    return enc, dec, (c2, h // 4, w // 4)
+
+
 class CVAE(nn.Module):
     """PuVAE's conditional VAE. ``reparameterize`` returns mu when not training (deterministic purifier)."""
 
     def __init__(self, cfg: CVAEConfig):
         super().__init__()
         self.cfg = cfg
-        c, h, w = cfg.image_shape
-        c1, c2 = cfg.channels
-        self.feat_shape = (c2, h // 4, w // 4)
-        feat = c2 * (h // 4) * (w // 4)
+        self.enc_trunk, self.dec_trunk, self.feat_shape = conv_trunks(cfg.image_shape, cfg.channels)
+        feat = self.feat_shape[0] * self.feat_shape[1] * self.feat_shape[2]
         self.cond = Condition(cfg)
-        self.enc_trunk = nn.Sequential(
-            nn.Conv2d(c, c1, 4, 2, 1), nn.LeakyReLU(0.2),
-            nn.Conv2d(c1, c2, 4, 2, 1), nn.LeakyReLU(0.2),
-            nn.Flatten(),
-        )
         self.enc_head = nn.Sequential(
             nn.Linear(feat + self.cond.dim, cfg.hidden), nn.LeakyReLU(0.2),
             nn.Linear(cfg.hidden, 2 * cfg.latent_dim),
@@ -95,10 +99,6 @@ class CVAE(nn.Module):
         self.dec_head = nn.Sequential(
             nn.Linear(cfg.latent_dim + self.cond.dim, cfg.hidden), nn.LeakyReLU(0.2),
             nn.Linear(cfg.hidden, feat), nn.LeakyReLU(0.2),
-        )
-        self.dec_trunk = nn.Sequential(
-            nn.ConvTranspose2d(c2, c1, 4, 2, 1), nn.LeakyReLU(0.2),
-            nn.ConvTranspose2d(c1, c, 4, 2, 1),
         )
 
     def features(self, x: torch.Tensor) -> torch.Tensor:

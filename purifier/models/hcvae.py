@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .cvae import gaussian_kl
+from .cvae import conv_trunks, gaussian_kl
 
 
 @dataclass(frozen=True)
@@ -84,20 +84,18 @@ class HCVAE(nn.Module):
     def __init__(self, cfg: HCVAEConfig):
         super().__init__()
         self.cfg = cfg
-        c, h, w = cfg.image_shape
-        c1, c2 = cfg.channels
-        self.feat_shape = (c2, h // 4, w // 4)
-        feat = c2 * (h // 4) * (w // 4)
-        self.enc = nn.Sequential(
-            nn.Conv2d(c, c1, 4, 2, 1), nn.LeakyReLU(0.2), nn.Conv2d(c1, c2, 4, 2, 1), nn.LeakyReLU(0.2),
-            nn.Flatten(), nn.Linear(feat, cfg.hidden), nn.LeakyReLU(0.2))
+        self.enc_trunk, self.dec_trunk, self.feat_shape = conv_trunks(cfg.image_shape, cfg.channels)
+        feat = self.feat_shape[0] * self.feat_shape[1] * self.feat_shape[2]
+        self.enc_proj = nn.Sequential(nn.Linear(feat, cfg.hidden), nn.LeakyReLU(0.2))
         self.start = nn.Parameter(torch.zeros(cfg.hidden))
         self.blocks = nn.ModuleList(_Block(cfg, d) for d in cfg.latent_dims)
         dec_in = cfg.hidden + (sum(cfg.latent_dims) if cfg.skip else 0)
         self.dec_head = nn.Sequential(nn.Linear(dec_in, cfg.hidden), nn.LeakyReLU(0.2),
                                       nn.Linear(cfg.hidden, feat), nn.LeakyReLU(0.2))
-        self.dec_trunk = nn.Sequential(nn.ConvTranspose2d(c2, c1, 4, 2, 1), nn.LeakyReLU(0.2),
-                                       nn.ConvTranspose2d(c1, c, 4, 2, 1))
+
+    def enc(self, x: torch.Tensor) -> torch.Tensor:
+        """Bottom-up: x -> features h (B x hidden), once per image."""
+        return self.enc_proj(self.enc_trunk(x))
 
     def _top_down(self, h: torch.Tensor | None, y: torch.Tensor, k: int, sample: bool, temperature: float) -> dict:
         """Blocks 1..k from the posterior (needs h), the rest from the prior. sample: posterior draws (training);
