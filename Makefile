@@ -98,4 +98,16 @@ variants: setup
 		cp $(PLAIN)/classifier.safetensors $(PLAIN)/classifier.json $(VARIANTS)/$$d/ && \
 		$(PY) -m purifier.cli export $(VARIANTS)/$$d --out $(VARIANTS)/$$d || exit 1; \
 	done
+	$(MAKE) variant-cards
+
+# evaluation report and model card of every trained design
+.PHONY: variant-cards
+variant-cards:
+	mkdir -p results/variants
+	for d in $(TRAINED_DESIGNS); do \
+		$(PY) -m purifier.cli evaluate --model $(VARIANTS)/$$d --selection mse --selection likelihood \
+			--out results/variants/eval-$$d.json && \
+		$(PY) benchmarks/model_card.py $(VARIANTS)/$$d results/variants/eval-$$d.json > $(VARIANTS)/$$d/MODEL_CARD.md.tmp && \
+		mv $(VARIANTS)/$$d/MODEL_CARD.md.tmp $(VARIANTS)/$$d/MODEL_CARD.md || exit 1; \
+	done
 

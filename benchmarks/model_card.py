@@ -97,6 +97,15 @@ def adversarial_lines(cm: dict, cvae_sha: str, clf_sha: str, bench_path: str | N
     return lines
 
 
+def model_words(kind: str, c: dict) -> str:
+    if kind == "hcvae":
+        return (f"hierarchical class-conditional VAE, blocks {tuple(c['latent_dims'])} (top first), channels "
+                f"{tuple(c['channels'])}, a label embedding per block, {'the decoder reads every block, ' if c['skip'] else ''}"
+                f"purifies from the first {c['k']} posterior(s) and the conditional priors (temperature {c['temperature']})")
+    return (f"class-conditional VAE, latent {c['latent_dim']}, channels {tuple(c['channels'])}, {c['conditioning']} "
+            "conditioning")
+
+
 def main(model_dir: str, report_path: str, bench_path: str | None = None) -> None:
     model_dir = Path(model_dir)
     cvae = json.loads((model_dir / "cvae.json").read_text())
@@ -119,9 +128,12 @@ def main(model_dir: str, report_path: str, bench_path: str | None = None) -> Non
         "| --- | --- | --- |",
         f"| `classifier.safetensors` + `.json` | target classifier, PuVAE paper architecture "
         f"{clf['config']['arch'].upper()} | `{clf['weights_sha256'][:16]}…` |",
-        f"| `cvae.safetensors` + `.json` | class-conditional VAE, latent {c['latent_dim']}, channels "
-        f"{tuple(c['channels'])}, {c['conditioning']} conditioning | `{cvae['weights_sha256'][:16]}…` |",
+        f"| `cvae.safetensors` + `.json` | {model_words(cvae['kind'], c)} | `{cvae['weights_sha256'][:16]}…` |",
     ]
+    if cm.get("design", "puvae") != "puvae":
+        lines[0] = f"# Model card: purifier design `{cm['design']}` for {cm['dataset']}"
+        lines += ["", f"Design `{cm['design']}` (`purifier train --arch {cm['design']}`; README, choosing a purifier): "
+                      f"loss {json.dumps(cm['loss'])}; purifier {json.dumps(cm.get('purifier'))}."]
     for name in ("purifier.onnx", "pipeline.onnx"):
         if (model_dir / name).is_file():
             import onnx
