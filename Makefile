@@ -86,17 +86,16 @@ adversarial-bench: setup
 	$(PY) benchmarks/adversarial.py --profile standard --plain $(PLAIN)
 
 # The purifier family (README "choosing a purifier"): every design that trains differently from PuVAE, with
-# PuVAE's settings (standard classifier as source and target, 5 epochs, seed 0), into $(VARIANTS)/DESIGN; the
-# likelihood, IWAE and analysis-by-synthesis designs only change inference and run on $(PLAIN)'s weights.
+# PuVAE's settings (standard classifier as source and target, 5 epochs, seed 0), into $(VARIANTS)/DESIGN (the CVAE
+# and its card; the target is $(PLAIN)'s classifier); the likelihood, IWAE and analysis-by-synthesis designs only
+# change inference and run on $(PLAIN)'s weights.
 VARIANTS ?= models/variants
 TRAINED_DESIGNS ?= ks-cov ks-cov-coupled beta-tc seatbelt hcvae
 .PHONY: variants
 variants: setup
 	for d in $(TRAINED_DESIGNS); do \
 		$(PY) -m purifier.cli train --arch $$d --data fashion-mnist --source $(PLAIN)/classifier \
-			--out $(VARIANTS)/$$d --epochs $(CVAE_EPOCHS) --seed 0 --quiet && \
-		cp $(PLAIN)/classifier.safetensors $(PLAIN)/classifier.json $(VARIANTS)/$$d/ && \
-		$(PY) -m purifier.cli export $(VARIANTS)/$$d --out $(VARIANTS)/$$d || exit 1; \
+			--out $(VARIANTS)/$$d --epochs $(CVAE_EPOCHS) --seed 0 --quiet || exit 1; \
 	done
 	$(MAKE) variant-cards
 
@@ -105,8 +104,8 @@ variants: setup
 variant-cards:
 	mkdir -p results/variants
 	for d in $(TRAINED_DESIGNS); do \
-		$(PY) -m purifier.cli evaluate --model $(VARIANTS)/$$d --selection mse --selection likelihood \
-			--out results/variants/eval-$$d.json && \
+		$(PY) -m purifier.cli evaluate --cvae $(VARIANTS)/$$d/cvae --classifier $(PLAIN)/classifier \
+			--selection mse --selection likelihood --out results/variants/eval-$$d.json && \
 		$(PY) benchmarks/model_card.py $(VARIANTS)/$$d results/variants/eval-$$d.json > $(VARIANTS)/$$d/MODEL_CARD.md.tmp && \
 		mv $(VARIANTS)/$$d/MODEL_CARD.md.tmp $(VARIANTS)/$$d/MODEL_CARD.md || exit 1; \
 	done

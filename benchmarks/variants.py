@@ -51,7 +51,7 @@ def default_rows(plain: str, default: str, baselines: str, variants: str) -> lis
         if name in INFERENCE_ONLY:
             rows.append(Row(name, f"{plain}/classifier", f"{plain}/cvae", d.summary, purifier=d.purifier))
         else:
-            rows.append(Row(name, f"{variants}/{name}/classifier", f"{variants}/{name}/cvae", d.summary))
+            rows.append(Row(name, f"{plain}/classifier", f"{variants}/{name}/cvae", d.summary))
     return rows
 
 
