@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from export.onnx_export import calibrate_threshold  # noqa: E402
 from purifier import __version__, checkpoint  # noqa: E402
+from purifier.checkpoint import write_json  # noqa: E402
 from purifier.attacks import PGD, RejectOption, ce_objective  # noqa: E402
 from purifier.data import load_dataset  # noqa: E402
 from purifier.designs import purifier_from_spec  # noqa: E402
@@ -160,28 +161,50 @@ class Bench:
         return purifier_attacks(clf, pur, pgd, restarts, reject)
 
     def row(self, row: Row) -> dict:
+        """One row; its parts (clean + oblivious, each adaptive attack and restart, ART, sanity) are kept in
+        ``work/partial-ROW.json`` as they finish, so a row cut off (a session's end) resumes where it stopped."""
         p = self.p
         clf, pur = self.load(row)
         holds = self.holds(clf, pur)
         out = {"name": row.name, "classifier": row.classifier, "cvae": row.cvae, "note": row.note,
                "checkpoints": checkpoints_of(row)}
-        x_c, y_c = self.x_all[:p.clean_n], self.y_all[:p.clean_n]
-        out["clean"] = float(chunked(holds, x_c, y_c, 500).float().mean())
-        out["clean_n"] = p.clean_n
-        # oblivious: PGD on the target classifier (last iterate), then the purifier
-        obl = chunked(lambda a, b: PGD(eps=p.eps, steps=p.steps, seed=p.seed, best_iterate=False)
-                      .run(ce_objective(clf), a, b), self.x, self.y, p.batch_size)
-        out["oblivious"] = float(chunked(holds, obl, self.y, p.batch_size).float().mean())
+        part_path = self.work / f"partial-{slug(row.name)}.json"
+        parts = json.loads(part_path.read_text()) if part_path.is_file() else {}
+        profile = json.loads(json.dumps(asdict(p)))  # as it reads back from the file (tuples become lists)
+        if parts.get("checkpoints") != out["checkpoints"] or parts.get("profile") != profile:
+            parts = {"checkpoints": out["checkpoints"], "profile": profile}
+
+        def part(key, fn):
+            if key not in parts:
+                parts[key] = fn()
+                write_json(part_path, parts)
+            return parts[key]
+
+        def clean_and_oblivious():
+            x_c, y_c = self.x_all[:p.clean_n], self.y_all[:p.clean_n]
+            # oblivious: PGD on the target classifier (last iterate), then the purifier
+            obl = chunked(lambda a, b: PGD(eps=p.eps, steps=p.steps, seed=p.seed, best_iterate=False)
+                          .run(ce_objective(clf), a, b), self.x, self.y, p.batch_size)
+            return {"clean": float(chunked(holds, x_c, y_c, 500).float().mean()), "clean_n": p.clean_n,
+                    "oblivious": float(chunked(holds, obl, self.y, p.batch_size).float().mean())}
+
+        out.update(part("clean_and_oblivious", clean_and_oblivious))
         attacks = self.attacks(clf, pur, p.eps, p.restarts)
-        res = worst_case(attacks, holds, self.x, self.y, p.batch_size)
+
+        def progress(state):
+            parts["adaptive_state"] = state
+            write_json(part_path, parts)
+
+        res = worst_case(attacks, holds, self.x, self.y, p.batch_size, state=parts.get("adaptive_state"),
+                         on_step=progress)
         out.update({"adaptive": res["accuracy"], "adaptive_robust": res["robust"].tolist(), "steps": res["steps"],
                     "broken_by": {a.name: res["broken_by"].count(a.name) for a in attacks}})
-        out["art"] = self.art(clf, pur)
+        out["art"] = part("art", lambda: self.art(clf, pur))
         m = p.n_art
         worst = res["robust"][:m].numpy() & np.array(out["art"]["square_robust"]) & \
             np.array(out["art"]["autoattack_robust"])
         out["worst_of_all"] = float(worst.mean())
-        out["sanity"] = self.sanity(clf, pur, res["robust"], out)
+        out["sanity"] = part("sanity", lambda: self.sanity(clf, pur, res["robust"], out))
         return out
 
     def art(self, clf, pur) -> dict:
@@ -426,6 +449,7 @@ def measure_rows(bench: Bench, rows: list[Row]) -> dict:
         if stale.is_file() and json.loads(stale.read_text())["checkpoints"] != checkpoints_of(r):
             stale.unlink()  # the row's weights changed since it was measured: measure again
         results[r.name] = bench.cached(key, lambda r=r: bench.row(r))
+        (bench.work / f"partial-{slug(r.name)}.json").unlink(missing_ok=True)  # the whole row is cached now
         # the weights are the ones measured (same sha256); record where they live now
         results[r.name].update(classifier=r.classifier, cvae=r.cvae)
         results[r.name].pop("speed", None)  # rows cached by an earlier version timed themselves while sharing cores

@@ -62,21 +62,32 @@ def chunked(fn: Callable, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> 
 
 
 def worst_case(attacks: list[Attack], holds: Holds, x: torch.Tensor, y: torch.Tensor, batch_size: int = 250,
-               start: torch.Tensor | None = None) -> dict:
+               start: torch.Tensor | None = None, state: dict | None = None,
+               on_step: Callable[[dict], None] | None = None) -> dict:
     """Per-example worst case over ``attacks`` (each with its restarts), with early exit.
 
     ``start``: B bools, the images that count before any attack (default: ``holds`` on the clean images).
     Returns ``robust`` (B bools after every attack), ``accuracy``, ``adversarial`` (per image, the example
     that broke it, else the clean image), ``broken_by`` (attack name or None per image), and ``steps``: the
     robust accuracy after each attack and restart, in order, with the seconds each took.
+
+    Resumable: ``on_step(state)`` gets a JSON-able state after every attack and restart, and ``state`` resumes
+    from one (attacks and restarts already in it are skipped; each restart draws its own seeded start, so the
+    result is the same). Images broken before a resume keep their clean image in ``adversarial``.
     """
-    with torch.no_grad():
-        robust = chunked(holds, x, y, batch_size) if start is None else start.clone()
+    if state is not None:
+        robust = torch.tensor(state["robust"], dtype=torch.bool)
+        broken_by, steps = list(state["broken_by"]), list(state["steps"])
+    else:
+        with torch.no_grad():
+            robust = chunked(holds, x, y, batch_size) if start is None else start.clone()
+        broken_by, steps = [None] * len(x), []
+    done = {(s["attack"], s["restart"]) for s in steps}
     adversarial = x.clone()
-    broken_by: list[str | None] = [None] * len(x)
-    steps = []
     for attack in attacks:
         for restart in range(attack.restarts):
+            if (attack.name, restart) in done:
+                continue
             idx = robust.nonzero().squeeze(1)
             t0 = time.perf_counter()
             if len(idx):
@@ -90,6 +101,8 @@ def worst_case(attacks: list[Attack], holds: Holds, x: torch.Tensor, y: torch.Te
                     broken_by[i] = attack.name
             steps.append({"attack": attack.name, "restart": restart, "attacked": len(idx),
                           "accuracy": float(robust.float().mean()), "seconds": time.perf_counter() - t0})
+            if on_step is not None:
+                on_step({"robust": robust.tolist(), "broken_by": broken_by, "steps": steps})
     return {"robust": robust, "accuracy": float(robust.float().mean()), "adversarial": adversarial,
             "broken_by": broken_by, "steps": steps}
 

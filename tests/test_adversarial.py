@@ -1,6 +1,7 @@
 """Adversarial training through the whole pipeline: the training attacks, which parts each mode trains, the
 CLI that writes a complete model directory, and benchmarks/adversarial.py on a handful of images."""
 import copy
+import dataclasses
 import json
 import subprocess
 import sys
@@ -121,3 +122,25 @@ def test_benchmark_tiny_profile_end_to_end(tmp_path):
     bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "adversarial.py"), "--profile", "tiny",
                           "--row", "nonsense", "--out", str(out)], capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "nonsense" in bad.stderr
+
+
+def test_benchmark_row_resumes_from_its_partial_file(tmp_path):
+    """A row cut off mid-way (a session's end) resumes: parts in work/partial-ROW.json are not measured again."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from adversarial import PROFILES, checkpoints_of, default_rows
+
+    work = tmp_path / "work"
+    work.mkdir()
+    row = next(r for r in default_rows("models/fashion-mnist-plain", "models/baselines", "models/adversarial")
+               if r.name == "PGD-AT")
+    planted = {"checkpoints": checkpoints_of(row), "profile": dataclasses.asdict(PROFILES["tiny"]),
+               "clean_and_oblivious": {"clean": 0.123, "clean_n": 50, "oblivious": 0.456}}
+    (work / "partial-pgd-at.json").write_text(json.dumps(planted))
+    out = tmp_path / "adv-tiny.json"
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "adversarial.py"), "--profile", "tiny", "--row",
+                        "PGD-AT", "--out", str(out), "--work", str(work)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(out.read_text())["rows"]["PGD-AT"]
+    assert (got["clean"], got["oblivious"]) == (0.123, 0.456)  # taken from the partial file, not measured
+    assert not (work / "partial-pgd-at.json").exists() and (work / "row-pgd-at.json").is_file()
+

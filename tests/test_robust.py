@@ -77,6 +77,27 @@ def test_worst_case_is_the_per_image_minimum_and_skips_broken_images(shipped, im
     assert not holds(res["adversarial"][broken], y[broken]).any()
 
 
+def test_worst_case_resumes_from_its_saved_state_to_the_same_result(shipped, images):
+    clf, _ = shipped
+    x, y = images
+    holds = lambda a, b: clf(a).argmax(1) == b  # noqa: E731
+    attacks = [pgd_attack("weak", PGD(eps=0.01, steps=2), ce_objective(clf), restarts=2),
+               pgd_attack("strong", PGD(eps=0.03, steps=3), ce_objective(clf), restarts=2)]
+    states = []
+    full = worst_case(attacks, holds, x, y, batch_size=8, on_step=lambda st: states.append(json.loads(json.dumps(st))))
+    assert len(states) == 4 and states[-1]["robust"] == full["robust"].tolist()
+    calls = []
+    counted = [pgd_attack(a.name, PGD(eps=e, steps=k), ce_objective(clf), restarts=2) for a, e, k in
+               zip(attacks, (0.01, 0.03), (2, 3))]
+    for a in counted:  # count which (attack, restart) pairs actually run after the resume
+        make = a.make
+        a.make = lambda xa, ya, r, make=make, name=a.name: calls.append((name, r)) or make(xa, ya, r)
+    resumed = worst_case(counted, holds, x, y, batch_size=8, state=states[1])  # cut off after "weak" x 2
+    assert torch.equal(resumed["robust"], full["robust"])
+    assert resumed["broken_by"] == full["broken_by"] and len(resumed["steps"]) == 4
+    assert sorted(set(calls)) == [("strong", 0), ("strong", 1)]
+
+
 def test_reject_option_counts_only_unflagged_mistakes_and_penalises_crossing():
     r = RejectOption(threshold=0.1, penalty=5.0)
     wrong = torch.tensor([True, True, False])
