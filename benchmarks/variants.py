@@ -37,7 +37,6 @@ from adversarial import (PROFILES, Bench, Row, choose_rows, headline, measure_ro
 from results import markdown_table  # noqa: E402
 from speed import time_it  # noqa: E402
 
-INFERENCE_ONLY = ("likelihood", "iwae", "abs")  # designs that run on the plain PuVAE model's weights
 LATENT = {"full": (1000, 200), "standard": (200, 200), "quick": (50, 100), "tiny": (3, 3)}  # profile -> (n, steps)
 
 
@@ -48,7 +47,7 @@ def default_rows(plain: str, default: str, baselines: str, variants: str) -> lis
     for name, d in designs.DESIGNS.items():
         if name == "puvae":
             continue
-        if name in INFERENCE_ONLY:
+        if d.inference_only:  # runs on the plain PuVAE model's weights
             rows.append(Row(name, f"{plain}/classifier", f"{plain}/cvae", d.summary, purifier=d.purifier))
         else:
             rows.append(Row(name, f"{plain}/classifier", f"{variants}/{name}/cvae", d.summary))
@@ -147,7 +146,7 @@ def main(profile_name, plain, default, baselines, variants_dir, rows, out, work,
     bench = VariantsBench(profile_name, work, lambda m: click.echo(m, err=True))
     report = report_head("variants.py", profile_name)
     report["latent"] = dict(zip(("n", "steps"), LATENT[profile_name]))
-    report["designs"] = {k: {**asdict(d), "trained_on_plain_weights": k in INFERENCE_ONLY}
+    report["designs"] = {k: {**asdict(d), "trained_on_plain_weights": d.inference_only}
                          for k, d in designs.DESIGNS.items()}
     report["rows"] = measure_rows(bench, all_rows)
     report["export"] = {r.name: bench.cached(f"export-{slug(r.name)}", lambda r=r: bench.export(r)) for r in all_rows}

@@ -22,9 +22,7 @@ from __future__ import annotations
 import copy
 
 import torch
-from torch.nn import functional as F
-
-from .pipeline import Purifier, select
+from .pipeline import Purifier, bernoulli_nll, select
 from .validation import check_images
 
 SCORES = ("mse", "likelihood")
@@ -57,8 +55,7 @@ class LatentOptPurifier(Purifier):
 
     def _energy(self, z, y, xk):
         logits = self.cvae.decode_logits(z, y)
-        nll = F.binary_cross_entropy_with_logits(logits, xk, reduction="none").flatten(1).sum(1)
-        return nll + 0.5 * z.pow(2).sum(1), logits
+        return bernoulli_nll(logits, xk) + 0.5 * z.pow(2).sum(1), logits
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         check_images(x, self.image_shape)

@@ -21,6 +21,11 @@ class Design:
     purifier: dict = field(default_factory=lambda: {"selection": "mse"})
     model_overrides: dict = field(default_factory=dict)
 
+    @property
+    def inference_only(self) -> bool:
+        """Trains exactly as PuVAE (same model, no extra loss terms): only the purifier differs."""
+        return self.model == "cvae" and not self.loss and not self.model_overrides
+
 
 DESIGNS = {d.name: d for d in [
     Design("puvae", "class-conditional VAE, reconstruction closest to the input by MSE", "Hwang et al. 2019"),

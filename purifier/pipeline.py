@@ -37,11 +37,11 @@ def class_scores(x: torch.Tensor, out: dict[str, torch.Tensor], selection: str =
         return (out["recon"] - xk).pow(2).flatten(2).mean(-1)
     if selection == "likelihood":
         kl = out["kl"] if "kl" in out else kl_divergence(out["mu"], out["logvar"])
-        return _bernoulli_nll(out["logits"], xk) + kl
+        return bernoulli_nll(out["logits"], xk) + kl
     raise ValueError(f"unknown selection {selection!r}; choose from {SELECTIONS}")
 
 
-def _bernoulli_nll(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def bernoulli_nll(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """-log p(x | z) summed over pixels: logits ... x C x H x W against x broadcast to them -> ....
 
     Written out as relu(l) - l x + log(1 + exp(-|l|)), stable for any logit: the exported form of torch's
@@ -65,7 +65,7 @@ def iwae_scores(cvae: CVAE, x: torch.Tensor, out: dict[str, torch.Tensor], noise
     z = mu.unsqueeze(2) + torch.exp(0.5 * logvar).unsqueeze(2) * eps  # B x K x S x D
     y = torch.arange(k, device=x.device).repeat_interleave(s).repeat(b)
     logits = cvae.decode_logits(z.reshape(b * k * s, d), y).view(b, k, s, *x.shape[1:])
-    log_px = -_bernoulli_nll(logits, x.view(b, 1, 1, *x.shape[1:]))
+    log_px = -bernoulli_nll(logits, x.view(b, 1, 1, *x.shape[1:]))
     log_pz = -0.5 * (z.pow(2) + math.log(2 * math.pi)).sum(-1)
     log_qz = -0.5 * (eps.pow(2) + logvar.unsqueeze(2) + math.log(2 * math.pi)).sum(-1)
     log_w = log_px + log_pz - log_qz
