@@ -77,7 +77,8 @@ class PuVAELoss:
         if self.ce_weight:
             if source is None:
                 raise ValueError("ce_weight > 0 needs a source classifier")
-            terms["ce"] = F.cross_entropy(source(out["recon"]), y)
+            # on the reconstruction the purifier hands on (hierarchical models: from the first k posteriors)
+            terms["ce"] = F.cross_entropy(source(out.get("purify_recon", out["recon"])), y)
             loss = loss + self.ce_weight * terms["ce"]
         if self.sel_weight:
             classes, target = None, y

@@ -126,6 +126,23 @@ def test_likelihood_rules_on_the_plain_model_match_onnxruntime_on_real_images(tm
     assert np.isfinite(got).all() and np.allclose(got, ref, rtol=1e-4)
 
 
+def test_hierarchical_ce_term_trains_the_reconstruction_the_purifier_hands_on(small_classifier):
+    # PuVAE's cross-entropy term must see what the purifier outputs: for k < blocks that is the first k
+    # posteriors plus the conditional priors, not the all-posterior reconstruction the recon term uses
+    torch.manual_seed(0)
+    model = HCVAE(HCVAEConfig(latent_dims=(4, 4, 4), channels=(8, 16), hidden=32, k=1)).eval()
+    x, y = torch.rand(6, 1, 28, 28, generator=torch.Generator().manual_seed(0)), torch.arange(6) % 10
+    with torch.no_grad():
+        out = model(x, y)
+        inference = model.reconstruct_all(x, deterministic=True)["recon"][torch.arange(6), y]
+    assert torch.allclose(out["purify_recon"], inference, atol=1e-6)
+    assert not torch.allclose(out["purify_recon"], out["recon"], atol=1e-3)
+    # the conditional prior of a later block only shapes the purifier's reconstruction: the CE term reaches it
+    terms = PuVAELoss(sel_weight=0.0)(model, small_classifier, x, y)
+    grad, = torch.autograd.grad(terms["ce"], model.blocks[2].prior.weight, allow_unused=True)
+    assert grad is not None and float(grad.abs().sum()) > 0
+
+
 def test_analysis_by_synthesis_masks_gradients_unless_unrolled(small_cvae, batch, tmp_path):
     plain = Purifier(small_cvae).eval()
     zero_steps = LatentOptPurifier(small_cvae, steps=0).eval()

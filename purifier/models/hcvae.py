@@ -119,11 +119,21 @@ class HCVAE(nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         """Training pass, every block from the posterior. x: B x C x H x W, y: B -> ``logits``, ``recon``,
-        ``kl`` (B, summed over blocks), ``mu``/``logvar``/``z`` of the top block (for a beta-TC penalty)."""
-        out = self._top_down(self.enc(x), y, len(self.blocks), self.training, 0.0)
+        ``kl`` (B, summed over blocks), ``mu``/``logvar``/``z`` of the top block (for a beta-TC penalty), and
+        ``purify_recon``: the reconstruction the purifier hands on for label y (the first k blocks from the
+        posterior, the rest from the conditional priors at the purifier's temperature), which PuVAE's
+        cross-entropy term must train. With k = every block it is ``recon``."""
+        h = self.enc(x)
+        out = self._top_down(h, y, len(self.blocks), self.training, 0.0)
         mu, logvar, z = out["top"]
-        return {"logits": out["logits"], "recon": torch.sigmoid(out["logits"]), "kl": out["kl"],
-                "mu": mu, "logvar": logvar, "z": z}
+        recon = torch.sigmoid(out["logits"])
+        if self.cfg.k < len(self.blocks):
+            purify = self._top_down(h, y, self.cfg.k, self.training, self.cfg.temperature)
+            purify_recon = torch.sigmoid(purify["logits"])
+        else:
+            purify_recon = recon
+        return {"logits": out["logits"], "recon": recon, "kl": out["kl"], "mu": mu, "logvar": logvar, "z": z,
+                "purify_recon": purify_recon}
 
     def encode(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The top block's posterior (mu, logvar): the code latent regularisers and attacks act on."""
