@@ -99,6 +99,15 @@ variants: setup
 	done
 	$(MAKE) variant-cards
 
+# each trained design again with the adversarial-training mode, as $(ADV)/alternating was made from PuVAE (PGD-AT
+# as CE source and target, alternating, 0.75 epoch), into $(VARIANTS)/DESIGN/adversarial (CVAE and target classifier)
+.PHONY: variants-adversarial
+variants-adversarial: setup
+	for d in $(TRAINED_DESIGNS); do \
+		$(PY) -m purifier.cli train --source $(BASELINES)/pgd-at --init $(VARIANTS)/$$d --adversarial alternating \
+			--epochs 0.75 --out $(VARIANTS)/$$d/adversarial --quiet || exit 1; \
+	done
+
 # evaluation report and model card of every trained design
 .PHONY: variant-cards
 variant-cards:

@@ -66,10 +66,11 @@ class Profile:
 
 
 PROFILES = {
-    # the protocol's headline settings; about 35 minutes per purifier row on 2 cores
+    # the protocol's headline settings; a purifier row took 60-100 minutes here, two rows sharing the 2 cores
+    # (row seconds in results/adversarial-full.json), so all 8 rows take more than one 3-hour session
     "full": Profile(n=1000, steps=100, restarts=5, n_art=500),
-    # what results/adversarial.json was run with: 8 rows in about 80 minutes on 2 cores (Square's 500 queries
-    # through the purifier cost most of a row)
+    # what results/adversarial.json was run with: 8 rows in about 140 minutes on 2 cores (section_seconds there;
+    # Square's 500 queries through the purifier cost most of a row)
     "standard": Profile(n=500, steps=100, restarts=1, n_art=200, square_queries=500),
     "quick": Profile(n=100, steps=20, restarts=1, n_art=50, square_queries=200, apgd_iters=20, n_sanity=50,
                      sanity_steps=(10, 20), clean_n=2000, speed_reps=3),

@@ -40,18 +40,34 @@ from speed import time_it  # noqa: E402
 LATENT = {"full": (1000, 200), "standard": (200, 200), "quick": (50, 100), "tiny": (3, 3)}  # profile -> (n, steps)
 
 
-def default_rows(plain: str, default: str, baselines: str, variants: str) -> list[Row]:
+ADV_SUFFIX = " + adv. training"
+
+
+def default_rows(plain: str, default: str, baselines: str, variants: str, adversarial: str) -> list[Row]:
+    """Every design as trained by ``make variants``, then each again after the adversarial-training mode
+    (``make variants-adversarial``: alternating, PGD-AT as source and target, as ``adversarial``/alternating).
+    Inference-only designs run on PuVAE's weights: plain ones, then the alternating run's. Analysis by synthesis
+    gets no adversarially trained row: its unrolled attack alone costs hours a row here."""
+    alt = f"{adversarial}/alternating"
     rows = [Row("PGD-AT", f"{baselines}/pgd-at", note="Madry, eps 0.1, PGD-5, 3 epochs"),
             Row("plain PuVAE", f"{plain}/classifier", f"{plain}/cvae", "design puvae"),
             Row("shipped default", f"{default}/classifier", f"{default}/cvae", "puvae + joint adversarial training")]
+    trained = []
     for name, d in designs.DESIGNS.items():
         if name == "puvae":
             continue
         if d.inference_only:  # runs on the plain PuVAE model's weights
             rows.append(Row(name, f"{plain}/classifier", f"{plain}/cvae", d.summary, purifier=d.purifier))
+            if d.purifier.get("kind", "puvae") == "puvae":
+                trained.append(Row(name + ADV_SUFFIX, f"{alt}/classifier", f"{alt}/cvae",
+                                   "PuVAE's alternating run (trained against the MSE rule), this rule",
+                                   purifier=d.purifier))
         else:
             rows.append(Row(name, f"{plain}/classifier", f"{variants}/{name}/cvae", d.summary))
-    return rows
+            trained.append(Row(name + ADV_SUFFIX, f"{variants}/{name}/adversarial/classifier",
+                               f"{variants}/{name}/adversarial/cvae", "alternating, 0.75 epoch from the row above"))
+    return rows + [Row("puvae" + ADV_SUFFIX, f"{alt}/classifier", f"{alt}/cvae",
+                       "alternating, 0.75 epoch (results/adversarial.md)")] + trained
 
 
 class VariantsBench(Bench):
@@ -133,15 +149,18 @@ def _export_cells(ex: dict) -> list[str]:
 @click.option("--baselines", default="models/baselines", show_default=True)
 @click.option("--variants", "variants_dir", default="models/variants", show_default=True,
               help="Directory of `make variants`'s runs (one subdirectory per design).")
+@click.option("--adversarial", "adv_dir", default="models/adversarial", show_default=True,
+              help="Directory of PuVAE's adversarial-training runs (its alternating run is a row).")
 @click.option("--row", "rows", multiple=True, help="A row to run, by name; repeat for more (default: every row).")
 @click.option("--out", help="Results file (default results/variants.json; other profiles variants-PROFILE).")
 @click.option("--work", help="Cache of finished rows (default: results/.OUT-work).")
 @click.option("--threads", type=int, help="torch threads (default: torch's).")
-def main(profile_name, plain, default, baselines, variants_dir, rows, out, work, threads):
+def main(profile_name, plain, default, baselines, variants_dir, adv_dir, rows, out, work, threads):
     if threads:
         torch.set_num_threads(threads)
     out, work = output_paths("variants", profile_name, out, work)
-    all_rows = choose_rows(default_rows(plain, default, baselines, variants_dir), rows, "run `make variants` first")
+    all_rows = choose_rows(default_rows(plain, default, baselines, variants_dir, adv_dir), rows,
+                           "run `make variants variants-adversarial` first")
     start = time.perf_counter()
     bench = VariantsBench(profile_name, work, lambda m: click.echo(m, err=True))
     report = report_head("variants.py", profile_name)
