@@ -107,6 +107,19 @@ variants-adversarial: setup
 		$(PY) -m purifier.cli train --source $(BASELINES)/pgd-at --init $(VARIANTS)/$$d --adversarial alternating \
 			--epochs 0.75 --out $(VARIANTS)/$$d/adversarial --quiet || exit 1; \
 	done
+	$(MAKE) variant-adversarial-cards
+
+# their evaluation reports and cards (the card quotes results/variants.json's row on the same weights, once run)
+.PHONY: variant-adversarial-cards
+variant-adversarial-cards:
+	mkdir -p results/variants
+	for d in $(TRAINED_DESIGNS); do \
+		$(PY) -m purifier.cli evaluate --model $(VARIANTS)/$$d/adversarial --selection mse --selection likelihood \
+			--out results/variants/eval-$$d-adversarial.json && \
+		$(PY) benchmarks/model_card.py $(VARIANTS)/$$d/adversarial results/variants/eval-$$d-adversarial.json \
+			$(wildcard results/variants.json) > $(VARIANTS)/$$d/adversarial/MODEL_CARD.md.tmp && \
+		mv $(VARIANTS)/$$d/adversarial/MODEL_CARD.md.tmp $(VARIANTS)/$$d/adversarial/MODEL_CARD.md || exit 1; \
+	done
 
 # evaluation report and model card of every trained design
 .PHONY: variant-cards

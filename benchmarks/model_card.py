@@ -119,8 +119,9 @@ def main(model_dir: str, report_path: str, bench_path: str | None = None) -> Non
     cm, km = cvae["meta"], clf["meta"]
     c = cvae["config"]
     total = cm["train_seconds"] + km.get("train_seconds", 0)
-    made_by = ("make variants variant-cards" if cm.get("design", "puvae") != "puvae"
-               else "make default-model")
+    design = cm.get("design", "puvae")
+    made_by = ("make default-model" if design == "puvae" else
+               "make variants-adversarial" if "adversarial" in cm else "make variants variant-cards")
     source_note = ("the same network as the target classifier"
                    if cm.get("source_sha256") == clf["weights_sha256"] else f"`{cm.get('source')}`")
     lines = [
