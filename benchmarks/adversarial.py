@@ -405,6 +405,12 @@ def training_record(row: Row) -> dict | None:
             "history": [{k: h[k] for k in ("epoch", "val_purified_acc", "val_adaptive")} for h in meta["history"]]}
 
 
+def attack_seconds(row: dict) -> float:
+    """Seconds the row's attacks took (every adaptive attack and restart, Square, AutoAttack), summed over the
+    runs that made it: unlike the row's ``seconds``, this survives resuming."""
+    return sum(s["seconds"] for s in row["steps"]) + row["art"]["square_seconds"] + row["art"]["autoattack_seconds"]
+
+
 def output_paths(stem: str, profile_name: str, out: str | None, work: str | None) -> tuple[Path, Path]:
     """results/STEM.json for the standard profile (STEM-PROFILE.json otherwise) and its row cache, created."""
     name = stem if profile_name == "standard" else f"{stem}-{profile_name}"
@@ -522,7 +528,9 @@ def main(profile_name, plain, baselines, adv_dir, default, rows, out, work, thre
             [max(purifier_rows, key=lambda r: (results[r.name]["worst_of_all"], results[r.name]["adaptive"]))]
         report["reject"] = bench.cached(f"reject-{slug(chosen[0].name)}", lambda: bench.reject(chosen[0]))
     report["speed"] = speed_together(bench, all_rows)
+    # a resumed row's "seconds" is its last run's; the attacks' own timings add up across sessions
     report["section_seconds"] = {k: v["seconds"] for k, v in results.items()}
+    report["attack_seconds"] = {k: attack_seconds(v) for k, v in results.items()}
     publish(report, out, "Adversarial training through the pipeline", render(report), start)
 
 

@@ -32,8 +32,8 @@ from export.onnx_export import export_onnx, not_exportable  # noqa: E402
 from purifier import checkpoint, designs  # noqa: E402
 from purifier.robust import latent_attack_report  # noqa: E402
 
-from adversarial import (PROFILES, Bench, Row, choose_rows, headline, measure_rows, output_paths,  # noqa: E402
-                         publish, report_head, slug, speed_together)
+from adversarial import (PROFILES, Bench, Row, attack_seconds, choose_rows, headline, measure_rows,  # noqa: E402
+                         output_paths, publish, report_head, slug, speed_together)
 from results import markdown_table  # noqa: E402
 from speed import time_it  # noqa: E402
 
@@ -168,6 +168,7 @@ def main(profile_name, plain, default, baselines, variants_dir, adv_dir, rows, o
     report["designs"] = {k: {**asdict(d), "trained_on_plain_weights": d.inference_only}
                          for k, d in designs.DESIGNS.items()}
     report["rows"] = measure_rows(bench, all_rows)
+    report["attack_seconds"] = {k: attack_seconds(v) for k, v in report["rows"].items()}
     report["export"] = {r.name: bench.cached(f"export-{slug(r.name)}", lambda r=r: bench.export(r)) for r in all_rows}
     report["speed"] = speed_together(bench, all_rows)
     publish(report, out, "The purifier family side by side", render(report), start)
