@@ -13,6 +13,7 @@ cached under ``--work`` by the sha256 of their weights and their purifier spec.
 
 The likelihood, IWAE and analysis-by-synthesis designs only change inference: their rows wrap the plain PuVAE
 model's weights (``purifier train --arch`` trains them exactly as PuVAE). The others are ``make variants``'s runs.
+Then every design again after the adversarial-training mode (``make variants-adversarial``; see ``default_rows``).
 """
 from __future__ import annotations
 
