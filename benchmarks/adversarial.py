@@ -21,6 +21,7 @@ import platform
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -147,6 +148,17 @@ class Bench:
     def cached(self, name: str, fn):
         return cached(self.work, name, fn, self.say)
 
+    def partial(self, name: str, checkpoints: dict) -> tuple[dict, Callable[[], None]]:
+        """The finished parts of section NAME (``work/partial-NAME.json``, written as they finish, so a section
+        cut off by a session's end resumes where it stopped), empty when its weights or the profile changed;
+        and a function that saves them."""
+        path = self.work / f"partial-{name}.json"
+        parts = json.loads(path.read_text()) if path.is_file() else {}
+        profile = json.loads(json.dumps(asdict(self.p)))  # as it reads back from the file (tuples become lists)
+        if parts.get("checkpoints") != checkpoints or parts.get("profile") != profile:
+            parts = {"checkpoints": checkpoints, "profile": profile}
+        return parts, lambda: write_json(path, parts)
+
     @staticmethod
     def holds(clf, pur):
         def fn(x, y):
@@ -169,16 +181,12 @@ class Bench:
         holds = self.holds(clf, pur)
         out = {"name": row.name, "classifier": row.classifier, "cvae": row.cvae, "note": row.note,
                "checkpoints": checkpoints_of(row)}
-        part_path = self.work / f"partial-{slug(row.name)}.json"
-        parts = json.loads(part_path.read_text()) if part_path.is_file() else {}
-        profile = json.loads(json.dumps(asdict(p)))  # as it reads back from the file (tuples become lists)
-        if parts.get("checkpoints") != out["checkpoints"] or parts.get("profile") != profile:
-            parts = {"checkpoints": out["checkpoints"], "profile": profile}
+        parts, save = self.partial(slug(row.name), out["checkpoints"])
 
         def part(key, fn):
             if key not in parts:
                 parts[key] = fn()
-                write_json(part_path, parts)
+                save()
             return parts[key]
 
         def clean_and_oblivious():
@@ -194,7 +202,7 @@ class Bench:
 
         def progress(state):
             parts["adaptive_state"] = state
-            write_json(part_path, parts)
+            save()
 
         res = worst_case(attacks, holds, self.x, self.y, p.batch_size, state=parts.get("adaptive_state"),
                          on_step=progress)
@@ -290,9 +298,11 @@ class Bench:
 
     def reject(self, row: Row) -> dict:
         """Defended rate (correct or rejected) at the headline eps, worst case over the adaptive attacks with and
-        without a penalty for crossing the calibrated threshold (99th percentile of clean validation error)."""
+        without a penalty for crossing the calibrated threshold (99th percentile of clean validation error).
+        Resumable like a row (``work/partial-reject-ROW.json``)."""
         p = self.p
         clf, pur = self.load(row)
+        parts, save = self.partial(f"reject-{slug(row.name)}", checkpoints_of(row))
         calib = calibrate_threshold(pur.cvae, "mse", 99.0)
         thr = calib["threshold"]
 
@@ -309,12 +319,20 @@ class Bench:
         for penalty in (0.0, p.reject_penalty):
             for a in self.attacks(clf, pur, p.eps, p.restarts, reject=RejectOption(thr, penalty)):
                 attacks.append(replace(a, name=f"{a.name} (penalty {penalty:g})"))
-        res = worst_case(attacks, defended, self.x, self.y, p.batch_size)
+        def progress(state):
+            parts["state"] = state
+            save()
+
+        res = worst_case(attacks, defended, self.x, self.y, p.batch_size, state=parts.get("state"),
+                         on_step=progress)
         clean_err = best_error(self.x_all[:p.clean_n])
+        # an image the attacks broke was neither classified right nor rejected; one they did not break is
+        # flagged or not on its clean input (what worst_case hands back for it, resumed or not)
+        flagged = res["robust"] & (best_error(res["adversarial"]) > thr)
         return {"row": row.name, "threshold": thr, "calibration": calib, "n": p.n, "restarts": p.restarts,
                 "penalty": p.reject_penalty, "defended": res["accuracy"], "steps": res["steps"],
                 "false_alarm_rate": float((clean_err > thr).float().mean()), "clean_n": p.clean_n,
-                "rejected_among_adversarial": float((best_error(res["adversarial"]) > thr).float().mean())}
+                "rejected_among_adversarial": float(flagged.float().mean())}
 
 
 def headline(rows: dict, speed: dict) -> list[list]:
@@ -526,7 +544,9 @@ def main(profile_name, plain, baselines, adv_dir, default, rows, out, work, thre
                    "cvae": checkpoint.read_record(ROOT / default / "cvae")["weights_sha256"]}
         chosen = [r for r in purifier_rows if results[r.name]["checkpoints"] == shipped] or \
             [max(purifier_rows, key=lambda r: (results[r.name]["worst_of_all"], results[r.name]["adaptive"]))]
-        report["reject"] = bench.cached(f"reject-{slug(chosen[0].name)}", lambda: bench.reject(chosen[0]))
+        key = f"reject-{slug(chosen[0].name)}"
+        report["reject"] = bench.cached(key, lambda: bench.reject(chosen[0]))
+        (bench.work / f"partial-{key}.json").unlink(missing_ok=True)
     report["speed"] = speed_together(bench, all_rows)
     # a resumed row's "seconds" is its last run's; the attacks' own timings add up across sessions
     report["section_seconds"] = {k: v["seconds"] for k, v in results.items()}

@@ -102,10 +102,24 @@ def test_cli_writes_a_complete_model_directory(tmp_path):
 
 
 def test_benchmark_tiny_profile_end_to_end(tmp_path):
-    """benchmarks/adversarial.py on a handful of images, classifier and plain purifier rows (numbers mean nothing)."""
+    """benchmarks/adversarial.py on a handful of images, classifier and plain purifier rows (numbers mean nothing).
+    The reject-option section resumes from a partial file cut off after its first attack: five of the six images
+    broken there, the sixth still attacked."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from adversarial import PROFILES, checkpoints_of, default_rows
+
+    work = tmp_path / "work"
+    work.mkdir()
+    row = next(r for r in default_rows("models/fashion-mnist-plain", "models/baselines", "models/adversarial")
+               if r.name == "plain PuVAE + PGD-AT")
+    cut = {"attack": "selection (penalty 0)", "restart": 0, "attacked": 6, "accuracy": 1 / 6, "seconds": 123.0}
+    planted = {"checkpoints": checkpoints_of(row), "profile": dataclasses.asdict(PROFILES["tiny"]),
+               "state": {"robust": [False] * 5 + [True], "broken_by": ["selection (penalty 0)"] * 5 + [None],
+                         "steps": [cut]}}
+    (work / "partial-reject-plain-puvae---pgd-at.json").write_text(json.dumps(planted))
     out = tmp_path / "adv-tiny.json"
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "adversarial.py"), "--profile", "tiny",
-                        "--row", "PGD-AT", "--row", "plain PuVAE + PGD-AT", "--out", str(out)],
+                        "--row", "PGD-AT", "--row", "plain PuVAE + PGD-AT", "--out", str(out), "--work", str(work)],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads(out.read_text())
@@ -116,7 +130,12 @@ def test_benchmark_tiny_profile_end_to_end(tmp_path):
     n_art = pu["art"]["n"]
     assert pu["worst_of_all"] <= sum(pu["adaptive_robust"][:n_art]) / n_art + 1e-9
     assert "gradient not zero: selection" in pu["sanity"]
-    assert report["reject"]["row"] == "plain PuVAE + PGD-AT"
+    rj = report["reject"]
+    assert rj["row"] == "plain PuVAE + PGD-AT"
+    assert rj["steps"][0] == cut and len(rj["steps"]) == 2 * 4  # resumed: the planted step, then the 7 others
+    assert rj["steps"][1]["attacked"] == 1  # only the image the cut-off run left standing
+    assert rj["defended"] <= 1 / 6 + 1e-6 and rj["rejected_among_adversarial"] <= rj["defended"]
+    assert not (work / "partial-reject-plain-puvae---pgd-at.json").exists()
     assert (tmp_path / report["plot"]).stat().st_size > 0
     assert "| defense | clean |" in out.with_suffix(".md").read_text()
     bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "adversarial.py"), "--profile", "tiny",
