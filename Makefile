@@ -41,7 +41,7 @@ default-model: setup
 	$(PY) -m purifier.cli evaluate --model $(MODEL_DIR) --out results/eval-fashion-mnist.json
 	$(PY) -m purifier.cli export $(MODEL_DIR) --out $(MODEL_DIR)
 	$(PY) benchmarks/model_card.py $(MODEL_DIR) results/eval-fashion-mnist.json results/adversarial.json \
-		> $(MODEL_DIR)/MODEL_CARD.md.tmp
+		$(wildcard results/adversarial-full.json) > $(MODEL_DIR)/MODEL_CARD.md.tmp
 	mv $(MODEL_DIR)/MODEL_CARD.md.tmp $(MODEL_DIR)/MODEL_CARD.md
 
 # The benchmark's baselines (about 30 minutes on 2 cores): PGD-AT (Madry; eps 0.1, PGD-5, 3 epochs),
