@@ -319,6 +319,7 @@ class Bench:
         for penalty in (0.0, p.reject_penalty):
             for a in self.attacks(clf, pur, p.eps, p.restarts, reject=RejectOption(thr, penalty)):
                 attacks.append(replace(a, name=f"{a.name} (penalty {penalty:g})"))
+
         def progress(state):
             parts["state"] = state
             save()
