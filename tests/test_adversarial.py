@@ -101,22 +101,27 @@ def test_cli_writes_a_complete_model_directory(tmp_path):
     assert bad.returncode != 0 and "0.5" in bad.stderr
 
 
+def _plant_partial(work: Path, section: str, row_name: str, parts: dict) -> None:
+    """Write work/partial-SECTION.json as a tiny-profile run of ROW_NAME cut off after PARTS would leave it."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from adversarial import PROFILES, checkpoints_of, default_rows
+
+    row = next(r for r in default_rows("models/fashion-mnist-plain", "models/baselines", "models/adversarial")
+               if r.name == row_name)
+    planted = {"checkpoints": checkpoints_of(row), "profile": dataclasses.asdict(PROFILES["tiny"]), **parts}
+    (work / f"partial-{section}.json").write_text(json.dumps(planted))
+
+
 def test_benchmark_tiny_profile_end_to_end(tmp_path):
     """benchmarks/adversarial.py on a handful of images, classifier and plain purifier rows (numbers mean nothing).
     The reject-option section resumes from a partial file cut off after its first attack: five of the six images
     broken there, the sixth still attacked."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from adversarial import PROFILES, checkpoints_of, default_rows
-
     work = tmp_path / "work"
     work.mkdir()
-    row = next(r for r in default_rows("models/fashion-mnist-plain", "models/baselines", "models/adversarial")
-               if r.name == "plain PuVAE + PGD-AT")
     cut = {"attack": "selection (penalty 0)", "restart": 0, "attacked": 6, "accuracy": 1 / 6, "seconds": 123.0}
-    planted = {"checkpoints": checkpoints_of(row), "profile": dataclasses.asdict(PROFILES["tiny"]),
-               "state": {"robust": [False] * 5 + [True], "broken_by": ["selection (penalty 0)"] * 5 + [None],
-                         "steps": [cut]}}
-    (work / "partial-reject-plain-puvae---pgd-at.json").write_text(json.dumps(planted))
+    _plant_partial(work, "reject-plain-puvae---pgd-at", "plain PuVAE + PGD-AT",
+                   {"state": {"robust": [False] * 5 + [True], "broken_by": ["selection (penalty 0)"] * 5 + [None],
+                              "steps": [cut]}})
     out = tmp_path / "adv-tiny.json"
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "adversarial.py"), "--profile", "tiny",
                         "--row", "PGD-AT", "--row", "plain PuVAE + PGD-AT", "--out", str(out), "--work", str(work)],
@@ -145,16 +150,10 @@ def test_benchmark_tiny_profile_end_to_end(tmp_path):
 
 def test_benchmark_row_resumes_from_its_partial_file(tmp_path):
     """A row cut off mid-way (a session's end) resumes: parts in work/partial-ROW.json are not measured again."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from adversarial import PROFILES, checkpoints_of, default_rows
-
     work = tmp_path / "work"
     work.mkdir()
-    row = next(r for r in default_rows("models/fashion-mnist-plain", "models/baselines", "models/adversarial")
-               if r.name == "PGD-AT")
-    planted = {"checkpoints": checkpoints_of(row), "profile": dataclasses.asdict(PROFILES["tiny"]),
-               "clean_and_oblivious": {"clean": 0.123, "clean_n": 50, "oblivious": 0.456}}
-    (work / "partial-pgd-at.json").write_text(json.dumps(planted))
+    _plant_partial(work, "pgd-at", "PGD-AT",
+                   {"clean_and_oblivious": {"clean": 0.123, "clean_n": 50, "oblivious": 0.456}})
     out = tmp_path / "adv-tiny.json"
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "adversarial.py"), "--profile", "tiny", "--row",
                         "PGD-AT", "--out", str(out), "--work", str(work)], capture_output=True, text=True, timeout=600)
