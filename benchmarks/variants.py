@@ -124,8 +124,24 @@ def render(report: dict) -> str:
              markdown_table(["defense", "AS_ignore-target", "AS_target", "SSIM(target recon, adv recon)",
                              "L2(target recon, adv recon)", "ONNX parity (max rel. diff)", "ONNX images/s"],
                             [[name, *(_latent_cells(r.get("latent"))), *_export_cells(report["export"][name])]
-                             for name, r in rows.items()])]
+                             for name, r in rows.items()]), "",
+             "### Summary (the README's table)",
+             markdown_table(["design", "clean", f"adaptive (n {p['n']})", f"worst of all (n {p['n_art']})",
+                             "latent attack AS_ignore-target / AS_target", "ONNX parity"],
+                            [_summary_cells(name, r, report["export"][name]) for name, r in rows.items()])]
     return "\n".join(parts)
+
+
+def _summary_cells(name: str, row: dict, ex: dict) -> list[str]:
+    la = row.get("latent")
+    latent = f"{la['AS_ignore_target']:.3f} / {la['AS_target']:.3f}" if la else "n/a (no autoencoder)"
+    if ex["exportable"] is None:
+        parity = "n/a (no purifier)"
+    elif not ex["exportable"]:
+        parity = "not exportable (see the table above)"
+    else:
+        parity = f"{max(ex['parity'].values()):.1e}"
+    return [f"`{name}`" if name in designs.DESIGNS else name, f"{row['clean']:.4f}", f"**{row['adaptive']:.3f}**", f"{row['worst_of_all']:.3f}", latent, parity]
 
 
 def _latent_cells(la: dict | None) -> list[str]:
