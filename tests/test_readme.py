@@ -44,6 +44,6 @@ def test_readme_tables_are_rows_of_the_results_files_they_name():
 
 def test_a_changed_figure_is_caught():
     rows = [r for r in (ROOT / "results/speed.md").read_text().splitlines() if r.startswith("|")][:4]
-    changed = rows[3].replace("|", "| 9", 2)  # the second cell gains a digit
+    changed = rows[3].replace("|", "| 9", 2)  # its first two cells gain a leading 9
     text = "\n".join(["<!-- rows from results/speed.md -->", "", *rows[:3], changed, "", "prose"])
     assert stale_rows(text) == [("results/speed.md", changed)]
