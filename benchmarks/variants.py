@@ -133,8 +133,7 @@ def render(report: dict) -> str:
 
 
 def _summary_cells(name: str, row: dict, ex: dict) -> list[str]:
-    la = row.get("latent")
-    latent = f"{la['AS_ignore_target']:.3f} / {la['AS_target']:.3f}" if la else "n/a (no autoencoder)"
+    latent = " / ".join(_latent_cells(row["latent"])[:2]) if row.get("latent") else "n/a (no autoencoder)"
     parity = "n/a (no purifier)" if ex["exportable"] is None else _export_cells(ex)[0]
     return [f"`{name}`" if name in designs.DESIGNS else name, f"{row['clean']:.4f}", f"**{row['adaptive']:.3f}**",
             f"{row['worst_of_all']:.3f}", latent, parity]
