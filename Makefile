@@ -28,7 +28,8 @@ plain-model: setup
 		--epochs $(CVAE_EPOCHS) --seed 0 --sel-weight 100
 	$(PY) -m purifier.cli evaluate --model $(PLAIN) --out results/eval-fashion-mnist-plain.json
 	$(PY) -m purifier.cli export $(PLAIN) --out $(PLAIN)
-	$(PY) benchmarks/model_card.py $(PLAIN) results/eval-fashion-mnist-plain.json > $(PLAIN)/MODEL_CARD.md.tmp
+	$(PY) benchmarks/model_card.py $(PLAIN) results/eval-fashion-mnist-plain.json \
+		$(wildcard results/adversarial.json results/adversarial-full.json results/variants.json) > $(PLAIN)/MODEL_CARD.md.tmp
 	mv $(PLAIN)/MODEL_CARD.md.tmp $(PLAIN)/MODEL_CARD.md
 
 # The shipped default: the best adversarial-training mode whose clean accuracy stays >= 85% (results/adversarial.md),
@@ -41,7 +42,7 @@ default-model: setup
 	$(PY) -m purifier.cli evaluate --model $(MODEL_DIR) --out results/eval-fashion-mnist.json
 	$(PY) -m purifier.cli export $(MODEL_DIR) --out $(MODEL_DIR)
 	$(PY) benchmarks/model_card.py $(MODEL_DIR) results/eval-fashion-mnist.json results/adversarial.json \
-		$(wildcard results/adversarial-full.json) > $(MODEL_DIR)/MODEL_CARD.md.tmp
+		$(wildcard results/adversarial-full.json results/variants.json) > $(MODEL_DIR)/MODEL_CARD.md.tmp
 	mv $(MODEL_DIR)/MODEL_CARD.md.tmp $(MODEL_DIR)/MODEL_CARD.md
 
 # The benchmark's baselines (about 30 minutes on 2 cores): PGD-AT (Madry; eps 0.1, PGD-5, 3 epochs),
@@ -117,18 +118,19 @@ variant-adversarial-cards:
 		$(PY) -m purifier.cli evaluate --model $(VARIANTS)/$$d/adversarial --selection mse --selection likelihood \
 			--out results/variants/eval-$$d-adversarial.json && \
 		$(PY) benchmarks/model_card.py $(VARIANTS)/$$d/adversarial results/variants/eval-$$d-adversarial.json \
-			$(wildcard results/variants.json) > $(VARIANTS)/$$d/adversarial/MODEL_CARD.md.tmp && \
+			$(wildcard results/variants.json results/variants-full.json) > $(VARIANTS)/$$d/adversarial/MODEL_CARD.md.tmp && \
 		mv $(VARIANTS)/$$d/adversarial/MODEL_CARD.md.tmp $(VARIANTS)/$$d/adversarial/MODEL_CARD.md || exit 1; \
 	done
 
-# evaluation report and model card of every trained design
+# evaluation report and model card of every trained design (quoting results/variants.json's rows on its weights)
 .PHONY: variant-cards
 variant-cards:
 	mkdir -p results/variants
 	for d in $(TRAINED_DESIGNS); do \
 		$(PY) -m purifier.cli evaluate --cvae $(VARIANTS)/$$d/cvae --classifier $(PLAIN)/classifier \
 			--selection mse --selection likelihood --out results/variants/eval-$$d.json && \
-		$(PY) benchmarks/model_card.py $(VARIANTS)/$$d results/variants/eval-$$d.json > $(VARIANTS)/$$d/MODEL_CARD.md.tmp && \
+		$(PY) benchmarks/model_card.py $(VARIANTS)/$$d results/variants/eval-$$d.json \
+			$(wildcard results/variants.json results/variants-full.json) > $(VARIANTS)/$$d/MODEL_CARD.md.tmp && \
 		mv $(VARIANTS)/$$d/MODEL_CARD.md.tmp $(VARIANTS)/$$d/MODEL_CARD.md || exit 1; \
 	done
 

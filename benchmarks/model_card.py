@@ -5,8 +5,9 @@ Every number in the card is read from those files; nothing is typed by hand.
     python benchmarks/model_card.py models/fashion-mnist results/eval-fashion-mnist.json [results/adversarial.json ...]
 
 For a model made by adversarial training through the pipeline (``purifier train --adversarial``) the card names
-the run it started from and its training record and, given the adversarial benchmark's results (one file per
-profile), quotes the row measured on these exact weights (matched by sha256) from each.
+the run it started from and its training record. Given benchmark results files (``results/adversarial.json``,
+``results/variants.json``, one per profile), it quotes every row measured on these exact weights (matched by
+sha256) from each.
 """
 import hashlib
 import json
@@ -55,9 +56,9 @@ def where_now(sha: str, recorded: str) -> list[str]:
     return [f"That starting CVAE (same sha256) now lives in `{homes[0]}`.", ""] if homes else []
 
 
-def adversarial_lines(cm: dict, cvae_sha: str, clf_sha: str, bench_paths: tuple[str, ...]) -> list[str]:
+def adversarial_lines(cm: dict) -> list[str]:
     adv = cm["adversarial"]
-    lines = [
+    return [
         "",
         "## How it was trained: adversarial training through the pipeline",
         f"Mode `{adv['mode']}`, {cm['train']['epochs']} epochs, from the CVAE of `{cm['init']}` "
@@ -81,20 +82,35 @@ def adversarial_lines(cm: dict, cvae_sha: str, clf_sha: str, bench_paths: tuple[
         f"(torch {cm.get('torch')}).",
         "",
     ]
+
+
+def robustness_lines(cvae_sha: str, clf_sha: str, bench_paths: tuple[str, ...]) -> list[str]:
+    """Every row of each benchmark results file measured on these exact weights (matched by sha256): one table per
+    file, one line per row (several rows share weights when only the decision rule differs)."""
+    lines = []
     for bench_path in bench_paths:
         bench = json.loads(Path(bench_path).read_text())
         rows = [r for r in bench["rows"].values()
                 if r["checkpoints"].get("cvae") == cvae_sha and r["checkpoints"]["classifier"] == clf_sha]
-        if rows:
-            r, p = rows[0], bench["profile"]
-            lines += [f"## Robustness, profile {bench['profile_name']} (row '{r['name']}' of `{bench['command']}`)",
-                      f"L-infinity eps {p['eps']}, first {p['n']} test images, PGD-{p['steps']}, {p['restarts']} "
-                      f"restart(s), per-image worst case over selection, full gradient, BPDA and softmin; Square "
-                      f"and AutoAttack (APGD-CE/DLR through BPDA) on the first {p['n_art']}.", "",
-                      "| clean | oblivious | adaptive worst case | Square | AutoAttack | worst of all |",
-                      "| --- | --- | --- | --- | --- | --- |",
-                      f"| {pct(r['clean'])} | {pct(r['oblivious'])} | {pct(r['adaptive'])} | "
-                      f"{pct(r['art']['square'])} | {pct(r['art']['autoattack'])} | {pct(r['worst_of_all'])} |", ""]
+        if not rows:
+            continue
+        p = bench["profile"]
+        latent = any("latent" in r for r in rows)
+        lines += [f"## Robustness, profile {bench['profile_name']} (`{bench['command']}`, `{bench_path}`)",
+                  f"L-infinity eps {p['eps']}, first {p['n']} test images, PGD-{p['steps']}, {p['restarts']} "
+                  f"restart(s), seed {p['seed']}; adaptive = per-image worst case over selection, full gradient, "
+                  f"BPDA and softmin; Square and AutoAttack (APGD-CE/DLR through BPDA) on the first {p['n_art']}."
+                  + (" Latent attack (Kos et al.): AS = its success rate, lower is better." if latent else ""), "",
+                  "| row | clean | oblivious | adaptive worst case | Square | AutoAttack | worst of all |"
+                  + (" latent AS_ignore-target / AS_target |" if latent else ""),
+                  "| --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if latent else "")]
+        for r in rows:
+            la = r.get("latent")
+            lines.append(f"| {r['name']} | {pct(r['clean'])} | {pct(r['oblivious'])} | {pct(r['adaptive'])} | "
+                         f"{pct(r['art']['square'])} | {pct(r['art']['autoattack'])} | {pct(r['worst_of_all'])} |"
+                         + (f" {pct(la['AS_ignore_target'])} / {pct(la['AS_target'])} |" if la else
+                            " - |" if latent else ""))
+        lines.append("")
     return lines
 
 
@@ -153,9 +169,11 @@ def main(model_dir: str, report_path: str, *bench_paths: str) -> None:
                          f"({json.loads(props['rejection_calibration'])['percentile']}th percentile of clean "
                          f"validation error) | `{sha256(model_dir / name)[:16]}…` |")
     if "adversarial" in cm:
-        lines += adversarial_lines(cm, cvae["weights_sha256"], clf["weights_sha256"], bench_paths)
+        lines += adversarial_lines(cm)
     else:
         lines += trained_lines(cm, km, total, source_note)
+    robust = robustness_lines(cvae["weights_sha256"], clf["weights_sha256"], bench_paths)
+    lines += robust
     lines += [
         f"## Clean accuracy ({report['dataset']} {report['split']} split, {report['n']} images)",
         "```",
@@ -172,9 +190,14 @@ def main(model_dir: str, report_path: str, *bench_paths: str) -> None:
               "| class | classifier alone | purified | argmin = label |", "| --- | --- | --- | --- |"]
     for name, r in report["selections"]["mse"]["per_class"].items():
         lines.append(f"| {name} | {pct(r['classifier_accuracy'])} | {pct(r['accuracy'])} | {pct(r['argmin_acc'])} |")
-    lines += ["", "## Limits",
-              "Clean accuracy only. Robustness under attack, adaptive attacks above all, is measured by the",
-              "benchmarks; a purifier that only holds against attacks that ignore it is not robust.", ""]
+    lines += ["", "## Limits"]
+    if robust:
+        lines += ["Each robustness figure above is one benchmark run's, on the images and settings it names, and an",
+                  "upper bound: a stronger attack may break more. Only the adaptive columns say whether this is a",
+                  "defense; a purifier that holds only against attacks that ignore it is not robust.", ""]
+    else:
+        lines += ["Clean accuracy only. Robustness under attack, adaptive attacks above all, is measured by the",
+                  "benchmarks; a purifier that only holds against attacks that ignore it is not robust.", ""]
     print("\n".join(lines))
 
 
