@@ -43,7 +43,7 @@ from purifier.robust import chunked, pgd_attack, purifier_attacks, purifier_obje
 
 from results import cached, markdown_table, write_results  # noqa: E402  (benchmarks/results.py)
 from robust import se  # noqa: E402  (benchmarks/robust.py)
-from speed import time_it  # noqa: E402  (benchmarks/speed.py)
+from speed import time_interleaved  # noqa: E402  (benchmarks/speed.py)
 
 
 @dataclass(frozen=True)
@@ -282,19 +282,22 @@ class Bench:
         return checks
 
     def speed(self, rows: list[Row]) -> dict:
-        """images/s of every row, measured together in one section (so with the machine in the same state)."""
-        return {r.name: self.speed_of(*self.load(r, channels_last=False)) for r in rows}
-
-    def speed_of(self, clf, pur) -> dict:
+        """images/s of every row, measured together in one section and in interleaved rounds
+        (``speed.time_interleaved``), so with the machine in the same state for every row."""
+        fns = {r.name: self.forward(*self.load(r, channels_last=False)) for r in rows}
         x = self.x_all.numpy()
+        by_batch = {b: time_interleaved(fns, x[:images], b, self.p.speed_reps)
+                    for b, images in zip((1, 256), self.p.speed_images)}
+        return {name: {f"batch {b}": by_batch[b][name] for b in by_batch} for name in fns}
 
+    @staticmethod
+    def forward(clf, pur):
         def fn(a):
             with torch.no_grad():
                 t = torch.from_numpy(a)
                 return clf(t if pur is None else pur(t)["purified"])
 
-        return {f"batch {b}": time_it(fn, x[:images], b, self.p.speed_reps)
-                for b, images in zip((1, 256), self.p.speed_images)}
+        return fn
 
     def reject(self, row: Row) -> dict:
         """Defended rate (correct or rejected) at the headline eps, worst case over the adaptive attacks with and

@@ -45,9 +45,24 @@ def time_it(fn, x: np.ndarray, batch: int, reps: int) -> dict:
         for c in chunks:
             fn(c)
         times.append(time.perf_counter() - start)
+    return _timing(times, batch, len(x))
+
+
+def time_interleaved(fns: dict, x: np.ndarray, batch: int, reps: int) -> dict:
+    """``time_it`` for several configurations in rounds, each once per round (its own warm-up, then one timed
+    pass), median over the rounds: drift in the machine's state (clock, other load) falls on all of them alike
+    instead of on whichever ran first."""
+    runs = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            runs[name] += time_it(fn, x, batch, 1)["all_s"]
+    return {name: _timing(times, batch, len(x)) for name, times in runs.items()}
+
+
+def _timing(times: list[float], batch: int, images: int) -> dict:
     med = statistics.median(times)
-    return {"batch": batch, "images": len(x), "reps": reps, "median_s": med, "ms_per_image": 1000 * med / len(x),
-            "images_per_s": len(x) / med, "all_s": times}
+    return {"batch": batch, "images": images, "reps": len(times), "median_s": med, "ms_per_image": 1000 * med / images,
+            "images_per_s": images / med, "all_s": times}
 
 
 @click.command()

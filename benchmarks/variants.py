@@ -134,7 +134,8 @@ def render(report: dict) -> str:
 
 def _summary_cells(name: str, row: dict, ex: dict) -> list[str]:
     latent = " / ".join(_latent_cells(row["latent"])[:2]) if row.get("latent") else "n/a (no autoencoder)"
-    parity = "n/a (no purifier)" if ex["exportable"] is None else _export_cells(ex)[0]
+    parity = ("n/a (no purifier)" if ex["exportable"] is None else
+              "not exportable (why: the export table above)" if not ex["exportable"] else _export_cells(ex)[0])
     return [f"`{name}`" if name in designs.DESIGNS else name, f"{row['clean']:.4f}", f"**{row['adaptive']:.3f}**",
             f"{row['worst_of_all']:.3f}", latent, parity]
 
