@@ -28,7 +28,7 @@ plain-model: setup
 		--epochs $(CVAE_EPOCHS) --seed 0 --sel-weight 100
 	$(PY) -m purifier.cli evaluate --model $(PLAIN) --out results/eval-fashion-mnist-plain.json
 	$(PY) -m purifier.cli export $(PLAIN) --out $(PLAIN)
-	$(PY) benchmarks/model_card.py $(PLAIN) results/eval-fashion-mnist-plain.json \
+	$(PY) benchmarks/model_card.py --made-by 'make plain-model' $(PLAIN) results/eval-fashion-mnist-plain.json \
 		$(wildcard results/adversarial.json results/adversarial-full.json results/variants.json) > $(PLAIN)/MODEL_CARD.md.tmp
 	mv $(PLAIN)/MODEL_CARD.md.tmp $(PLAIN)/MODEL_CARD.md
 
@@ -41,7 +41,8 @@ default-model: setup
 		$(ADV)/joint/classifier.json $(MODEL_DIR)/
 	$(PY) -m purifier.cli evaluate --model $(MODEL_DIR) --out results/eval-fashion-mnist.json
 	$(PY) -m purifier.cli export $(MODEL_DIR) --out $(MODEL_DIR)
-	$(PY) benchmarks/model_card.py $(MODEL_DIR) results/eval-fashion-mnist.json results/adversarial.json \
+	$(PY) benchmarks/model_card.py --made-by 'make default-model' $(MODEL_DIR) results/eval-fashion-mnist.json \
+		results/adversarial.json \
 		$(wildcard results/adversarial-full.json results/variants.json) > $(MODEL_DIR)/MODEL_CARD.md.tmp
 	mv $(MODEL_DIR)/MODEL_CARD.md.tmp $(MODEL_DIR)/MODEL_CARD.md
 
@@ -82,6 +83,20 @@ adversarial: setup
 		--out $(ADV)/alternating
 	$(PY) -m purifier.cli train --source $(BASELINES)/pgd-at --init $(ADV)/alternating \
 		--target $(ADV)/alternating/classifier --adversarial alternating --epochs 0.75 --out $(ADV)/alternating-longer
+	$(MAKE) adversarial-cards
+
+# each mode's evaluation report and card (quoting the benchmark rows on its weights, once run)
+ADV_MODES ?= joint classifier cvae alternating alternating-longer
+.PHONY: adversarial-cards
+adversarial-cards:
+	mkdir -p results/adversarial
+	for m in $(ADV_MODES); do \
+		$(PY) -m purifier.cli evaluate --model $(ADV)/$$m --out results/adversarial/eval-$$m.json && \
+		$(PY) benchmarks/model_card.py --made-by 'make adversarial' $(ADV)/$$m results/adversarial/eval-$$m.json \
+			$(wildcard results/adversarial.json results/adversarial-full.json results/variants.json \
+			results/variants-full.json) > $(ADV)/$$m/MODEL_CARD.md.tmp && \
+		mv $(ADV)/$$m/MODEL_CARD.md.tmp $(ADV)/$$m/MODEL_CARD.md || exit 1; \
+	done
 
 adversarial-bench: setup
 	$(PY) benchmarks/adversarial.py --profile standard --plain $(PLAIN)
@@ -117,7 +132,8 @@ variant-adversarial-cards:
 	for d in $(TRAINED_DESIGNS); do \
 		$(PY) -m purifier.cli evaluate --model $(VARIANTS)/$$d/adversarial --selection mse --selection likelihood \
 			--out results/variants/eval-$$d-adversarial.json && \
-		$(PY) benchmarks/model_card.py $(VARIANTS)/$$d/adversarial results/variants/eval-$$d-adversarial.json \
+		$(PY) benchmarks/model_card.py --made-by 'make variants-adversarial' $(VARIANTS)/$$d/adversarial \
+			results/variants/eval-$$d-adversarial.json \
 			$(wildcard results/variants.json results/variants-full.json) > $(VARIANTS)/$$d/adversarial/MODEL_CARD.md.tmp && \
 		mv $(VARIANTS)/$$d/adversarial/MODEL_CARD.md.tmp $(VARIANTS)/$$d/adversarial/MODEL_CARD.md || exit 1; \
 	done
@@ -129,7 +145,7 @@ variant-cards:
 	for d in $(TRAINED_DESIGNS); do \
 		$(PY) -m purifier.cli evaluate --cvae $(VARIANTS)/$$d/cvae --classifier $(PLAIN)/classifier \
 			--selection mse --selection likelihood --out results/variants/eval-$$d.json && \
-		$(PY) benchmarks/model_card.py $(VARIANTS)/$$d results/variants/eval-$$d.json \
+		$(PY) benchmarks/model_card.py --made-by 'make variants' $(VARIANTS)/$$d results/variants/eval-$$d.json \
 			$(wildcard results/variants.json results/variants-full.json) > $(VARIANTS)/$$d/MODEL_CARD.md.tmp && \
 		mv $(VARIANTS)/$$d/MODEL_CARD.md.tmp $(VARIANTS)/$$d/MODEL_CARD.md || exit 1; \
 	done
