@@ -29,7 +29,8 @@ plain-model: setup
 	$(PY) -m purifier.cli evaluate --model $(PLAIN) --out results/eval-fashion-mnist-plain.json
 	$(PY) -m purifier.cli export $(PLAIN) --out $(PLAIN)
 	$(PY) benchmarks/model_card.py --made-by 'make plain-model' $(PLAIN) results/eval-fashion-mnist-plain.json \
-		$(wildcard results/adversarial.json results/adversarial-full.json results/variants.json) > $(PLAIN)/MODEL_CARD.md.tmp
+		$(wildcard results/adversarial.json results/adversarial-full.json results/variants.json) \
+		> $(PLAIN)/MODEL_CARD.md.tmp
 	mv $(PLAIN)/MODEL_CARD.md.tmp $(PLAIN)/MODEL_CARD.md
 
 # The shipped default: the best adversarial-training mode whose clean accuracy stays >= 85% (results/adversarial.md),
@@ -134,7 +135,8 @@ variant-adversarial-cards:
 			--out results/variants/eval-$$d-adversarial.json && \
 		$(PY) benchmarks/model_card.py --made-by 'make variants-adversarial' $(VARIANTS)/$$d/adversarial \
 			results/variants/eval-$$d-adversarial.json \
-			$(wildcard results/variants.json results/variants-full.json) > $(VARIANTS)/$$d/adversarial/MODEL_CARD.md.tmp && \
+			$(wildcard results/variants.json results/variants-full.json) \
+			> $(VARIANTS)/$$d/adversarial/MODEL_CARD.md.tmp && \
 		mv $(VARIANTS)/$$d/adversarial/MODEL_CARD.md.tmp $(VARIANTS)/$$d/adversarial/MODEL_CARD.md || exit 1; \
 	done
 
