@@ -18,6 +18,12 @@ test: setup
 
 # Plain PuVAE from scratch (about 20 minutes on 2 cores): classifier, CVAE, evaluation, export, card.
 PLAIN ?= models/fashion-mnist-plain
+# a model directory's card, written atomically: $(call card,MAKE TARGET,DIR,EVALUATION REPORT). It quotes every
+# benchmark row measured on the directory's weights from whichever results files exist.
+BENCH_RESULTS = $(wildcard results/adversarial.json results/adversarial-full.json results/variants.json \
+	results/variants-full.json)
+card = $(PY) benchmarks/model_card.py --made-by '$(1)' $(2) $(3) $(BENCH_RESULTS) > $(2)/MODEL_CARD.md.tmp && \
+	mv $(2)/MODEL_CARD.md.tmp $(2)/MODEL_CARD.md
 CLF_EPOCHS ?= 12
 CVAE_EPOCHS ?= 5
 .PHONY: plain-model default-model
@@ -28,10 +34,7 @@ plain-model: setup
 		--epochs $(CVAE_EPOCHS) --seed 0 --sel-weight 100
 	$(PY) -m purifier.cli evaluate --model $(PLAIN) --out results/eval-fashion-mnist-plain.json
 	$(PY) -m purifier.cli export $(PLAIN) --out $(PLAIN)
-	$(PY) benchmarks/model_card.py --made-by 'make plain-model' $(PLAIN) results/eval-fashion-mnist-plain.json \
-		$(wildcard results/adversarial.json results/adversarial-full.json results/variants.json) \
-		> $(PLAIN)/MODEL_CARD.md.tmp
-	mv $(PLAIN)/MODEL_CARD.md.tmp $(PLAIN)/MODEL_CARD.md
+	$(call card,make plain-model,$(PLAIN),results/eval-fashion-mnist-plain.json)
 
 # The shipped default: the best adversarial-training mode whose clean accuracy stays >= 85% (results/adversarial.md),
 # the joint run, copied from $(ADV)/joint after `make plain-model baselines adversarial adversarial-bench`.
@@ -42,10 +45,7 @@ default-model: setup
 		$(ADV)/joint/classifier.json $(MODEL_DIR)/
 	$(PY) -m purifier.cli evaluate --model $(MODEL_DIR) --out results/eval-fashion-mnist.json
 	$(PY) -m purifier.cli export $(MODEL_DIR) --out $(MODEL_DIR)
-	$(PY) benchmarks/model_card.py --made-by 'make default-model' $(MODEL_DIR) results/eval-fashion-mnist.json \
-		results/adversarial.json \
-		$(wildcard results/adversarial-full.json results/variants.json) > $(MODEL_DIR)/MODEL_CARD.md.tmp
-	mv $(MODEL_DIR)/MODEL_CARD.md.tmp $(MODEL_DIR)/MODEL_CARD.md
+	$(call card,make default-model,$(MODEL_DIR),results/eval-fashion-mnist.json)
 
 # The benchmark's baselines (about 30 minutes on 2 cores): PGD-AT (Madry; eps 0.1, PGD-5, 3 epochs),
 # the FGSM adversarial loss (alpha 0.5, eps 0.1, 3 epochs) and the Defense-GAN-style baseline's VAE.
@@ -93,10 +93,7 @@ adversarial-cards:
 	mkdir -p results/adversarial
 	for m in $(ADV_MODES); do \
 		$(PY) -m purifier.cli evaluate --model $(ADV)/$$m --out results/adversarial/eval-$$m.json && \
-		$(PY) benchmarks/model_card.py --made-by 'make adversarial' $(ADV)/$$m results/adversarial/eval-$$m.json \
-			$(wildcard results/adversarial.json results/adversarial-full.json results/variants.json \
-			results/variants-full.json) > $(ADV)/$$m/MODEL_CARD.md.tmp && \
-		mv $(ADV)/$$m/MODEL_CARD.md.tmp $(ADV)/$$m/MODEL_CARD.md || exit 1; \
+		$(call card,make adversarial,$(ADV)/$$m,results/adversarial/eval-$$m.json) || exit 1; \
 	done
 
 adversarial-bench: setup
@@ -133,11 +130,8 @@ variant-adversarial-cards:
 	for d in $(TRAINED_DESIGNS); do \
 		$(PY) -m purifier.cli evaluate --model $(VARIANTS)/$$d/adversarial --selection mse --selection likelihood \
 			--out results/variants/eval-$$d-adversarial.json && \
-		$(PY) benchmarks/model_card.py --made-by 'make variants-adversarial' $(VARIANTS)/$$d/adversarial \
-			results/variants/eval-$$d-adversarial.json \
-			$(wildcard results/variants.json results/variants-full.json) \
-			> $(VARIANTS)/$$d/adversarial/MODEL_CARD.md.tmp && \
-		mv $(VARIANTS)/$$d/adversarial/MODEL_CARD.md.tmp $(VARIANTS)/$$d/adversarial/MODEL_CARD.md || exit 1; \
+		$(call card,make variants-adversarial,$(VARIANTS)/$$d/adversarial,results/variants/eval-$$d-adversarial.json) \
+			|| exit 1; \
 	done
 
 # evaluation report and model card of every trained design (quoting results/variants.json's rows on its weights)
@@ -147,8 +141,6 @@ variant-cards:
 	for d in $(TRAINED_DESIGNS); do \
 		$(PY) -m purifier.cli evaluate --cvae $(VARIANTS)/$$d/cvae --classifier $(PLAIN)/classifier \
 			--selection mse --selection likelihood --out results/variants/eval-$$d.json && \
-		$(PY) benchmarks/model_card.py --made-by 'make variants' $(VARIANTS)/$$d results/variants/eval-$$d.json \
-			$(wildcard results/variants.json results/variants-full.json) > $(VARIANTS)/$$d/MODEL_CARD.md.tmp && \
-		mv $(VARIANTS)/$$d/MODEL_CARD.md.tmp $(VARIANTS)/$$d/MODEL_CARD.md || exit 1; \
+		$(call card,make variants,$(VARIANTS)/$$d,results/variants/eval-$$d.json) || exit 1; \
 	done
 

@@ -12,8 +12,9 @@ sha256) from each.
 import hashlib
 import json
 import shlex
-import sys
 from pathlib import Path
+
+import click
 
 
 def sha256(path: Path) -> str:
@@ -205,9 +206,14 @@ def main(model_dir: str, report_path: str, *bench_paths: str, made_by: str | Non
     print("\n".join(lines))
 
 
+@click.command()
+@click.option("--made-by", help="The make target that made the model (default: guessed from its record).")
+@click.argument("model_dir")
+@click.argument("report_path")
+@click.argument("bench_paths", nargs=-1)
+def cli(made_by, model_dir, report_path, bench_paths):
+    main(model_dir, report_path, *bench_paths, made_by=made_by)
+
+
 if __name__ == "__main__":
-    argv = sys.argv[1:]
-    if argv[:1] == ["--made-by"]:
-        main(*argv[2:], made_by=argv[1])
-    else:
-        main(*argv)
+    cli()
