@@ -10,6 +10,7 @@ config. Every export is checked against torch on the same inputs; a parity failu
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -23,10 +24,12 @@ from torch import nn
 
 from purifier import __version__
 from purifier import checkpoint
+from purifier.classifier_io import ClassifierSource, check_classifier, describe, source_of
+from purifier.fitting import rejection_threshold
 from purifier.data import load_dataset, train_val_split
 from purifier.models.cvae import CVAE
 from purifier.designs import load_purifier
-from purifier.pipeline import Purifier, purify
+from purifier.pipeline import Purifier
 
 PURIFIER_OUTPUTS = ("purified", "chosen_class", "recon_error")
 PIPELINE_OUTPUTS = (*PURIFIER_OUTPUTS, "logits")
@@ -79,21 +82,25 @@ class ExportResult:
 def calibrate_threshold(cvae: CVAE | Purifier, selection: str = "mse", percentile: float = 99.0) -> dict:
     """Rejection threshold: the ``percentile`` of the chosen class's score on the CVAE's own validation split.
 
-    ``cvae``: a model (wrapped with ``selection``'s rule) or a whole purifier (its own rule). The split is rebuilt
-    from the dataset, validation size and seed recorded in the model's checkpoint, so it is the held-out data
-    the model never trained on (never the test set).
+    ``cvae``: a model (wrapped with ``selection``'s rule) or a whole purifier (its own rule). A model that
+    ``purifier.fit`` wrote carries its calibration (at the percentile it was trained with); otherwise the split is
+    rebuilt from the dataset, validation size and seed recorded in the model's checkpoint, so it is the held-out
+    data the model never trained on (never the test set).
     """
     purifier = cvae if isinstance(cvae, Purifier) else Purifier(cvae, selection)
     cvae = purifier.cvae
     meta = getattr(cvae, "meta", {})
-    if not {"dataset", "n_val", "train"} <= set(meta):
-        raise ValueError("the CVAE checkpoint records no dataset/validation split; pass threshold= explicitly")
+    recorded = meta.get("rejection_calibration")
+    if recorded and recorded["percentile"] == percentile and purifier.spec == meta.get("purifier", purifier.spec):
+        return recorded
+    if not {"dataset", "n_val", "train"} <= set(meta) or meta["dataset"] == "arrays":
+        raise ValueError("the CVAE checkpoint records no dataset/validation split to calibrate the rejection "
+                         "threshold on; pass threshold= explicitly (or --percentile as the model was fitted with)")
     ds = load_dataset(meta["dataset"], "train")
-    _, val = train_val_split(len(ds.y), int(meta["n_val"]), int(meta["train"]["seed"]))
-    scores = purify(purifier, torch.from_numpy(ds.x[val]))["recon_error"]
-    best = scores.min(1).values.numpy()
-    return {"threshold": float(np.percentile(best, percentile)), "percentile": percentile, "n": len(best),
-            "source": f"{meta['dataset']} validation split (seed {meta['train']['seed']})"}
+    seed = int(meta["train"]["seed"])
+    _, val = train_val_split(len(ds.y), int(meta["n_val"]), seed)
+    return rejection_threshold(purifier, torch.from_numpy(ds.x[val]), percentile,
+                               f"{meta['dataset']} validation split (seed {seed})")
 
 
 def _check_parity(path: Path, graph: _Graph, names, image_shape, seed: int = 0) -> dict:
@@ -159,21 +166,20 @@ def export_onnx(path: str | os.PathLike, cvae: CVAE | Purifier, classifier: nn.M
     return ExportResult(path, props, parity)
 
 
-def export_run(cvae_path, classifier_path, out_dir, selection: str | None = None, percentile: float = 99.0,
+def export_run(cvae_path, classifier, out_dir, selection: str | None = None, percentile: float = 99.0,
                threshold: float | None = None) -> dict[str, ExportResult]:
-    """Export ``purifier.onnx`` and ``pipeline.onnx`` for a trained model and target classifier into ``out_dir``.
+    """Export ``purifier.onnx`` and, given a classifier, ``pipeline.onnx`` into ``out_dir``.
 
-    The purifier is the one the model's checkpoint records (its design), or PuVAE's with ``selection``'s rule.
+    ``classifier``: a checkpoint path (a project classifier or a model directory's ``classifier.json``), a
+    ``ClassifierSource``, or None (purifier.onnx alone). A classifier given as ONNX is composed after the purifier's
+    graph as it is (``export.compose``); any other is exported with the purifier from torch. The purifier is the
+    one the model's checkpoint records (its design), or PuVAE's with ``selection``'s rule.
     """
     purifier = load_purifier(cvae_path, None if selection is None else {"selection": selection})
     cvae = purifier.cvae
     if not_exportable(purifier):
         raise ExportError(f"{cvae_path}: {not_exportable(purifier)}")
-    classifier = checkpoint.load(classifier_path, expect="classifier")
-    if tuple(classifier.cfg.image_shape) != tuple(cvae.cfg.image_shape) or \
-            classifier.cfg.num_classes != cvae.cfg.num_classes:
-        raise ValueError(f"classifier {classifier_path} expects {classifier.cfg.image_shape} x "
-                         f"{classifier.cfg.num_classes} classes, the CVAE {cvae.cfg.image_shape} x {cvae.cfg.num_classes}")
+    source = classifier if classifier is None or isinstance(classifier, ClassifierSource) else source_of(classifier)
     if threshold is None:
         calib = calibrate_threshold(purifier, percentile=percentile)
     else:
@@ -193,11 +199,36 @@ def export_run(cvae_path, classifier_path, out_dir, selection: str | None = None
     }
     out_dir = Path(out_dir)
     results = {"purifier": export_onnx(out_dir / "purifier.onnx", purifier, None, metadata={**common, "kind": "purifier"})}
-    results["pipeline"] = export_onnx(
-        out_dir / "pipeline.onnx", purifier, classifier, metadata=
-        {**common, "kind": "pipeline", "classifier_sha256": checkpoint.read_record(classifier_path)["weights_sha256"],
-         "classifier_arch": classifier.cfg.arch})
+    if source is None:
+        return results
+    module = source.load(_check_images(meta, (c, h, w)))
+    check_classifier(module, (c, h, w), cvae.cfg.num_classes, f"classifier {_source_name(source)}")
+    pipe_meta = {**common, "kind": "pipeline", "classifier_sha256": source.sha256(),
+                 "classifier_arch": describe(module), "classifier_source": source.kind,
+                 "classifier_layout": source.layout, "classifier_mean": source.mean, "classifier_std": source.std}
+    if source.kind == "onnx":
+        from .compose import compose_pipeline
+
+        r = compose_pipeline(out_dir / "purifier.onnx", source.path, out_dir / "pipeline.onnx", layout=source.layout,
+                             mean=source.mean, std=source.std, metadata=pipe_meta)
+        results["pipeline"] = ExportResult(Path(r["path"]), r["metadata"], {"composed": r["parity"]})
+        return results
+    results["pipeline"] = export_onnx(out_dir / "pipeline.onnx", purifier, module, metadata=pipe_meta)
     return results
+
+
+def _source_name(source: ClassifierSource) -> str:
+    return source.path if source.kind != "factory" else source.factory
+
+
+def _check_images(meta: dict, image_shape) -> np.ndarray | None:
+    """Real images to check an ONNX classifier's conversion on: the model's own training data where it can be
+    loaded, else None (random images)."""
+    with contextlib.suppress(FileNotFoundError, ValueError, KeyError):
+        x = load_dataset(meta["dataset"], "train").x[:64]
+        if tuple(x.shape[1:]) == tuple(image_shape):
+            return x
+    return None
 
 
 __all__ = ["export_onnx", "export_run", "calibrate_threshold", "not_exportable", "ParityError", "ExportError",

@@ -25,8 +25,11 @@ from .models.hcvae import HCVAE, HCVAEConfig
 # kind -> (module class, config class); the only constructors a checkpoint can name
 REGISTRY = {"cvae": (CVAE, CVAEConfig), "hcvae": (HCVAE, HCVAEConfig), "classifier": (Classifier, ClassifierConfig),
             "vae": (VAE, VAEConfig)}
-# what ``load(..., expect=...)`` accepts: every class-conditional model a Purifier can wrap counts as a "cvae"
-FAMILIES = {"cvae": ("cvae", "hcvae")}
+# classifiers the project did not make, recorded in a model directory's classifier.json (``classifier_io``)
+EXTERNAL = ("factory", "onnx")
+# what ``load(..., expect=...)`` accepts: every class-conditional model a Purifier can wrap counts as a "cvae",
+# every classifier (the project's or a user's) as a "classifier"
+FAMILIES = {"cvae": ("cvae", "hcvae"), "classifier": ("classifier", *EXTERNAL)}
 
 
 def write_json(path: str | os.PathLike, obj, **kwargs) -> None:
@@ -77,20 +80,29 @@ def read_record(path: str | os.PathLike) -> dict:
         raise FileNotFoundError(f"checkpoint config {json_path} does not exist")
     with open(json_path) as f:
         record = json.load(f)
-    if record.get("kind") not in REGISTRY:
-        raise ValueError(f"{json_path}: unknown kind {record.get('kind')!r}; known kinds: {sorted(REGISTRY)}")
+    if record.get("kind") not in (*REGISTRY, *EXTERNAL):
+        raise ValueError(f"{json_path}: unknown kind {record.get('kind')!r}; known kinds: "
+                         f"{sorted((*REGISTRY, *EXTERNAL))}")
     return record
 
 
 def load(path: str | os.PathLike, expect: str | None = None) -> nn.Module:
     """Rebuild a module from its JSON config and load its safetensors weights; returned in eval mode.
 
-    The weights' sha256 must match the one recorded in the JSON.
+    The weights' sha256 must match the one recorded in the JSON. A user's classifier (kind ``factory`` or
+    ``onnx``) is rebuilt by ``classifier_io`` from the files its record names, frozen.
     """
     stem = _stem(path)
     record = read_record(stem)
     if expect is not None and record["kind"] not in FAMILIES.get(expect, (expect,)):
         raise ValueError(f"{stem}.json holds a {record['kind']!r}, expected a {expect!r}")
+    if record["kind"] in EXTERNAL:
+        from .classifier_io import load_recorded
+
+        weights_path = stem.parent / record["source"]["path" if record["kind"] == "onnx" else "weights"]
+        if sha256_file(weights_path) != record["weights_sha256"]:
+            raise ValueError(f"{weights_path}: sha256 does not match {record['weights_sha256']} in {stem}.json")
+        return load_recorded(stem, record)
     cls, cfg_cls = REGISTRY[record["kind"]]
     weights_path = stem.with_suffix(".safetensors")
     digest = sha256_file(weights_path)

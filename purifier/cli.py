@@ -6,7 +6,6 @@ work on the base install.
 from __future__ import annotations
 
 import contextlib
-import platform
 import shlex
 import sys
 import time
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import click
 
+from .cli_classifier import classifier_options, load_classifier
 from .designs import DESIGNS as DESIGN_NAMES
 
 DATA_HELP = "Dataset: 'fashion-mnist' or 'npz:PATH' (x, y[, x_test, y_test, class_names])."
@@ -44,29 +44,20 @@ def _dataset(spec: str, split: str):
 
 
 def _split(data: str, val_size, seed: int):
-    import torch
-
-    from .data import train_val_split
+    from .fitting import split
 
     ds = _dataset(data, "train")
-    if val_size == "auto":
-        val_size = min(5000, max(1, len(ds.y) // 10))
     try:
-        tr, va = train_val_split(len(ds.y), val_size, seed)
+        return (ds, *split(ds, val_size, seed))
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--val-size") from exc
-    t = torch.from_numpy
-    return ds, t(ds.x[tr]), t(ds.y[tr]), t(ds.x[va]), t(ds.y[va])
 
 
 def _provenance() -> dict:
     """Where a checkpoint came from: the command line and the software it ran on."""
-    import torch
+    from .fitting import provenance
 
-    from .provenance import cpu_model
-
-    return {"command": shlex.join(["purifier", *sys.argv[1:]]), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "cpu": cpu_model(), "python": platform.python_version()}
+    return provenance(shlex.join(["purifier", *sys.argv[1:]]))
 
 
 def _load(path, kind: str, option: str):
@@ -142,8 +133,10 @@ def train_classifier_cmd(data, arch, out, epochs, batch_size, lr, seed, val_size
 
 @main.command("train")
 @click.option("--data", default="fashion-mnist", show_default=True, help=DATA_HELP)
-@click.option("--source", type=click.Path(), help="Frozen source classifier checkpoint for the CE term.")
-@click.option("--out", type=click.Path(), required=True, help="Run directory (writes cvae.safetensors + cvae.json).")
+@classifier_options("--source", "The classifier to protect: a project checkpoint (the CE term's frozen source; "
+                                "also the target unless --target is given).")
+@click.option("--out", type=click.Path(), required=True,
+              help="Run directory (writes cvae.safetensors + cvae.json, and the classifier it was trained against).")
 @click.option("--epochs", default=10.0, show_default=True, help="Passes over the data (fractional with --adversarial).")
 @click.option("--batch-size", default=128, show_default=True)
 @click.option("--lr", default=1e-3, show_default=True)
@@ -168,12 +161,13 @@ def train_classifier_cmd(data, arch, out, epochs, batch_size, lr, seed, val_size
 @click.option("--couple-alpha", type=float, help="Two-point coupling with latent-attack codes (0: off) [0].")
 @click.option("--adversarial", type=click.Choice(["none", "cvae", "classifier", "alternating", "joint"]),
               default="none", show_default=True,
-              help="Adversarial training through the whole pipeline: which parts train against attacks on it.")
+              help="Adversarial training through the whole pipeline: which parts train against attacks on it "
+                   "(cvae: the CVAE alone, the classifier stays frozen).")
 @click.option("--init", "init_dir", type=click.Path(),
               help="Adversarial: start from this model directory's CVAE (default: a fresh CVAE).")
 @click.option("--target", type=click.Path(),
               help="Adversarial: the target classifier the pipeline feeds, trained unless the mode is cvae "
-                   "(default: --source). Written to OUT/classifier.")
+                   "(default: the source). Written to OUT/classifier.")
 @click.option("--adv-eps", default=0.1, show_default=True, help="L-infinity budget of the training attacks.")
 @click.option("--adv-steps", default=3, show_default=True, help="PGD steps of the training attacks.")
 @click.option("--adv-attacks", default="selection,full", show_default=True,
@@ -183,115 +177,89 @@ def train_classifier_cmd(data, arch, out, epochs, batch_size, lr, seed, val_size
               help="Target CE on the true class's reconstruction of attacked inputs.")
 @click.option("--adv-clf-mix", default=0.5, show_default=True, help="Classifier loss: weight of the clean term.")
 @click.option("--quiet", is_flag=True)
-def train_cmd(data, source, out, epochs, batch_size, lr, seed, val_size, latent_dim, channels, conditioning, arch,
-              beta, ce_weight, sel_weight, sel_tau, sel_negatives, tc_weight, ks_weight, cv_weight, couple_alpha,
-              adversarial, init_dir, target, adv_eps, adv_steps, adv_attacks, adv_sel_weight, adv_pipe_weight,
-              adv_clf_mix, quiet):
-    """Train the class-conditional VAE with the PuVAE loss (recon + beta*KL + ce_weight*CE [+ sel_weight*SEL]),
-    or another design of the purifier family (--arch), or, with --adversarial, purifier and/or target
-    classifier against attacks on the whole pipeline."""
-    from . import checkpoint, designs
+def train_cmd(data, classifier_source, out, epochs, batch_size, lr, seed, val_size, latent_dim, channels,
+              conditioning, arch, beta, ce_weight, sel_weight, sel_tau, sel_negatives, tc_weight, ks_weight,
+              cv_weight, couple_alpha, adversarial, init_dir, target, adv_eps, adv_steps, adv_attacks,
+              adv_sel_weight, adv_pipe_weight, adv_clf_mix, quiet):
+    """Train the class-conditional VAE with the PuVAE loss (recon + beta*KL + ce_weight*CE [+ sel_weight*SEL])
+    in front of a classifier (yours: --classifier-factory or --classifier-onnx), or another design of the
+    purifier family (--arch), or, with --adversarial, purifier and/or target classifier against attacks on the
+    whole pipeline. A call of ``purifier.fit``."""
+    from . import designs
+    from .adversarial import PipelineAdversarial
+    from .classifier_io import ClassifierError
+    from .fitting import FitConfig, fit, n_val
     from .losses import PuVAELoss
-    from .train import TrainConfig, seed_everything, train_cvae
 
-    if arch is None:
-        arch = _load(Path(init_dir) / "cvae", "cvae", "--init").meta.get("design", "puvae") if init_dir else "puvae"
-    design = designs.get(arch)
-    given = {k: v for k, v in (("beta", beta), ("ce_weight", ce_weight), ("sel_weight", sel_weight),
-                               ("sel_tau", sel_tau), ("sel_negatives", sel_negatives), ("tc_weight", tc_weight),
-                               ("ks_weight", ks_weight), ("cv_weight", cv_weight), ("couple_alpha", couple_alpha))
-             if v is not None}
-    ce_weight = given.get("ce_weight", design.loss.get("ce_weight", PuVAELoss.ce_weight))
-    if ce_weight and not source:
-        raise click.UsageError("--ce-weight > 0 needs --source CLASSIFIER (or pass --ce-weight 0)")
-    ds, x, y, xv, yv = _split(data, _val_size(val_size), seed)
-    src = _load(source, "classifier", "--source") if source else None
-    if src is not None and (tuple(src.cfg.image_shape) != ds.image_shape or src.cfg.num_classes != ds.num_classes):
-        raise click.UsageError(f"source classifier expects {src.cfg.image_shape} x {src.cfg.num_classes} classes, "
-                               f"the data is {ds.image_shape} x {ds.num_classes} classes")
     if channels is not None:
         widths = tuple(int(c) for c in channels.split(",") if c.strip().isdigit())
         if len(widths) != 2 or min(widths) < 1 or len(channels.split(",")) != 2:
             raise click.BadParameter(f"expected two positive widths like 16,32, got {channels!r}", param_hint="--channels")
         channels = widths
-    overrides = {k: v for k, v in (("latent_dim", latent_dim), ("channels", channels),
-                                   ("conditioning", conditioning)) if v is not None}
+    if classifier_source is None:
+        raise click.UsageError("train needs the classifier to protect: --source CHECKPOINT, --classifier-factory "
+                               "MODULE:FN with --classifier-weights FILE.safetensors, or --classifier-onnx FILE")
+    if arch is None:
+        arch = _load(Path(init_dir) / "cvae", "cvae", "--init").meta.get("design", "puvae") if init_dir else "puvae"
+    loss = {k: v for k, v in (("beta", beta), ("ce_weight", ce_weight), ("sel_weight", sel_weight),
+                              ("sel_tau", sel_tau), ("sel_negatives", sel_negatives), ("tc_weight", tc_weight),
+                              ("ks_weight", ks_weight), ("cv_weight", cv_weight), ("couple_alpha", couple_alpha))
+            if v is not None}
+    model = {k: v for k, v in (("latent_dim", latent_dim), ("channels", channels), ("conditioning", conditioning))
+             if v is not None}
     if epochs <= 0 or (adversarial == "none" and epochs != int(epochs)):
         raise click.BadParameter(f"expected a positive whole number of epochs (fractions only with --adversarial), "
                                  f"got {epochs:g}", param_hint="--epochs")
-    cfg = TrainConfig(epochs=int(epochs) if adversarial == "none" else epochs, batch_size=batch_size, lr=lr,
-                      seed=seed)
+    if init_dir and adversarial == "none":
+        raise click.UsageError("--init is for --adversarial runs (fine-tuning); plain training starts fresh")
+    if init_dir and model:
+        raise click.UsageError("--init takes the architecture of its CVAE; drop --latent-dim/--channels/--conditioning")
     try:
-        loss = PuVAELoss(**{**design.loss, **given, "tc_dataset_size": len(x)})
+        adv = None
+        if adversarial != "none":
+            adv = PipelineAdversarial(mode=adversarial, eps=adv_eps, steps=adv_steps,
+                                      attacks=tuple(a.strip() for a in adv_attacks.split(",") if a.strip()),
+                                      sel_weight=adv_sel_weight, pipe_weight=adv_pipe_weight, clf_mix=adv_clf_mix)
+        config = FitConfig(epochs=0 if adv else int(epochs), batch_size=batch_size, lr=lr, seed=seed,
+                           val_size=_val_size(val_size), design=arch, loss=loss, model=model, adversarial=adv,
+                           adversarial_epochs=epochs if adv else 0.0)
+        PuVAELoss(**{**designs.get(arch).loss, **loss})  # a bad loss setting fails here, before any work
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
-    seed_everything(seed)
-    if init_dir:
-        cvae = _load(Path(init_dir) / "cvae", "cvae", "--init")
-        if overrides:
-            raise click.UsageError("--init takes the architecture of its CVAE; drop --latent-dim/--channels/"
-                                   "--conditioning")
-    else:
-        try:
-            cvae = designs.build_model(design, ds.name, ds.image_shape, ds.num_classes, **overrides)
-        except ValueError as exc:
-            raise click.UsageError(f"--arch {arch}: {exc}") from exc
-    spec = {"design": design.name, "purifier": design.purifier}
-    if adversarial != "none":
-        _train_adversarial(ds, x, y, xv, yv, cvae, src, source, target or source, out, cfg, loss, adversarial,
-                           adv_eps, adv_steps, adv_attacks, adv_sel_weight, adv_pipe_weight, adv_clf_mix,
-                           init_dir, quiet, spec)
-        return
-    if init_dir:
-        raise click.UsageError("--init is for --adversarial runs (fine-tuning); plain training starts fresh")
-    start = time.perf_counter()
-    with progress("cvae", cfg.epochs * ((len(x) + batch_size - 1) // batch_size), quiet) as on_step:
-        history = train_cvae(cvae, src, x, y, xv, yv, cfg, loss, on_step)
-    seconds = time.perf_counter() - start
-    meta = {"dataset": ds.name, "class_names": list(ds.class_names), "train": cfg.to_dict(), "loss": loss.to_dict(),
-            **spec, "source": str(source) if source else None,
-            "source_sha256": checkpoint.read_record(source)["weights_sha256"] if source else None,
-            "n_train": len(x), "n_val": len(xv), "history": history, "train_seconds": seconds,
-            "val_argmin_acc": history[-1]["val_argmin_acc"], **_provenance()}
-    stem = checkpoint.save(cvae, Path(out) / "cvae", meta)
-    click.echo(f"{design.name}: validation argmin = label {history[-1]['val_argmin_acc']:.4f} in {seconds:.0f} s -> {stem}.json")
-
-
-def _train_adversarial(ds, x, y, xv, yv, cvae, src, source, target_path, out, cfg, loss, mode, eps, steps, attacks,
-                       sel_weight, pipe_weight, clf_mix, init_dir, quiet, spec):
-    from . import checkpoint
-    from .adversarial import PipelineAdversarial, frozen_copy, train_pipeline_adversarial
-
-    if src is None or not target_path:
-        raise click.UsageError("--adversarial needs --source CLASSIFIER (the CE term's; also the target unless "
-                               "--target is given)")
-    names = tuple(a.strip() for a in attacks.split(",") if a.strip())
+    ds = _dataset(data, "train")
+    source = load_classifier(classifier_source, ds.x[:64], "--source")
+    tgt = tgt_src = None
+    if target:
+        tgt_src = _classifier_path(target, "--target")
+        tgt = load_classifier(tgt_src, ds.x[:64], "--target")
     try:
-        adv = PipelineAdversarial(mode=mode, eps=eps, steps=steps, attacks=names, sel_weight=sel_weight,
-                                  pipe_weight=pipe_weight, clf_mix=clf_mix)
+        total = round(epochs * -(-(len(ds.y) - n_val(len(ds.y), config.val_size)) // batch_size))
     except ValueError as exc:
-        raise click.BadParameter(str(exc)) from exc
-    target = _load(target_path, "classifier", "--target")
-    steps_total = round(cfg.epochs * ((len(x) + cfg.batch_size - 1) // cfg.batch_size))
-    start = time.perf_counter()
-    with progress(f"adversarial {mode}", steps_total, quiet) as on_step:
-        history = train_pipeline_adversarial(cvae, target, frozen_copy(src), x, y, xv, yv, cfg, loss, adv,
-                                             cfg.epochs, on_step)
-    seconds = time.perf_counter() - start
-    last = history[-1]
-    meta = {"dataset": ds.name, "class_names": list(ds.class_names), "train": cfg.to_dict(), "loss": loss.to_dict(),
-            "adversarial": adv.to_dict(), **spec, "source": str(source),
-            "source_sha256": checkpoint.read_record(source)["weights_sha256"],
-            "init": str(init_dir) if init_dir else None,
-            "init_sha256": checkpoint.read_record(Path(init_dir) / "cvae")["weights_sha256"] if init_dir else None,
-            "target": str(target_path), "target_sha256": checkpoint.read_record(target_path)["weights_sha256"],
-            "n_train": len(x), "n_val": len(xv), "history": history, "train_seconds": seconds,
-            "val_purified_acc": last["val_purified_acc"], "val_adaptive": last["val_adaptive"], **_provenance()}
-    stem = checkpoint.save(cvae, Path(out) / "cvae", meta)
-    checkpoint.save(target, Path(out) / "classifier", {**meta, "trained": adv.trains_classifier})
-    click.echo(f"adversarial {mode}: validation purified accuracy {last['val_purified_acc']:.4f}, adaptive check "
-               f"{last['val_adaptive']:.4f} ({adv.val_n} images, {adv.val_steps}-step selection + full gradient) "
-               f"in {seconds:.0f} s -> {stem.parent}")
+        raise click.BadParameter(str(exc), param_hint="--val-size") from exc
+    label = f"adversarial {adversarial}" if adv else "cvae"
+    try:
+        with progress(label, total, quiet) as on_step:
+            run = fit(source, ds, out, config, target=tgt, init=init_dir, classifier_source=classifier_source,
+                      target_source=tgt_src, command=shlex.join(["purifier", *sys.argv[1:]]), on_step=on_step)
+    except ClassifierError as exc:
+        raise click.UsageError(str(exc)) from exc
+    meta = run.record["meta"]
+    if adv is None:
+        click.echo(f"{arch}: validation argmin = label {meta['val_argmin_acc']:.4f} in {meta['train_seconds']:.0f} s "
+                   f"-> {run.path / 'cvae.json'}")
+    else:
+        click.echo(f"adversarial {adversarial}: validation purified accuracy {meta['val_purified_acc']:.4f}, adaptive "
+                   f"check {meta['val_adaptive']:.4f} ({adv.val_n} images, {adv.val_steps}-step selection + full "
+                   f"gradient) in {meta['train_seconds']:.0f} s -> {run.path}")
+
+
+def _classifier_path(path, option: str):
+    from .classifier_io import source_of
+
+    try:
+        return source_of(path)
+    except (FileNotFoundError, ValueError) as exc:
+        raise click.BadParameter(str(exc), param_hint=option) from exc
 
 
 @main.command("train-vae")
@@ -339,7 +307,7 @@ def _table(report: dict) -> str:
 @click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False),
               help="Directory holding cvae.* and classifier.* checkpoints.")
 @click.option("--cvae", type=click.Path(), help="CVAE checkpoint (default MODEL/cvae).")
-@click.option("--classifier", type=click.Path(), help="Target classifier checkpoint (default MODEL/classifier).")
+@classifier_options("--classifier", "Target classifier checkpoint (default MODEL/classifier).")
 @click.option("--data", default="fashion-mnist", show_default=True, help=DATA_HELP)
 @click.option("--split", type=click.Choice(["test", "train"]), default="test", show_default=True)
 @click.option("--n", type=int, help="Evaluate on the first N images only.")
@@ -347,7 +315,7 @@ def _table(report: dict) -> str:
               type=click.Choice(["mse", "likelihood", "iwae", "design"]), default=("mse", "likelihood"),
               show_default=True, help="Decision rules to compare; design: the purifier the model's checkpoint records.")
 @click.option("--out", type=click.Path(), help="Write the full report (per class too) as JSON.")
-def evaluate_cmd(model_dir, cvae, classifier, data, split, n, selections, out):
+def evaluate_cmd(model_dir, cvae, classifier_source, data, split, n, selections, out):
     """Clean accuracy of the target classifier alone and behind the purifier, per selection rule."""
     import torch
 
@@ -355,20 +323,24 @@ def evaluate_cmd(model_dir, cvae, classifier, data, split, n, selections, out):
     from .checkpoint import write_json
     from .evaluate import evaluate
 
-    if not (model_dir or (cvae and classifier)):
+    if not (model_dir or (cvae and classifier_source)):
         raise click.UsageError("give --model DIR, or both --cvae and --classifier")
     cvae_path = cvae or str(Path(model_dir) / "cvae")
-    clf_path = classifier or str(Path(model_dir) / "classifier")
-    cvae_m, clf = _load(cvae_path, "cvae", "--cvae/--model"), _load(clf_path, "classifier", "--classifier/--model")
+    cvae_m = _load(cvae_path, "cvae", "--cvae/--model")
+    if classifier_source is None:
+        classifier_source = _classifier_path(Path(model_dir) / "classifier", "--classifier/--model")
     ds = _dataset(data, split)
+    clf = load_classifier(classifier_source, ds.x[:64], "--classifier/--model")
     if ds.image_shape != tuple(cvae_m.cfg.image_shape) or ds.num_classes != cvae_m.cfg.num_classes:
         raise click.UsageError(f"the model expects {cvae_m.cfg.image_shape} x {cvae_m.cfg.num_classes} classes, "
                                f"{data} holds {ds.image_shape} x {ds.num_classes} classes")
     x, y = torch.from_numpy(ds.x[:n]), torch.from_numpy(ds.y[:n])
     report = evaluate(clf, cvae_m, x, y, selections, ds.class_names)
-    report.update({"dataset": ds.name, "split": split, "cvae_path": cvae_path, "classifier_path": clf_path,
+    report.update({"dataset": ds.name, "split": split, "cvae_path": cvae_path,
+                   "classifier_path": classifier_source.path or classifier_source.factory,
+                   "classifier_source": classifier_source.to_dict(),
                    "cvae_sha256": checkpoint.read_record(cvae_path)["weights_sha256"],
-                   "classifier_sha256": checkpoint.read_record(clf_path)["weights_sha256"],
+                   "classifier_sha256": classifier_source.sha256(),
                    "torch": torch.__version__, "threads": torch.get_num_threads()})
     click.echo(f"{ds.name} {split}, {len(y)} images")
     click.echo(_table(report))
@@ -380,7 +352,8 @@ def evaluate_cmd(model_dir, cvae, classifier, data, split, n, selections, out):
 @main.command("export")
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", type=click.Path(file_okay=False), help="Output directory (default: RUN_DIR).")
-@click.option("--classifier", type=click.Path(), help="Target classifier checkpoint (default RUN_DIR/classifier).")
+@classifier_options("--classifier", "Target classifier checkpoint (default RUN_DIR/classifier; without one, only "
+                                    "purifier.onnx is written).")
 @click.option("--selection", type=click.Choice(["mse", "likelihood", "iwae"]),
               help="Decision rule (default: the one the model's design records; PuVAE: mse).")
 @click.option("--percentile", default=99.0, show_default=True,
@@ -390,18 +363,27 @@ def evaluate_cmd(model_dir, cvae, classifier, data, split, n, selections, out):
 @click.option("--triton-name", default="purifier", show_default=True, help="Model name in the Triton repository.")
 @click.option("--triton-max-batch", default=256, show_default=True, type=click.IntRange(min=1),
               help="max_batch_size in config.pbtxt (dynamic batching on).")
-def export_cmd(run_dir, out, classifier, selection, percentile, triton_repo, triton_name, triton_max_batch):
+def export_cmd(run_dir, out, classifier_source, selection, percentile, triton_repo, triton_name, triton_max_batch):
     """Export RUN_DIR's CVAE (+ target classifier) to purifier.onnx and pipeline.onnx, parity-checked.
 
     Example: purifier export models/fashion-mnist --out models/fashion-mnist
     """
     from export.onnx_export import ExportError, export_run
 
+    from .classifier_io import ClassifierError
+
+    if not (Path(run_dir) / "cvae.json").is_file():
+        raise click.BadParameter(f"{Path(run_dir) / 'cvae.json'} does not exist: RUN_DIR must hold a trained "
+                                 f"purifier (purifier train --out RUN_DIR)", param_hint="RUN_DIR")
+    if classifier_source is None and (Path(run_dir) / "classifier.json").is_file():
+        classifier_source = _classifier_path(Path(run_dir) / "classifier", "RUN_DIR")
     try:
-        results = export_run(Path(run_dir) / "cvae", classifier or Path(run_dir) / "classifier", out or run_dir,
-                             selection, percentile)
-    except ExportError as exc:
+        results = export_run(Path(run_dir) / "cvae", classifier_source, out or run_dir, selection, percentile)
+    except (ExportError, ClassifierError) as exc:
         raise click.UsageError(f"cannot export: {exc}") from exc
+    if classifier_source is None:
+        click.echo(f"no classifier in {run_dir} and none given (--classifier, --classifier-factory or "
+                   f"--classifier-onnx): wrote purifier.onnx only", err=True)
     for name, r in results.items():
         worst = max(max(d.values()) for d in r.parity.values())
         click.echo(f"{name}: {r.path} (parity at batch {sorted(r.parity)}: max abs diff {worst:.2e}; "

@@ -8,6 +8,9 @@ Dataset specs, as named on the command line:
                       (``/usr/share/datasets/fashion-mnist``; override with ``$PURIFIER_FASHION_MNIST_DIR``
                       or ``root=``), falling back to a torchvision download where neither holds them.
   ``npz:PATH``        an ``.npz`` with ``x`` and ``y`` (and optionally ``x_test``/``y_test``, ``class_names``).
+  ``folder:PATH``     an image folder, one subfolder per class (``PATH/CLASS/*.png``; the class names are the
+                      subfolders' names, sorted), or ``PATH/train/CLASS/...`` and ``PATH/test/CLASS/...``.
+                      Greyscale images give 1 channel, any other mode 3 (RGB); every image must have one size.
 """
 from __future__ import annotations
 
@@ -59,7 +62,9 @@ def load_dataset(spec: str, split: str = "train", root: str | os.PathLike | None
         return load_fashion_mnist(split, root)
     if spec.startswith("npz:"):
         return load_npz(spec[len("npz:"):], split)
-    raise ValueError(f"unknown dataset {spec!r}: expected 'fashion-mnist' or 'npz:PATH'")
+    if spec.startswith("folder:"):
+        return load_image_folder(spec[len("folder:"):], split)
+    raise ValueError(f"unknown dataset {spec!r}: expected 'fashion-mnist', 'npz:PATH' or 'folder:PATH'")
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
@@ -162,6 +167,46 @@ def load_npz(path: str, split: str = "train") -> Dataset:
     if len(y) and (y.min() < 0 or y.max() >= len(names)):
         raise ValueError(f"{path}:{y_key} labels must be in [0, {len(names)}), got range [{y.min()}, {y.max()}]")
     return Dataset(f"npz:{path}", split, x, y.astype(np.int64), names)
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+def load_image_folder(path: str, split: str = "train") -> Dataset:
+    """An image folder with one subfolder per class (``PATH/CLASS/IMAGE``), or its ``train``/``test`` subfolders."""
+    from PIL import Image, UnidentifiedImageError
+
+    root = Path(path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {path!r} does not exist")
+    if (root / "train").is_dir() and (root / "test").is_dir():
+        root = root / split
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    if len(classes) < 2:
+        raise ValueError(f"image folder {root} must hold one subfolder per class (at least 2), found {classes}")
+    files = [(f, k) for k, c in enumerate(classes) for f in sorted((root / c).iterdir())
+             if f.suffix.lower() in IMAGE_SUFFIXES]
+    if not files:
+        raise ValueError(f"image folder {root} holds no images ({', '.join(IMAGE_SUFFIXES)}) in its class folders")
+    images, shape = [], None
+    for f, _ in files:
+        try:
+            with Image.open(f) as img:
+                if shape is None:
+                    mode = "L" if img.mode in ("1", "L", "I;16", "I", "LA") else "RGB"
+                arr = np.asarray(img.convert(mode))
+        except (UnidentifiedImageError, OSError) as exc:
+            raise ValueError(f"{f}: not an image Pillow can read ({exc})") from exc
+        if shape is None:
+            shape = arr.shape
+        if arr.shape != shape:
+            raise ValueError(f"{f} is {arr.shape[1]} x {arr.shape[0]}, the folder's first image {shape[1]} x "
+                             f"{shape[0]}: every image must have one size")
+        images.append(arr)
+    x = np.stack(images)
+    x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)
+    y = np.array([k for _, k in files], dtype=np.int64)
+    return Dataset(f"folder:{path}", split, images_to_float(x), y, tuple(classes))
 
 
 def train_val_split(n: int, val_size: int | float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,277 @@
+"""One training run of a purifier in front of a classifier, owned by the library: ``fit``.
+
+    import purifier
+    run = purifier.fit(my_classifier, "npz:data.npz", "runs/mine", purifier.FitConfig(epochs=5))
+    robust = run.purified_classifier(grad="full")      # an nn.Module returning logits, for attack libraries
+
+``fit`` takes any ``nn.Module`` that maps B x C x H x W images in [0, 1] to B x K logits, keeps it frozen (its
+``state_digest`` is compared before and after), trains the CVAE with the PuVAE loss using it as the CE source,
+then optionally trains against attacks on the whole pipeline (``FitConfig.adversarial``; mode ``cvae`` trains the
+CVAE alone against attacks through the frozen classifier, the middleware setting), calibrates the rejection
+threshold on the held-out validation split and writes a self-describing model directory:
+
+    OUT/cvae.safetensors + cvae.json        the CVAE, with its design, loss, split, history, threshold, provenance
+    OUT/classifier.json (+ its weights)     the classifier it was trained against (``classifier_io``)
+
+Every command reads such a directory (``purifier evaluate --model``, ``purifier export``), whether the CLI or
+Python wrote it: the CLI's ``train`` is a call of this function.
+"""
+from __future__ import annotations
+
+import copy
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import checkpoint, designs
+from .classifier_io import ClassifierError, ClassifierSource, check_classifier, state_digest, write_into
+from .data import Dataset, load_dataset, train_val_split
+from .pipeline import purify
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """Settings of one run. ``epochs``: the PuVAE stage (whole passes; 0 to start from ``init`` alone);
+    ``adversarial_epochs``: the adversarial stage after it (fractional), run when ``adversarial`` is set."""
+
+    epochs: int = 5
+    batch_size: int = 128
+    lr: float = 1e-3
+    seed: int = 0
+    val_size: int | float | str = "auto"   # count, fraction, or auto: 5,000 or a tenth, whichever is less
+    design: str = "puvae"
+    loss: dict = field(default_factory=dict)    # PuVAELoss overrides of the design's (beta, ce_weight, ...)
+    model: dict = field(default_factory=dict)   # CVAE overrides of the dataset preset (latent_dim, channels, ...)
+    adversarial: object | None = None           # a PipelineAdversarial
+    adversarial_epochs: float = 0.0
+    percentile: float = 99.0                    # rejection threshold: this percentile of clean validation scores
+
+    def __post_init__(self):
+        if self.epochs < 0 or self.epochs != int(self.epochs):
+            raise ValueError(f"epochs must be a whole number >= 0, got {self.epochs!r}")
+        if self.adversarial is not None and self.adversarial_epochs <= 0:
+            raise ValueError(f"adversarial training needs adversarial_epochs > 0, got {self.adversarial_epochs!r}")
+        if self.adversarial is None and self.epochs == 0:
+            raise ValueError("nothing to train: epochs is 0 and no adversarial stage is set")
+        if not 0 < self.percentile <= 100:
+            raise ValueError(f"percentile must be in (0, 100], got {self.percentile!r}")
+        designs.get(self.design)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["adversarial"] = self.adversarial.to_dict() if self.adversarial is not None else None
+        return d
+
+
+@dataclass(frozen=True)
+class ModelDir:
+    """A model directory that ``fit`` wrote (or any directory holding cvae.* and classifier.*)."""
+
+    path: Path
+
+    @property
+    def record(self) -> dict:
+        return checkpoint.read_record(self.path / "cvae")
+
+    @property
+    def threshold(self) -> float | None:
+        calib = self.record["meta"].get("rejection_calibration")
+        return calib["threshold"] if calib else None
+
+    def purifier(self):
+        return designs.load_purifier(self.path / "cvae")
+
+    def classifier(self) -> nn.Module:
+        return checkpoint.load(self.path / "classifier", expect="classifier")
+
+    def purified_classifier(self, grad: str = "bpda"):
+        from .pipeline import PurifiedClassifier
+
+        return PurifiedClassifier(self.classifier(), self.purifier(), grad=grad).eval()
+
+
+def as_dataset(data, class_names=None) -> Dataset:
+    """A ``Dataset``, a spec (``fashion-mnist``, ``npz:PATH``, ``folder:PATH``) or ``(x, y)`` arrays -> train Dataset."""
+    if isinstance(data, Dataset):
+        return data
+    if isinstance(data, (str, Path)):
+        return load_dataset(str(data), "train")
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        from .data import images_to_float
+
+        x = images_to_float(np.asarray(data[0]))
+        y = np.asarray(data[1])
+        if y.ndim != 1 or len(y) != len(x) or not np.issubdtype(y.dtype, np.integer):
+            raise ValueError(f"labels must be a vector of {len(x)} integers, got {y.dtype} of shape {y.shape}")
+        names = tuple(class_names) if class_names is not None else \
+            tuple(str(k) for k in range(int(y.max(initial=0)) + 1))
+        return Dataset("arrays", "train", x, y.astype(np.int64), names)
+    raise TypeError(f"data must be a Dataset, a dataset spec or an (x, y) pair, got {type(data).__name__}")
+
+
+def n_val(n: int, val_size="auto") -> int:
+    """How many of n items the validation split holds (``val_size``: a count, a fraction or auto)."""
+    if val_size == "auto":
+        return min(5000, max(1, n // 10))
+    count = int(round(val_size * n)) if isinstance(val_size, float) else int(val_size)
+    if not 0 < count < n:
+        raise ValueError(f"validation size {val_size!r} leaves no train or no validation data of {n} items")
+    return count
+
+
+def split(ds: Dataset, val_size="auto", seed: int = 0):
+    """(train x, train y, validation x, validation y) as tensors, the split ``train_val_split`` makes."""
+    tr, va = train_val_split(len(ds.y), n_val(len(ds.y), val_size), seed)
+    t = torch.from_numpy
+    return t(ds.x[tr]), t(ds.y[tr]), t(ds.x[va]), t(ds.y[va])
+
+
+def provenance(command: str | None = None) -> dict:
+    """Where a checkpoint came from: the command (or the Python call) and the software it ran on."""
+    from .provenance import cpu_model
+
+    return {"command": command or "purifier.fit (Python API)", "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "cpu": cpu_model(), "python": platform.python_version()}
+
+
+def rejection_threshold(purifier, x_val: torch.Tensor, percentile: float = 99.0, source: str = "") -> dict:
+    """The ``percentile`` of the chosen class's score over clean held-out images: above it, an input is flagged."""
+    best = purify(purifier, x_val)["recon_error"].min(1).values.numpy()
+    return {"threshold": float(np.percentile(best, percentile)), "percentile": percentile, "n": len(best),
+            "source": source}
+
+
+def _as_module(classifier, what: str):
+    """(module, ClassifierSource or None) from a module, a ClassifierSource or a checkpoint path."""
+    if isinstance(classifier, nn.Module):
+        return classifier, None
+    if isinstance(classifier, ClassifierSource):
+        return classifier.load(), classifier
+    if isinstance(classifier, (str, Path)):
+        from .classifier_io import source_of
+
+        src = source_of(classifier)
+        return src.load(), src
+    raise TypeError(f"{what} must be an nn.Module, a ClassifierSource or a checkpoint path, "
+                    f"got {type(classifier).__name__}")
+
+
+def fit(classifier, data, out, config: FitConfig = FitConfig(), *, target=None, init=None,
+        classifier_source: ClassifierSource | None = None, target_source: ClassifierSource | None = None,
+        class_names=None, command: str | None = None, on_step=None) -> ModelDir:
+    """Train a purifier for ``classifier`` on ``data`` and write the model directory ``out``; returns it.
+
+    classifier: the frozen CE source (an ``nn.Module`` B x C x H x W in [0, 1] -> B x K logits, a
+        ``ClassifierSource``, or a checkpoint path). Its weights never change (checked by ``state_digest``).
+    data: a ``Dataset``, a dataset spec (``fashion-mnist``, ``npz:PATH``, ``folder:PATH``) or ``(x, y)`` arrays
+        (``class_names`` names their classes); a validation split is held out by ``config.val_size`` and seed.
+    target: the classifier the pipeline feeds in the adversarial stage (default: ``classifier``); modes other
+        than ``cvae`` train it (a copy when it is the source), and OUT/classifier holds the trained one.
+    init: a model directory whose CVAE to start from (instead of a fresh one from the dataset preset).
+    classifier_source / target_source: how to record a module given as an ``nn.Module`` (a plain module is
+        recorded by its class only, and OUT/classifier is then not written: pass a source to get a complete
+        directory). ``command``: the command line recorded as provenance. ``on_step(epoch, step, steps, stats)``.
+    """
+    from .adversarial import train_pipeline_adversarial
+    from .losses import PuVAELoss
+    from .train import TrainConfig, seed_everything, train_cvae
+
+    start_all = time.perf_counter()
+    source, src_ref = _as_module(classifier, "classifier")
+    src_ref = classifier_source or src_ref
+    ds = as_dataset(data, class_names)
+    check_classifier(source, ds.image_shape, ds.num_classes, "the classifier")
+    design = designs.get(config.design)
+    adv = config.adversarial
+    x, y, xv, yv = split(ds, config.val_size, config.seed)
+    loss = PuVAELoss(**{**design.loss, **config.loss, "tc_dataset_size": len(x)})
+    digest_before = state_digest(source)
+
+    seed_everything(config.seed)
+    if init is not None:
+        if config.model:
+            raise ValueError(f"init takes the architecture of its CVAE; drop the model overrides {config.model}")
+        cvae = checkpoint.load(Path(init) / "cvae", expect="cvae")
+        if tuple(cvae.cfg.image_shape) != ds.image_shape or cvae.cfg.num_classes != ds.num_classes:
+            raise ValueError(f"init CVAE {init} expects {cvae.cfg.image_shape} x {cvae.cfg.num_classes} classes, "
+                             f"the data is {ds.image_shape} x {ds.num_classes}")
+    else:
+        cvae = designs.build_model(design, ds.name, ds.image_shape, ds.num_classes, **config.model)
+
+    meta = {"dataset": ds.name, "class_names": list(ds.class_names), "loss": loss.to_dict(),
+            "design": design.name, "purifier": design.purifier, "fit": config.to_dict(),
+            "classifier_source": src_ref.to_dict() if src_ref else {"kind": "module", "class": type(source).__name__},
+            "source": _name(src_ref, source), "source_sha256": src_ref.sha256() if src_ref else digest_before,
+            "n_train": len(x), "n_val": len(xv), **provenance(command)}
+    stages = {}
+    if config.epochs:
+        cfg = TrainConfig(epochs=int(config.epochs), batch_size=config.batch_size, lr=config.lr, seed=config.seed)
+        t0 = time.perf_counter()
+        history = train_cvae(cvae, source, x, y, xv, yv, cfg, loss, on_step)
+        stages["puvae"] = {"train": cfg.to_dict(), "history": history, "train_seconds": time.perf_counter() - t0}
+        meta.update(train=cfg.to_dict(), history=history, train_seconds=stages["puvae"]["train_seconds"],
+                    val_argmin_acc=history[-1]["val_argmin_acc"])
+
+    tgt, tgt_ref = source, src_ref
+    if adv is not None:
+        if target is not None:
+            tgt, ref = _as_module(target, "target")
+            tgt_ref = target_source or ref
+            check_classifier(tgt, ds.image_shape, ds.num_classes, "the target classifier")
+        if adv.trains_classifier and tgt is source:
+            tgt = copy.deepcopy(source)  # the CE source stays frozen; the target that trains is a copy
+        digest_target = state_digest(tgt)
+        cfg = TrainConfig(epochs=config.adversarial_epochs, batch_size=config.batch_size, lr=config.lr,
+                          seed=config.seed)
+        t0 = time.perf_counter()
+        history = train_pipeline_adversarial(cvae, tgt, source, x, y, xv, yv, cfg, loss, adv,
+                                             config.adversarial_epochs, on_step)
+        stages["adversarial"] = {"train": cfg.to_dict(), "history": history,
+                                 "train_seconds": time.perf_counter() - t0}
+        if "puvae" in stages:
+            meta["pretrain"] = stages["puvae"]
+        last = history[-1]
+        meta.update(train=cfg.to_dict(), adversarial=adv.to_dict(), history=history,
+                    train_seconds=stages["adversarial"]["train_seconds"], val_purified_acc=last["val_purified_acc"],
+                    val_adaptive=last["val_adaptive"], target=_name(tgt_ref, tgt),
+                    target_sha256=tgt_ref.sha256() if tgt_ref else digest_target,
+                    init=str(init) if init is not None else None,
+                    init_sha256=checkpoint.read_record(Path(init) / "cvae")["weights_sha256"] if init else None)
+        if not adv.trains_classifier and state_digest(tgt) != digest_target:
+            raise RuntimeError("the frozen target classifier's weights changed during training")
+    digest_after = state_digest(source)
+    if digest_after != digest_before:
+        raise RuntimeError(f"the classifier's weights changed during training ({digest_before[:12]} -> "
+                           f"{digest_after[:12]}); it must stay frozen")
+    meta["classifier_frozen"] = {"state_sha256_before": digest_before, "state_sha256_after": digest_after}
+
+    purifier = designs.purifier_from_spec(cvae, design.purifier).eval()
+    meta["rejection_calibration"] = rejection_threshold(
+        purifier, xv, config.percentile, f"{ds.name} validation split ({len(xv)} images, seed {config.seed})")
+    meta["fit_seconds"] = time.perf_counter() - start_all
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if tgt_ref is not None:
+        trained = adv is not None and (adv.trains_classifier or tgt_ref.kind == "checkpoint")
+        write_into(out, tgt_ref, tgt, {**meta, "trained": bool(adv and adv.trains_classifier)} if trained else None,
+                   trained=trained)
+    elif adv is not None and adv.trains_classifier:
+        raise ClassifierError("a trained target given as a plain nn.Module cannot be written into the model "
+                              "directory; pass target_source (a ClassifierSource) to record it")
+    checkpoint.save(cvae, out / "cvae", meta)
+    return ModelDir(out)
+
+
+def _name(ref: ClassifierSource | None, module: nn.Module) -> str:
+    if ref is None:
+        return f"<{type(module).__name__} given in Python>"
+    return {"checkpoint": ref.path, "onnx": ref.path, "factory": f"{ref.factory} + {ref.weights}"}[ref.kind]
+
+
+__all__ = ["fit", "FitConfig", "ModelDir", "as_dataset", "split", "n_val", "rejection_threshold", "provenance"]
