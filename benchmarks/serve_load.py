@@ -138,7 +138,7 @@ def main(model, duration, concurrency, max_batch_size, max_wait_ms, max_queue, o
     x = load_dataset("fashion-mnist", "test").x[:256]
     bodies = [request_body(img) for img in x]
     server_args = ["--max-batch-size", str(max_batch_size), "--max-wait-ms", str(max_wait_ms),
-                   "--max-queue", str(max_queue), "--device", "cpu"]
+                   "--max-queue", str(max_queue), "--device", "cpu", "--no-access-log"]  # as results/serve.json ran
     proc, url = start_server(model, server_args)
     host, port = url.removeprefix("http://").rsplit(":", 1)
     try:

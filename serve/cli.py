@@ -18,10 +18,14 @@ import click
               help="Most images waiting; beyond it requests get 503 with Retry-After.")
 @click.option("--max-body-mb", default=8.0, show_default=True, type=click.FloatRange(min=0.001),
               help="Largest request body accepted (413 beyond it).")
+@click.option("--max-images-per-request", default=1024, show_default=True, type=click.IntRange(min=1),
+              help="Most images in one v2 inference request (413 beyond it).")
+@click.option("--access-log/--no-access-log", default=True, show_default=True,
+              help="One line per request (method, path, status, ms, client) to stderr, logger 'purifier.access'.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), help="onnxruntime intra-op threads (default: all cores).")
-def serve_command(model, host, port, model_name, max_batch_size, max_wait_ms, max_queue, max_body_mb, device,
-                  threads):
+def serve_command(model, host, port, model_name, max_batch_size, max_wait_ms, max_queue, max_body_mb,
+                  max_images_per_request, access_log, device, threads):
     """Serve the model over HTTP: Open Inference Protocol v2, /v1/purify, /metrics.
 
     Example: purifier serve --model models/fashion-mnist --port 8000
@@ -29,7 +33,8 @@ def serve_command(model, host, port, model_name, max_batch_size, max_wait_ms, ma
     from .server import ServerConfig, serve_forever
 
     cfg = ServerConfig(max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue,
-                       max_body_bytes=int(max_body_mb * (1 << 20)), model_name=model_name)
+                       max_body_bytes=int(max_body_mb * (1 << 20)), max_images_per_request=max_images_per_request,
+                       model_name=model_name, access_log=access_log)
     try:
         serve_forever(model, host, port, cfg, device, threads,
                       on_ready=lambda url: click.echo(f"serving on {url} (Ctrl-C stops)", err=True))

@@ -8,15 +8,21 @@ that tritonclient uses), ``POST /v1/purify`` (an image upload, JSON back), ``GET
 
 Concurrent requests are gathered into one batch (up to ``max_batch_size`` images, waiting at most
 ``max_wait_ms`` for more) and run on a single worker thread; the queue is bounded, and a full queue answers
-503 with Retry-After. Bad input is a 4xx whose message names the offending value, never a 500.
+503 with Retry-After. Bad input is a 4xx whose message names the offending value, never a 500. Every error, on
+every endpoint (FastAPI's own request validation and routing's 404/405 included), is ``{"error": "<message>"}``.
+Each request writes one line to the ``purifier.access`` logger (``ServerConfig.access_log``).
 Imports neither torch nor purifier nor export.
 """
 from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import json
+import logging
 import os
+import re
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,9 +30,11 @@ from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, File, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .batch import decode_image
 from .png import encode_png
@@ -37,6 +45,9 @@ DTYPES = {"FP32": np.float32, "FP64": np.float64, "FP16": np.float16, "UINT8": n
           "INT32": np.int32, "BOOL": np.bool_}
 INPUT_DTYPES = ("FP32", "UINT8")
 NP_TO_V2 = {np.dtype(v): k for k, v in DTYPES.items()}
+IMAGE_FORMATS = "PNG/JPEG/BMP/GIF/TIFF/WebP"
+ACCESS_LOGGER = "purifier.access"
+access_log = logging.getLogger(ACCESS_LOGGER)
 
 
 class ApiError(Exception):
@@ -74,6 +85,7 @@ class ServerConfig:
     max_body_bytes: int = 8 << 20
     max_images_per_request: int = 1024
     model_name: str | None = None
+    access_log: bool = True     # one line per request to the "purifier.access" logger
 
     def __post_init__(self):
         for k in ("max_batch_size", "max_queue", "max_body_bytes", "max_images_per_request"):
@@ -126,7 +138,8 @@ class Batcher:
     async def submit(self, x: np.ndarray) -> dict[str, np.ndarray]:
         if self.queued + len(x) > self.cfg.max_queue and self.queued > 0:
             self.metrics.errors.labels("queue_full").inc()
-            raise ApiError(503, f"server busy: {self.queued} images queued (max {self.cfg.max_queue})",
+            raise ApiError(503, f"server busy: {self.queued} images queued and this request's {len(x)} would pass "
+                                f"the queue's limit of {self.cfg.max_queue} images; retry after 1 s",
                            {"Retry-After": "1"})
         fut = asyncio.get_running_loop().create_future()
         self.pending.append((x, fut))
@@ -215,13 +228,16 @@ def parse_infer(body: bytes, header_length: str | None) -> tuple[InferRequest, b
     try:
         obj = json.loads(head)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ApiError(400, f"request body is not valid JSON: {exc}")
+        raise ApiError(400, f"request body is not valid JSON ({exc}); send the inference request as JSON "
+                            f"(Content-Type: application/json), or its JSON header followed by the binary tensors "
+                            f"with Inference-Header-Content-Length")
     try:
         return InferRequest.model_validate(obj), tail
     except Exception as exc:  # pydantic.ValidationError: say which field
         errors = getattr(exc, "errors", lambda: [])()
         where = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in errors[:5])
-        raise ApiError(422, f"invalid inference request: {where or exc}")
+        raise ApiError(422, f"invalid inference request: {where or exc}; send a JSON object like "
+                            '{"inputs": [{"name": "x", "shape": [N, C, H, W], "datatype": "FP32", "data": [...]}]}')
 
 
 def tensor_from(inp: TensorInput, tail: bytes, runtime: OnnxPurifier, max_images: int) -> np.ndarray:
@@ -234,8 +250,11 @@ def tensor_from(inp: TensorInput, tail: bytes, runtime: OnnxPurifier, max_images
     want = tuple(runtime.image_shape)
     if len(shape) != 4 or shape[1:] != want or any(d < 0 for d in shape):
         raise ApiError(400, f"input 'x' has shape {list(shape)}, the model expects [N, {', '.join(map(str, want))}]")
-    if not 1 <= shape[0] <= max_images:
-        raise ApiError(400, f"input 'x' batch size {shape[0]} must be between 1 and {max_images}")
+    if shape[0] > max_images:
+        raise ApiError(413, f"input 'x' holds {shape[0]} images, over the server's cap of {max_images} images per "
+                            f"request; split it into requests of at most {max_images} images")
+    if shape[0] < 1:
+        raise ApiError(400, f"input 'x' has shape {list(shape)}: a batch of 0 images; send at least 1")
     count = int(np.prod(shape))
     dtype = np.dtype(DTYPES[inp.datatype])
     size = (inp.parameters or {}).get("binary_data_size")
@@ -279,6 +298,109 @@ def tensor_from(inp: TensorInput, tail: bytes, runtime: OnnxPurifier, max_images
         raise ApiError(400, f"input 'x': {exc}")
 
 
+def _without_reprs(text: str) -> str:
+    """Pillow's messages name the file object (``<_io.BytesIO object at 0x7f...>``): say 'the upload' instead."""
+    return re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "the upload", text)
+
+
+def decode_upload(data: bytes, filename: str | None, image_shape: tuple[int, int, int],
+                  resize: bool) -> np.ndarray:
+    """An uploaded image file -> float32 1 x C x H x W in [0, 1]; an ``ApiError`` naming the upload (its filename
+    and size) and what to send instead."""
+    from PIL import Image, UnidentifiedImageError
+
+    what = f"upload {filename!r} ({len(data)} bytes)"
+    if not data:
+        raise ApiError(400, f"upload {filename!r} is empty (0 bytes); send a {IMAGE_FORMATS} image")
+    try:
+        with Image.open(io.BytesIO(data)) as img:  # the header only: the size is known before decoding
+            size = img.size
+    except UnidentifiedImageError:
+        raise ApiError(400, f"{what} is not an image: it is not a {IMAGE_FORMATS} file that Pillow can read; "
+                            f"send an image file") from None
+    except Image.DecompressionBombError as exc:
+        raise ApiError(413, f"{what}: {_without_reprs(str(exc))}") from None
+    except Exception as exc:  # a corrupt header raises many types
+        raise ApiError(400, f"{what} is not a readable image ({type(exc).__name__}: {_without_reprs(str(exc))}); "
+                            f"send a {IMAGE_FORMATS} file") from None
+    _, h, w = image_shape
+    if size != (w, h) and not resize:
+        raise ApiError(400, f"{what} is {size[0]} x {size[1]} (W x H), the model expects {w} x {h}; resize it "
+                            f"before uploading, or add the query parameter resize=true (POST /v1/purify?resize=true)")
+    try:
+        return decode_image(data, image_shape, resize)[None]
+    except ValueError as exc:  # e.g. a truncated file: the header reads, the pixels do not
+        reason = _without_reprs(str(exc)).removeprefix("unreadable image ")
+        raise ApiError(400, f"{what} could not be decoded {reason}; send a complete {IMAGE_FORMATS} file") from None
+
+
+def _purify_how(request: Request) -> str:
+    return (f"POST /v1/purify takes multipart/form-data with the image in the form field 'file' "
+            f"(curl -F file=@image.png {request.base_url}v1/purify)")
+
+
+def _form_fields(request: Request) -> list[str] | None:
+    """The field names of the form FastAPI already parsed for this request (None if it parsed none)."""
+    form = getattr(request, "_form", None)  # Starlette caches the parsed form on the request
+    return None if form is None else list(form.keys())
+
+
+def validation_error(request: Request, errors: list[dict], model_name: str) -> tuple[int, str]:
+    """FastAPI's request-validation errors -> (status, one message naming each offending value and the fix).
+
+    Only ``/v1/purify`` has FastAPI-validated parameters (the v2 endpoints validate by hand), so the body is a
+    form upload: a body of another Content-Type is 415, a form without a file, or a bad query value, 422.
+    """
+    ctype = request.headers.get("content-type", "")
+    multipart = ctype.split(";")[0].strip().lower() == "multipart/form-data"
+    parts, status = [], 422
+    for e in errors:
+        loc = [str(p) for p in e.get("loc") or ()]
+        where, field = (loc[0], ".".join(loc[1:])) if loc else ("body", "")
+        kind, value = e.get("type", ""), e.get("input")
+        if where == "body" and not multipart:
+            status = 415
+            hint = (f"; for JSON tensors use POST /v2/models/{model_name}/infer"
+                    if "json" in ctype.lower() else "")
+            parts.append(f"the request body is {ctype or 'of no Content-Type'!r}, not multipart/form-data; "
+                         f"{_purify_how(request)}{hint}")
+        elif where == "body" and kind == "missing":
+            fields = _form_fields(request)
+            has = f" (the form has {fields})" if fields else " (the form is empty)" if fields is not None else ""
+            parts.append(f"the form has no field {field!r}{has}; {_purify_how(request)}")
+        elif where == "body":
+            parts.append(f"form field {field!r} holds text, not a file; {_purify_how(request)}")
+        elif kind == "bool_parsing":
+            parts.append(f"query parameter {field}={value!r} is not a boolean; use {field}=true or {field}=false")
+        else:
+            parts.append(f"{where} parameter {field}={value!r}: {e.get('msg', kind)}")
+    return status, "; ".join(dict.fromkeys(parts)) or "invalid request"
+
+
+def routing_error(request: Request, exc: StarletteHTTPException, routes: list[str]) -> str:
+    """Starlette's own HTTPExceptions (routing's 404/405, a body it cannot parse) -> a message with the fix."""
+    method, path = request.method, request.url.path
+    if exc.status_code == 404:
+        return f"no endpoint at {path!r}; the endpoints are {', '.join(routes)} (GET /docs describes them)"
+    if exc.status_code == 405:
+        allow = (exc.headers or {}).get("Allow", "")
+        return f"method {method} is not allowed on {path!r}; use {allow or 'another method'}"
+    message = str(exc.detail).rstrip(".")
+    if path == "/v1/purify" and exc.status_code == 400:  # the multipart body did not parse
+        return f"the multipart/form-data body cannot be parsed ({message}); {_purify_how(request)}"
+    return f"{message} ({method} {path})"
+
+
+def _log_access_to_stderr() -> None:
+    """Give the access logger a stderr handler at INFO, unless the application configured logging itself."""
+    if not access_log.hasHandlers():
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        access_log.addHandler(handler)
+    if access_log.level == logging.NOTSET:
+        access_log.setLevel(logging.INFO)
+
+
 def create_app(model: str | os.PathLike, cfg: ServerConfig | None = None, device: str = "auto",
                threads: int | None = None) -> FastAPI:
     cfg = cfg or ServerConfig()
@@ -302,19 +424,52 @@ def create_app(model: str | os.PathLike, cfg: ServerConfig | None = None, device
                   description="PuVAE purification over the Open Inference Protocol (KServe v2).")
     app.state.runtime, app.state.batcher, app.state.metrics, app.state.model_name = runtime, batcher, metrics, name
 
+    def error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+        metrics.errors.labels(str(status)).inc()
+        return JSONResponse({"error": message}, status_code=status, headers=headers)
+
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError):
-        metrics.errors.labels(str(exc.status)).inc()
-        return JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers)
+        return error(exc.status, exc.message, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError):
+        return error(*validation_error(request, list(exc.errors()), name))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        routes = [f"{m} {r.path}" for r in app.routes if getattr(r, "include_in_schema", False)
+                  for m in sorted(getattr(r, "methods", ()))]
+        return error(exc.status_code, routing_error(request, exc, routes), exc.headers)
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, exc: Exception):  # still logged with its traceback by uvicorn
+        return error(500, f"internal server error ({type(exc).__name__}) on {request.method} {request.url.path}; "
+                          f"the server's log has the traceback")
 
     @app.middleware("http")
     async def measure(request: Request, call_next):
-        start = time.perf_counter()
-        response = await call_next(request)
-        endpoint = getattr(request.scope.get("route"), "path", "unmatched")
-        metrics.requests.labels(endpoint, str(response.status_code)).inc()
-        metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
-        return response
+        start, status = time.perf_counter(), 500
+        try:
+            declared = request.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > cfg.max_body_bytes:  # refuse before any body is read
+                response = error(413, f"request body of {declared} bytes exceeds the limit of "
+                                      f"{cfg.max_body_bytes} bytes")
+            else:
+                response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            seconds = time.perf_counter() - start
+            endpoint = getattr(request.scope.get("route"), "path", "unmatched")
+            metrics.requests.labels(endpoint, str(status)).inc()
+            metrics.latency.labels(endpoint).observe(seconds)
+            if cfg.access_log:
+                client = f"{request.client.host}:{request.client.port}" if request.client else "-"
+                access_log.info("%s %s %d %.1fms %s", request.method, request.url.path, status, seconds * 1000,
+                                client, extra={"http_method": request.method, "http_path": request.url.path,
+                                               "http_status": status, "duration_ms": seconds * 1000,
+                                               "client": client})
 
     def check_model(model_name: str, version: str | None = None):
         if model_name != name:
@@ -409,16 +564,10 @@ def create_app(model: str | os.PathLike, cfg: ServerConfig | None = None, device
     async def purify(request: Request, file: UploadFile = File(..., description="An image file (PNG, JPEG, ...)"),
                      png: bool = Query(False, description="Also return the purified image as base64 PNG"),
                      resize: bool = Query(False, description="Resize an image of another size")):
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > cfg.max_body_bytes:
-            raise ApiError(413, f"upload of {declared} bytes exceeds the limit of {cfg.max_body_bytes} bytes")
-        data = await file.read(cfg.max_body_bytes + 1)
+        data = await file.read(cfg.max_body_bytes + 1)  # a declared Content-Length over it never got here
         if len(data) > cfg.max_body_bytes:
-            raise ApiError(413, f"upload exceeds the limit of {cfg.max_body_bytes} bytes")
-        try:
-            x = decode_image(bytes(data), runtime.image_shape, resize)[None]
-        except ValueError as exc:
-            raise ApiError(400, f"file {file.filename!r}: {exc}")
+            raise ApiError(413, f"upload {file.filename!r} exceeds the limit of {cfg.max_body_bytes} bytes")
+        x = decode_upload(bytes(data), file.filename, runtime.image_shape, resize)
         out = await batcher.submit(x)
         metrics.images.inc(1)
         metrics.rejections.inc(int(out["rejected"].sum()))
@@ -476,7 +625,13 @@ def _when_listening(server, on_ready, url):
 
 def serve_forever(model, host: str = "127.0.0.1", port: int = 8000, cfg: ServerConfig | None = None,
                   device: str = "auto", threads: int | None = None, on_ready=None, log_level: str = "warning"):
-    """Run the server (blocking). Port 0 picks a free port; ``on_ready(url)`` is called once it listens."""
+    """Run the server (blocking). Port 0 picks a free port; ``on_ready(url)`` is called once it listens.
+
+    With ``cfg.access_log`` (the default), the access lines go to stderr unless logging is configured already.
+    """
+    cfg = cfg or ServerConfig()
+    if cfg.access_log:
+        _log_access_to_stderr()
     server, sock, url, _ = _server(model, host, port, cfg, device, threads, log_level)
     if on_ready is not None:
         _when_listening(server, on_ready, url)

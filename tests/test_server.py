@@ -3,6 +3,8 @@ malformed requests, and schemathesis against its OpenAPI."""
 import base64
 import io
 import json
+import logging
+import re
 import threading
 import urllib.error
 import urllib.request
@@ -19,11 +21,12 @@ from serve.server import BackgroundServer, ServerConfig  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "models" / "fashion-mnist"
 NAME = "fashion-mnist"
+MAX_IMAGES = 16  # the module server's cap on images per request (the default is 1024)
 
 
 @pytest.fixture(scope="module")
 def server():
-    with BackgroundServer(MODEL, cfg=ServerConfig(max_body_bytes=1 << 20)) as srv:
+    with BackgroundServer(MODEL, cfg=ServerConfig(max_body_bytes=1 << 20, max_images_per_request=MAX_IMAGES)) as srv:
         yield srv
 
 
@@ -50,6 +53,14 @@ def request(url, method="GET", body=None, headers=None):
             return r.status, {k.lower(): v for k, v in r.headers.items()}, r.read()
     except urllib.error.HTTPError as e:
         return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read()
+
+
+def error_message(text) -> str:
+    """The one error shape of every endpoint: ``{"error": str}`` and nothing else (no FastAPI ``detail``)."""
+    doc = json.loads(text)
+    assert isinstance(doc, dict) and set(doc) == {"error"} and isinstance(doc["error"], str), doc
+    assert not re.search(r"at 0x[0-9a-fA-F]+|BytesIO", doc["error"]), doc  # no object reprs
+    return doc["error"]
 
 
 def infer_json(server, doc, name=NAME):
@@ -108,6 +119,8 @@ def _doc(x, datatype="FP32", shape=None):
     ("wrong model", 404, ["'nope'"]),
     ("unknown output", 400, ["'bogus'"]),
     ("bad binary size", 400, ["binary_data_size"]),
+    ("too many images", 413, [f"holds {MAX_IMAGES + 1} images", f"cap of {MAX_IMAGES} images per request"]),
+    ("no images", 400, ["0 images"]),
 ])
 def test_malformed_requests_get_a_4xx_naming_the_problem(server, images, case, status, words):
     x = images[:1]
@@ -134,6 +147,10 @@ def test_malformed_requests_get_a_4xx_naming_the_problem(server, images, case, s
         doc, name = _doc(x), "nope"
     elif case == "unknown output":
         doc = {**_doc(x), "outputs": [{"name": "bogus"}]}
+    elif case == "too many images":
+        doc = _doc(np.concatenate([images, images[:1]]))
+    elif case == "no images":
+        doc = {"inputs": [{"name": "x", "shape": [0, 1, 28, 28], "datatype": "FP32", "data": []}]}
     else:
         head = json.dumps({"inputs": [{"name": "x", "shape": [1, 1, 28, 28], "datatype": "FP32",
                                        "parameters": {"binary_data_size": 99}}]}).encode()
@@ -142,18 +159,27 @@ def test_malformed_requests_get_a_4xx_naming_the_problem(server, images, case, s
     body = doc if isinstance(doc, bytes) else json.dumps(doc).encode()
     code, _, text = request(f"{server.url}/v2/models/{name}/infer", "POST", body, headers)
     assert code == status, text
-    message = json.loads(text)["error"]
+    message = error_message(text)
     for w in words:
         assert w in message, message
 
 
-def test_oversized_body_is_refused_before_it_is_read(server):
+def test_a_request_of_exactly_the_image_cap_is_served(server, images):
+    assert len(images) == MAX_IMAGES
+    code, _, text = infer_json(server, {**_doc(images), "outputs": [{"name": "predicted_class"}]})
+    assert code == 200, text
+    assert json.loads(text)["outputs"][0]["shape"] == [MAX_IMAGES]
+
+
+@pytest.mark.parametrize("path, content_type", [(f"/v2/models/{NAME}/infer", "application/json"),
+                                                ("/v1/purify", "multipart/form-data; boundary=x")])
+def test_oversized_body_is_refused_before_it_is_read(server, path, content_type):
     """A declared body over the limit gets 413 at once: the server never waits for the bytes."""
     import socket
 
     host, port = server.url.removeprefix("http://").rsplit(":", 1)
     with socket.create_connection((host, int(port)), timeout=10) as s:
-        s.sendall(f"POST /v2/models/{NAME}/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\n"
                   f"Content-Length: {2 << 20}\r\n\r\n".encode())
         reply = b""
         while b"}" not in reply:  # headers and the JSON body may come in separate packets
@@ -188,19 +214,130 @@ def test_purify_upload_returns_the_class_and_the_png(server, runtime, images):
     assert png.size == (28, 28)
 
 
-@pytest.mark.parametrize("data, words", [(b"hello, not an image", "not an image"), (b"", "empty"),
-                                         ("big", "28 x 28")])
-def test_purify_upload_refuses_non_images(server, data, words):
-    if data == "big":
-        buf = io.BytesIO()
-        Image.new("L", (40, 30)).save(buf, format="PNG")
-        data = buf.getvalue()
-    body, headers = _multipart("x.png", data)
-    code, _, text = request(f"{server.url}/v1/purify", "POST", body, headers)
-    assert code == 400 and words in json.loads(text)["error"], text
-    body, headers = _multipart("x.png", b"123", field="wrong")
-    code, _, text = request(f"{server.url}/v1/purify", "POST", body, headers)
-    assert code == 422, text
+def _png(size=(28, 28)) -> bytes:
+    """A noise image: its pixel data is long enough that cutting the file in half truncates it."""
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, size[::-1], dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("case, status, words", [
+    ("json body", 415, ["'application/json'", "multipart/form-data", "'file'", f"/v2/models/{NAME}/infer"]),
+    ("raw png body", 415, ["'image/png'", "multipart/form-data", "'file'", "curl -F file=@"]),
+    ("wrong field", 422, ["no field 'file'", "['image']"]),
+    ("text field", 422, ["'file' holds text, not a file"]),
+    ("png=maybe", 422, ["png='maybe'", "png=true or png=false"]),
+    ("unparsable multipart", 400, ["cannot be parsed", "'file'"]),
+    ("unreadable", 400, ["'notes.txt'", "(19 bytes)", "not an image", "PNG/JPEG"]),
+    ("empty", 400, ["'empty.png'", "empty (0 bytes)"]),
+    ("truncated", 400, ["'cut.png'", "could not be decoded", "truncated"]),
+    ("wrong size", 400, ["'big.png'", "40 x 30", "28 x 28", "resize=true"]),
+])
+def test_purify_refuses_malformed_requests_with_one_error_shape(server, case, status, words):
+    url, query = f"{server.url}/v1/purify", ""
+    if case == "json body":
+        body, headers = json.dumps({"file": "shoe.png"}).encode(), {"Content-Type": "application/json"}
+    elif case == "raw png body":
+        body, headers = _png(), {"Content-Type": "image/png"}
+    elif case == "wrong field":
+        body, headers = _multipart("shoe.png", _png(), field="image")
+    elif case == "text field":
+        body = b'--b\r\nContent-Disposition: form-data; name="file"\r\n\r\nshoe.png\r\n--b--\r\n'
+        headers = {"Content-Type": "multipart/form-data; boundary=b"}
+    elif case == "png=maybe":
+        (body, headers), query = _multipart("shoe.png", _png()), "?png=maybe"
+    elif case == "unparsable multipart":
+        body, headers = b"not multipart at all", {"Content-Type": "multipart/form-data"}
+    elif case == "unreadable":
+        body, headers = _multipart("notes.txt", b"hello, not an image")
+    elif case == "empty":
+        body, headers = _multipart("empty.png", b"")
+    elif case == "truncated":
+        body, headers = _multipart("cut.png", _png()[:len(_png()) // 2])
+    else:
+        body, headers = _multipart("big.png", _png((40, 30)))
+    code, _, text = request(url + query, "POST", body, headers)
+    assert code == status, text
+    message = error_message(text)
+    for w in words:
+        assert w in message, message
+    assert "--resize" not in message  # a CLI flag the HTTP API does not have
+
+
+def test_purify_resizes_when_asked_to(server):
+    body, headers = _multipart("big.png", _png((40, 30)))
+    code, _, text = request(f"{server.url}/v1/purify?resize=true", "POST", body, headers)
+    assert code == 200, text
+    assert json.loads(text)["filename"] == "big.png"
+
+
+@pytest.mark.parametrize("method, path, status, words", [
+    ("GET", "/v3/nothing", 404, ["'/v3/nothing'", "POST /v1/purify", "POST /v2/models/{model_name}/infer"]),
+    ("GET", "/v1/purify", 405, ["GET", "'/v1/purify'", "use POST"]),
+    ("DELETE", f"/v2/models/{NAME}/infer", 405, ["DELETE", "use POST"]),
+    ("POST", "/v2/health/live", 405, ["POST", "use GET"]),
+])
+def test_routing_errors_share_the_error_shape(server, method, path, status, words):
+    code, headers, text = request(server.url + path, method, b"" if method == "POST" else None)
+    assert code == status, text
+    message = error_message(text)
+    for w in words:
+        assert w in message, message
+    if status == 405:
+        assert headers.get("allow") == words[-1].removeprefix("use ")
+
+
+def test_a_model_failure_is_a_500_in_the_same_error_shape(server, images):
+    batcher = server.app.state.batcher
+
+    def broken(x):
+        raise RuntimeError("onnxruntime failed")
+
+    batcher.runtime = broken
+    try:
+        code, _, text = infer_json(server, _doc(images[:1]))
+    finally:
+        batcher.runtime = server.app.state.runtime
+    assert code == 500, text
+    assert "RuntimeError" in error_message(text)
+
+
+def test_access_log_writes_one_line_per_request(server, caplog):
+    caplog.set_level(logging.INFO, logger="purifier.access")
+    assert request(f"{server.url}/no-such-endpoint")[0] == 404
+    body, headers = _multipart("shoe.png", _png())
+    assert request(f"{server.url}/v1/purify?png=true", "POST", body, headers)[0] == 200
+    lines = [r.getMessage() for r in caplog.records if r.name == "purifier.access"]
+    assert len(lines) == 2, lines
+    assert re.fullmatch(r"GET /no-such-endpoint 404 \d+\.\dms 127\.0\.0\.1:\d+", lines[0]), lines
+    assert re.fullmatch(r"POST /v1/purify 200 \d+\.\dms 127\.0\.0\.1:\d+", lines[1]), lines
+
+
+def test_access_log_is_silent_when_switched_off(caplog):
+    caplog.set_level(logging.INFO, logger="purifier.access")
+    with BackgroundServer(MODEL, cfg=ServerConfig(access_log=False)) as srv:
+        assert request(f"{srv.url}/v2/health/live")[0] == 200
+        assert request(f"{srv.url}/no-such-endpoint")[0] == 404
+    assert not [r for r in caplog.records if r.name == "purifier.access"]
+
+
+def test_serve_command_passes_the_limits_and_the_access_log_switch(monkeypatch):
+    from click.testing import CliRunner
+
+    import serve.cli
+    import serve.server
+
+    seen = []
+    monkeypatch.setattr(serve.server, "serve_forever", lambda model, host, port, cfg, *a, **k: seen.append(cfg))
+    runner = CliRunner()
+    r = runner.invoke(serve.cli.serve_command, ["--model", str(MODEL), "--no-access-log",
+                                                "--max-images-per-request", "8", "--max-queue", "32"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(serve.cli.serve_command, ["--model", str(MODEL)])
+    assert r.exit_code == 0, r.output
+    off, default = seen
+    assert (off.access_log, off.max_images_per_request, off.max_queue) == (False, 8, 32)
+    assert (default.access_log, default.max_images_per_request, default.max_body_bytes) == (True, 1024, 8 << 20)
 
 
 def test_metrics_count_requests_batches_and_errors(server, client, images):
@@ -235,7 +372,8 @@ def test_concurrent_requests_are_batched_and_a_full_queue_answers_503(images):
         codes = sorted(r[0] for r in results)
         busy = [r for r in results if r[0] == 503]
         assert codes.count(200) >= 2 and busy, codes
-        assert busy[0][1].get("retry-after") == "1" and "busy" in json.loads(busy[0][2])["error"]
+        assert busy[0][1].get("retry-after") == "1"
+        assert "busy" in error_message(busy[0][2]) and "limit of 4 images" in error_message(busy[0][2])
         sizes = srv.app.state.batcher.batch_sizes
         assert max(sizes) == 4  # two 2-image requests gathered into one batch, the rest turned away
 
@@ -279,6 +417,11 @@ def test_server_imports_no_torch_and_the_cli_serves(tmp_path):
         url = line.split("serving on ")[1].split()[0]
         code, _, body = request(url + "/v2/health/ready")
         assert code == 200 and json.loads(body)["ready"] is True
+        lines = []
+        reader = threading.Thread(target=lambda: lines.append(proc.stderr.readline()), daemon=True)
+        reader.start()
+        reader.join(timeout=30)
+        assert lines and "GET /v2/health/ready 200 " in lines[0], lines  # the access log, on stderr by default
     finally:
         proc.terminate()
         proc.wait(timeout=30)
