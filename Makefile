@@ -144,3 +144,33 @@ variant-cards:
 		$(call card,make variants,$(VARIANTS)/$$d,results/variants/eval-$$d.json) || exit 1; \
 	done
 
+
+# Bring your own classifier (results/byo.*): purifiers in front of frozen classifiers the CVAE never changes.
+# The plain model's standard classifier A: its CVAE trained alone against attacks through it ($(MIDDLEWARE)).
+# A small ResNet the project did not make (benchmarks/byo_models.py), trained plainly, then brought in the two
+# ways a user brings one: its factory + safetensors, and its model.onnx; for each, plain PuVAE (the plain model's
+# settings) and the CVAE alone adversarially trained in front of it.
+BYO ?= models/byo
+MIDDLEWARE ?= models/middleware/cvae-alone
+MW_EPOCHS ?= 2
+RESNET = --classifier-factory benchmarks/byo_models.py:small_resnet \
+	--classifier-weights $(BYO)/resnet/classifier.safetensors
+RESNET_ONNX = --classifier-onnx $(BYO)/resnet/model.onnx
+.PHONY: middleware byo-models byo
+middleware: setup
+	$(PY) -m purifier.cli train --source $(PLAIN)/classifier --init $(PLAIN) --target $(PLAIN)/classifier \
+		--adversarial cvae --epochs $(MW_EPOCHS) --seed 0 --out $(MIDDLEWARE)
+
+byo-models: setup
+	$(PY) benchmarks/byo_models.py --out $(BYO)/resnet --epochs 10
+	$(PY) -m purifier.cli train --data fashion-mnist $(RESNET) --out $(BYO)/resnet-puvae --epochs $(CVAE_EPOCHS) \
+		--seed 0 --sel-weight 100
+	$(PY) -m purifier.cli train --data fashion-mnist $(RESNET) --init $(BYO)/resnet-puvae --adversarial cvae \
+		--epochs $(MW_EPOCHS) --seed 0 --out $(BYO)/resnet-cvae-alone
+	$(PY) -m purifier.cli train --data fashion-mnist $(RESNET_ONNX) --out $(BYO)/resnet-onnx-puvae \
+		--epochs $(CVAE_EPOCHS) --seed 0 --sel-weight 100
+	$(PY) -m purifier.cli train --data fashion-mnist $(RESNET_ONNX) --init $(BYO)/resnet-onnx-puvae \
+		--adversarial cvae --epochs $(MW_EPOCHS) --seed 0 --out $(BYO)/resnet-onnx-cvae-alone
+
+byo: setup
+	$(PY) benchmarks/byo.py --profile full

@@ -120,8 +120,11 @@ def slug(name: str) -> str:
 
 
 class Bench:
-    def __init__(self, profile: Profile, work: Path, on_progress):
-        self.p, self.work, self.say = profile, work, on_progress
+    """``targeted`` = k: the worst case adds the targeted attacks toward the k runner-up classes
+    (``purifier.robust.targeted_attacks``)."""
+
+    def __init__(self, profile: Profile, work: Path, on_progress, targeted: int = 0):
+        self.p, self.work, self.say, self.targeted = profile, work, on_progress, targeted
         test = load_dataset("fashion-mnist", "test")
         self.x_all, self.y_all = torch.from_numpy(test.x), torch.from_numpy(test.y)
         self.x, self.y = self.x_all[:profile.n], self.y_all[:profile.n]
@@ -171,7 +174,7 @@ class Bench:
         pgd = PGD(eps=eps, steps=steps or self.p.steps, seed=self.p.seed)
         if pur is None:
             return [pgd_attack("PGD", pgd, ce_objective(clf), restarts)]
-        return purifier_attacks(clf, pur, pgd, restarts, reject)
+        return purifier_attacks(clf, pur, pgd, restarts, reject, self.targeted)
 
     def row(self, row: Row) -> dict:
         """One row; its parts (clean + oblivious, each adaptive attack and restart, ART, sanity) are kept in

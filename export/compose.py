@@ -21,6 +21,7 @@ from onnx import helper, numpy_helper
 
 from export.onnx_classifier import LAYOUTS, OnnxClassifierError, inspect_classifier
 from purifier.checkpoint import sha256_file
+from purifier.classifier_io import ClassifierError
 
 PURIFIER_OUTPUTS = ("purified", "chosen_class", "recon_error")
 PIPELINE_OUTPUTS = (*PURIFIER_OUTPUTS, "logits")
@@ -28,7 +29,7 @@ PARITY_ATOL = 1e-4  # per output: absolute below 1, relative above
 PREFIX = "classifier/"
 
 
-class ComposeError(ValueError):
+class ComposeError(ClassifierError):
     """The purifier and the classifier cannot be joined as given, or the joined graph fails its check."""
 
 

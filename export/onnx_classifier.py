@@ -23,13 +23,14 @@ from onnx import numpy_helper
 from torch import nn
 
 from purifier.checkpoint import sha256_file
+from purifier.classifier_io import ClassifierError
 
 LAYOUTS = ("nchw", "nhwc")
 PARITY_ATOL = 1e-4  # max |torch - onnxruntime| / max(1, |onnxruntime|)
 _DOWN_OPSETS = (18, 17, 16, 15, 14, 13)  # tried in this order when the model's own opset lacks converters
 
 
-class OnnxClassifierError(ValueError):
+class OnnxClassifierError(ClassifierError):
     """The ONNX classifier cannot be used as given; the message names the value and the fix."""
 
 

@@ -12,8 +12,9 @@ expects another input declares it and is wrapped by ``InputAdapter``: ``layout="
 ``mean``/``std`` (per channel; the classifier sees (x - mean) / std). The purifier never changes its weights:
 ``state_digest`` is taken before and after training and must agree.
 
-A model directory records its classifier as ``classifier.json`` beside the weights (``classifier.safetensors``)
-or the model (``classifier.onnx``), so every command rebuilds it from the directory alone
+A model directory records its classifier as ``classifier.json`` beside the weights (``classifier.safetensors``,
+with a file factory's code as ``classifier_factory.py``) or the model (``classifier.onnx`` and its external
+data), so every command rebuilds it from the directory alone, wherever it is moved
 (``checkpoint.load(DIR / "classifier", expect="classifier")``).
 """
 from __future__ import annotations
@@ -30,6 +31,7 @@ import torch
 from torch import nn
 
 KINDS = ("checkpoint", "factory", "onnx")
+FACTORY_FILE = "classifier_factory.py"  # a file factory's code, copied into the model directory
 LAYOUTS = ("nchw", "nhwc")
 
 
@@ -315,8 +317,10 @@ def write_into(directory, source: ClassifierSource, module: nn.Module | None = N
             _copy(source.weights, weights)
         factory = source.factory
         where, name = factory.rsplit(":", 1)
-        if where.endswith(".py"):  # a file path is recorded absolute: the directory's JSON names it from anywhere
-            factory = f"{Path(where).resolve()}:{name}"
+        if where.endswith(".py"):  # the model's code travels with the directory, named relative to it
+            if Path(where).resolve() != (directory / FACTORY_FILE).resolve():
+                _copy(where, directory / FACTORY_FILE)
+            factory = f"{FACTORY_FILE}:{name}"
         recorded = ClassifierSource("factory", factory=factory, weights="classifier.safetensors",
                                     kwargs=source.kwargs, layout=source.layout, mean=source.mean, std=source.std)
     record = {"kind": source.kind, "source": recorded.to_dict(), "weights_sha256": _sha256_file(weights),
@@ -344,7 +348,9 @@ def _resolve(src: ClassifierSource, base: Path) -> ClassifierSource:
     """A recorded source with its file named relative to the directory that holds its ``classifier.json``."""
     if src.kind == "onnx":
         return ClassifierSource("onnx", path=str(base / src.path), layout=src.layout, mean=src.mean, std=src.std)
-    return ClassifierSource("factory", factory=src.factory, weights=str(base / src.weights), kwargs=src.kwargs,
+    where, name = src.factory.rsplit(":", 1)
+    factory = f"{base / where}:{name}" if where.endswith(".py") and not Path(where).is_absolute() else src.factory
+    return ClassifierSource("factory", factory=factory, weights=str(base / src.weights), kwargs=src.kwargs,
                             layout=src.layout, mean=src.mean, std=src.std)
 
 

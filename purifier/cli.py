@@ -188,7 +188,7 @@ def train_cmd(data, classifier_source, out, epochs, batch_size, lr, seed, val_si
     from . import designs
     from .adversarial import PipelineAdversarial
     from .classifier_io import ClassifierError
-    from .fitting import FitConfig, fit, n_val
+    from .fitting import FitConfig, FitError, fit, n_val
     from .losses import PuVAELoss
 
     if channels is not None:
@@ -241,7 +241,7 @@ def train_cmd(data, classifier_source, out, epochs, batch_size, lr, seed, val_si
         with progress(label, total, quiet) as on_step:
             run = fit(source, ds, out, config, target=tgt, init=init_dir, classifier_source=classifier_source,
                       target_source=tgt_src, command=shlex.join(["purifier", *sys.argv[1:]]), on_step=on_step)
-    except ClassifierError as exc:
+    except (ClassifierError, FitError) as exc:
         raise click.UsageError(str(exc)) from exc
     meta = run.record["meta"]
     if adv is None:

@@ -34,6 +34,10 @@ from .data import Dataset, load_dataset, train_val_split
 from .pipeline import purify
 
 
+class FitError(ValueError):
+    """A run that cannot start as configured (the data, the model settings, the init model); nothing was trained."""
+
+
 @dataclass(frozen=True)
 class FitConfig:
     """Settings of one run. ``epochs``: the PuVAE stage (whole passes; 0 to start from ``init`` alone);
@@ -188,20 +192,26 @@ def fit(classifier, data, out, config: FitConfig = FitConfig(), *, target=None, 
     check_classifier(source, ds.image_shape, ds.num_classes, "the classifier")
     design = designs.get(config.design)
     adv = config.adversarial
-    x, y, xv, yv = split(ds, config.val_size, config.seed)
-    loss = PuVAELoss(**{**design.loss, **config.loss, "tc_dataset_size": len(x)})
+    try:
+        x, y, xv, yv = split(ds, config.val_size, config.seed)
+        loss = PuVAELoss(**{**design.loss, **config.loss, "tc_dataset_size": len(x)})
+    except ValueError as exc:
+        raise FitError(str(exc)) from exc
     digest_before = state_digest(source)
 
     seed_everything(config.seed)
     if init is not None:
         if config.model:
-            raise ValueError(f"init takes the architecture of its CVAE; drop the model overrides {config.model}")
+            raise FitError(f"init takes the architecture of its CVAE; drop the model overrides {config.model}")
         cvae = checkpoint.load(Path(init) / "cvae", expect="cvae")
         if tuple(cvae.cfg.image_shape) != ds.image_shape or cvae.cfg.num_classes != ds.num_classes:
-            raise ValueError(f"init CVAE {init} expects {cvae.cfg.image_shape} x {cvae.cfg.num_classes} classes, "
-                             f"the data is {ds.image_shape} x {ds.num_classes}")
+            raise FitError(f"init CVAE {init} expects {cvae.cfg.image_shape} x {cvae.cfg.num_classes} classes, "
+                           f"the data is {ds.image_shape} x {ds.num_classes}")
     else:
-        cvae = designs.build_model(design, ds.name, ds.image_shape, ds.num_classes, **config.model)
+        try:
+            cvae = designs.build_model(design, ds.name, ds.image_shape, ds.num_classes, **config.model)
+        except ValueError as exc:
+            raise FitError(f"design {design.name}: {exc}") from exc
 
     meta = {"dataset": ds.name, "class_names": list(ds.class_names), "loss": loss.to_dict(),
             "design": design.name, "purifier": design.purifier, "fit": config.to_dict(),
@@ -274,4 +284,4 @@ def _name(ref: ClassifierSource | None, module: nn.Module) -> str:
     return {"checkpoint": ref.path, "onnx": ref.path, "factory": f"{ref.factory} + {ref.weights}"}[ref.kind]
 
 
-__all__ = ["fit", "FitConfig", "ModelDir", "as_dataset", "split", "n_val", "rejection_threshold", "provenance"]
+__all__ = ["fit", "FitConfig", "FitError", "ModelDir", "as_dataset", "split", "n_val", "rejection_threshold", "provenance"]

@@ -50,10 +50,73 @@ def purifier_objectives(classifier: nn.Module, purifier: nn.Module,
 
 
 def purifier_attacks(classifier: nn.Module, purifier: nn.Module, pgd: PGD, restarts: int = 1,
-                     reject: RejectOption | None = None) -> list[Attack]:
-    """PGD on each of ``purifier_objectives``, in that order (the order only changes the cost of the worst case)."""
-    return [pgd_attack(name, pgd, objective, restarts)
-            for name, objective in purifier_objectives(classifier, purifier, reject).items()]
+                     reject: RejectOption | None = None, targeted: int = 0) -> list[Attack]:
+    """PGD on each of ``purifier_objectives``, in that order (the order only changes the cost of the worst case),
+    then, with ``targeted`` = k > 0 (and no reject option), the targeted attacks toward the k runner-up classes."""
+    attacks = [pgd_attack(name, pgd, objective, restarts)
+               for name, objective in purifier_objectives(classifier, purifier, reject).items()]
+    if targeted and reject is None:
+        attacks += targeted_attacks(classifier, purifier, pgd, targeted, restarts)
+    return attacks
+
+
+def runner_up(purifier: nn.Module, x: torch.Tensor, y: torch.Tensor, rank: int) -> torch.Tensor:
+    """Per image, the wrong class whose reconstruction fits the clean input ``rank``-th best (1 = closest)."""
+    with torch.no_grad():
+        scores = purifier(x)["recon_error"].scatter(1, y[:, None], float("inf"))
+    return scores.argsort(1)[:, rank - 1]
+
+
+def targeted_objectives(classifier: nn.Module, purifier: nn.Module, k: int) -> dict[str, Objective]:
+    """The protocol's targeted attacks (item 5), toward each of the ``k`` runner-up classes t:
+    ``targeted selection rN``: maximise score(x, y) - score(x, t), so that t's reconstruction is chosen;
+    ``targeted logits rN``: maximise logit_t - logit_y through the softmin over the reconstructions.
+    An untargeted margin follows whichever class is closest at each step and can stall between two; these do not.
+
+    PGD narrows its batch to the images still standing and hands the objective their labels only, so the target
+    rides in the label: the objectives take y * K + t (``pack_target``) and judge success by the true label y."""
+    from .pipeline import PurifiedClassifier
+
+    soft = PurifiedClassifier(classifier, purifier, grad="softmin")
+    num_classes = purifier.num_classes
+
+    def unpack(yt):
+        return yt // num_classes, yt % num_classes
+
+    def selection(adv, yt):
+        y, t = unpack(yt)
+        out = purifier(adv)
+        s = out["recon_error"]
+        value = (s.gather(1, y[:, None]) - s.gather(1, t[:, None])).sum()
+        with torch.no_grad():
+            wrong = classifier(out["purified"]).argmax(1) != y
+        return value, wrong
+
+    def logits(adv, yt):
+        y, t = unpack(yt)
+        z = classifier(soft.purified(adv))
+        value = (z.gather(1, t[:, None]) - z.gather(1, y[:, None])).sum()
+        return value, z.argmax(1) != y
+
+    out = {}
+    for r in range(1, k + 1):
+        out[f"targeted selection r{r}"] = (r, selection)
+        out[f"targeted logits r{r}"] = (r, logits)
+    return out
+
+
+def targeted_attacks(classifier: nn.Module, purifier: nn.Module, pgd: PGD, k: int = 3,
+                     restarts: int = 1) -> list[Attack]:
+    """PGD on each of ``targeted_objectives``; the runner-up classes are ranked on each clean input."""
+    attacks = []
+    for name, (rank, objective) in targeted_objectives(classifier, purifier, k).items():
+        def make(x, y, restart, rank=rank, objective=objective):
+            t = runner_up(purifier, x, y, rank)
+            gen = torch.Generator().manual_seed(pgd.seed + restart)
+            return pgd.run(objective, x, y * purifier.num_classes + t, gen)
+
+        attacks.append(Attack(name, make, restarts))
+    return attacks
 
 
 def chunked(fn: Callable, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> torch.Tensor:

@@ -4,6 +4,7 @@ fit, evaluate, export, ``purifier purify`` and ``purifier serve``. Also on RGB 3
 the Python API's model directory, and the errors a user gets for a classifier that does not fit."""
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
 import urllib.request
@@ -130,7 +131,7 @@ def cli(*args):
     return r
 
 
-TRAIN = ("--epochs", 2, "--val-size", 300, "--latent-dim", 8, "--quiet")
+TRAIN = ("--epochs", 2, "--val-size", 300, "--latent-dim", 8, "--channels", "8,16", "--quiet")
 
 
 def _serve_and_infer(model_dir, x):
@@ -202,6 +203,12 @@ def test_factory_classifier_journey_keeps_the_weights_and_matches_torch(user, tm
     assert report["selections"]["mse"]["argmin_acc"] > 0.3
     rec = json.loads((run / "classifier.json").read_text())
     assert rec["kind"] == "factory" and rec["weights_sha256"] == user["sha"]
+    assert rec["source"]["factory"] == "classifier_factory.py:build"  # their code travels with the directory
+    moved = tmp_path / "elsewhere" / "moved"
+    shutil.copytree(run, moved)
+    r = cli("evaluate", "--model", moved, "--data", f"npz:{d / 'data.npz'}", "--selection", "mse")
+    assert r.exit_code == 0, r.output
+    assert f"{user['acc']:.4f}" in r.output
     meta = json.loads((run / "cvae.json").read_text())["meta"]
     assert meta["classifier_frozen"]["state_sha256_before"] == meta["classifier_frozen"]["state_sha256_after"]
     assert meta["classifier_frozen"]["state_sha256_before"] == state_digest(user["net"])
@@ -252,7 +259,7 @@ def test_python_api_directory_exports_and_matches_the_cli_run(user, tmp_path):
     d = user["dir"]
     src = ClassifierSource("factory", factory=f"{d / 'model.py'}:build", weights=str(d / "weights.safetensors"))
     api = purifier.fit(src, f"npz:{d / 'data.npz'}", tmp_path / "api",
-                       purifier.FitConfig(epochs=2, val_size=300, model={"latent_dim": 8}))
+                       purifier.FitConfig(epochs=2, val_size=300, model={"latent_dim": 8, "channels": (8, 16)}))
     r = cli("train", "--data", f"npz:{d / 'data.npz'}", "--classifier-factory", f"{d / 'model.py'}:build",
             "--classifier-weights", d / "weights.safetensors", "--out", tmp_path / "cli", *TRAIN)
     assert r.exit_code == 0, r.output
@@ -287,8 +294,36 @@ def test_a_classifier_that_does_not_fit_gets_a_usage_error_naming_it(user, tmp_p
     assert not (tmp_path / "r" / "cvae.json").exists()
 
 
+def test_an_onnx_classifier_onnx2torch_cannot_convert_is_refused_naming_the_operator(user, tmp_path):
+    from test_onnx_classifier import write_hardmax_classifier
+
+    bad = write_hardmax_classifier(tmp_path / "hardmax.onnx")
+    r = cli("train", "--data", f"npz:{user['dir'] / 'data.npz'}", "--classifier-onnx", bad, "--out",
+            tmp_path / "r", *TRAIN)
+    assert r.exit_code == 2, r.output
+    assert "operator 'Shrink'" in r.output and "'Hardmax'" in r.output and "no onnx2torch converter" in r.output
+
+
 def test_a_class_count_that_differs_from_the_data_is_refused(user, tmp_path):
     d = user["dir"]
     r = cli("train", "--data", f"npz:{d / 'five.npz'}", "--classifier-onnx", d / "model.onnx", "--out",
             tmp_path / "r", *TRAIN)
     assert r.exit_code == 2 and "returns 10 logits per image, the data has 5 classes" in r.output, r.output
+
+
+def test_byo_benchmark_tiny_profile_end_to_end(tmp_path):
+    """benchmarks/byo.py on a handful of images (numbers mean nothing): the classifier row and the plain PuVAE
+    row in front of the frozen standard classifier, with the targeted attacks in the worst case."""
+    out = tmp_path / "byo-tiny.json"
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "byo.py"), "--profile", "tiny", "--row",
+                        "A: no defense", "--row", "A: plain PuVAE", "--out", str(out), "--work", str(tmp_path / "w")],
+                       capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads(out.read_text())
+    pu = report["rows"]["A: plain PuVAE"]
+    attacks = [s["attack"] for s in pu["steps"]]
+    assert attacks[:4] == ["selection", "full gradient", "BPDA", "softmin"]
+    assert {"targeted selection r3", "targeted logits r1"} <= set(attacks)
+    assert pu["adaptive"] <= [s["accuracy"] for s in pu["steps"]][3] + 1e-9  # targeted attacks only add breaks
+    assert all(v["pass"] for v in pu["sanity"].values() if isinstance(v, dict))
+    assert "| A: plain PuVAE |" in out.with_suffix(".md").read_text()

@@ -203,11 +203,8 @@ def test_mean_std_normalisation_composes_and_matches_the_two_graph_chain(tmp_pat
     assert np.abs(got - unnormalised).max() > 1e-2  # the normalisation is really in the graph
 
 
-def test_operator_without_an_onnx2torch_converter_is_refused_by_name(tmp_path, fmnist_test):
-    from onnx2torch.node_converters.registry import _CONVERTER_REGISTRY
-
-    lacking = ("Shrink", "Hardmax")
-    assert not [key for key in _CONVERTER_REGISTRY if key.operation_type in lacking]
+def write_hardmax_classifier(path):
+    """A valid 28 x 28 classifier.onnx that onnxruntime runs and onnx2torch cannot convert (Shrink, Hardmax)."""
     weight = numpy_helper.from_array(np.random.default_rng(0).normal(size=(784, 10)).astype(np.float32), "w")
     graph = helper.make_graph(
         [helper.make_node("Flatten", ["image"], ["flat"]), helper.make_node("MatMul", ["flat", "w"], ["scores"]),
@@ -217,8 +214,16 @@ def test_operator_without_an_onnx2torch_converter_is_refused_by_name(tmp_path, f
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])], [weight])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     onnx.checker.check_model(model)
-    path = tmp_path / "classifier.onnx"
     onnx.save(model, str(path))
+    return path
+
+
+def test_operator_without_an_onnx2torch_converter_is_refused_by_name(tmp_path, fmnist_test):
+    from onnx2torch.node_converters.registry import _CONVERTER_REGISTRY
+
+    lacking = ("Shrink", "Hardmax")
+    assert not [key for key in _CONVERTER_REGISTRY if key.operation_type in lacking]
+    path = write_hardmax_classifier(tmp_path / "classifier.onnx")
     x = fmnist_test.x[:8]
     assert ort_run(path, {"image": x})[0].shape == (8, 10)  # a valid model that onnxruntime runs
 

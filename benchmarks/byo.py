@@ -1,0 +1,157 @@
+"""The middleware setting, measured: a purifier in front of a frozen, standard classifier that a user brings,
+beside the classifier alone and beside adversarial training of that same architecture (what a user would pick
+instead of a purifier).
+
+    python benchmarks/byo.py --profile full       # results/byo.{json,md,png}: the protocol's headline settings
+    python benchmarks/byo.py --profile standard   # results/byo-standard.*
+    python benchmarks/byo.py --profile quick      # minutes; never quoted
+
+Two classifiers, each frozen in every purifier row (the purifier trains around it, never into it):
+  A       the project's architecture A, trained plainly (models/fashion-mnist-plain/classifier);
+  ResNet  a small ResNet the project did not make (benchmarks/byo_models.py), brought in as the user would:
+          through ``--classifier-factory benchmarks/byo_models.py:small_resnet`` + its safetensors, and through
+          its ``model.onnx`` (converted by onnx2torch for training and attacks).
+Per classifier: no defense; plain PuVAE trained with it as the CE source; PuVAE after the adversarial-training
+mode that trains the CVAE alone against attacks through it (``purifier train --adversarial cvae``); and PGD
+adversarial training of the same architecture (its training length in the note).
+
+Every row is attacked as in ``benchmarks/adversarial.py`` (oblivious; adaptive worst case over the selection
+attack, full gradient, BPDA and softmin; Square and APGD-CE/DLR through BPDA; the protocol's sanity checks), and
+the adaptive worst case adds the targeted attacks toward the 3 runner-up classes (targeted selection margins and
+targeted logit margins through the softmin): the table gives the adaptive figure without and with them. Rows
+are cached under ``--work`` by their weights' sha256 and resume where they stopped.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import click
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from purifier import checkpoint  # noqa: E402
+
+from adversarial import (PROFILES, Bench, Row, attack_seconds, choose_rows, measure_rows, publish,  # noqa: E402
+                         report_head, speed_together)
+from results import markdown_table  # noqa: E402
+
+TARGETED = 3  # runner-up classes each targeted attack aims at
+UNTARGETED = ("selection", "full gradient", "BPDA", "softmin")
+
+
+def default_rows(plain: str, baselines: str, byo: str, middleware: str) -> list[Row]:
+    return [
+        Row("A: no defense", f"{plain}/classifier", note="standard training, 12 epochs"),
+        Row("A: plain PuVAE", f"{plain}/classifier", f"{plain}/cvae", "CVAE trained with A as CE source"),
+        Row("A: PuVAE + adv. training of the CVAE alone", f"{middleware}/classifier", f"{middleware}/cvae",
+            "from plain PuVAE; A frozen"),
+        Row("A: PGD-AT", f"{baselines}/pgd-at", note="eps 0.1, PGD-5, 3 epochs: shorter than convergence"),
+        Row("ResNet (factory): no defense", f"{byo}/resnet/classifier", note="standard training (train.json)"),
+        Row("ResNet (factory): plain PuVAE", f"{byo}/resnet-puvae/classifier", f"{byo}/resnet-puvae/cvae",
+            "CVAE trained with the ResNet as CE source"),
+        Row("ResNet (factory): PuVAE + adv. training of the CVAE alone", f"{byo}/resnet-cvae-alone/classifier",
+            f"{byo}/resnet-cvae-alone/cvae", "from plain PuVAE; ResNet frozen"),
+        Row("ResNet (ONNX): no defense", f"{byo}/resnet-onnx-puvae/classifier", note="its model.onnx via onnx2torch"),
+        Row("ResNet (ONNX): plain PuVAE", f"{byo}/resnet-onnx-puvae/classifier", f"{byo}/resnet-onnx-puvae/cvae",
+            "trained through --classifier-onnx"),
+        Row("ResNet (ONNX): PuVAE + adv. training of the CVAE alone", f"{byo}/resnet-onnx-cvae-alone/classifier",
+            f"{byo}/resnet-onnx-cvae-alone/cvae", "trained through --classifier-onnx"),
+        Row("ResNet: PGD-AT", f"{byo}/resnet-pgd-at/classifier", note="eps 0.1, PGD-10 (train.json)"),
+    ]
+
+
+def untargeted_adaptive(row: dict) -> float | None:
+    """Robust accuracy after the untargeted attacks alone: the worst case's steps run them first, so this is
+    the accuracy recorded after the last of them."""
+    steps = [s for s in row["steps"] if s["attack"] in UNTARGETED]
+    return steps[-1]["accuracy"] if steps else None
+
+
+def training(row: Row) -> dict | None:
+    """The purifier's training: its stages, epochs and seconds (read from the CVAE's checkpoint)."""
+    if row.cvae is None:
+        meta = checkpoint.read_record(ROOT / row.classifier).get("meta", {})
+        return {"seconds": meta.get("train_seconds"), "epochs": meta.get("train", {}).get("epochs"),
+                "adversarial": meta.get("adversarial")} if meta.get("train_seconds") else None
+    meta = checkpoint.read_record(ROOT / row.cvae)["meta"]
+    out = {"seconds": meta.get("train_seconds"), "epochs": meta.get("train", {}).get("epochs"),
+           "adversarial": meta.get("adversarial"), "command": meta.get("command")}
+    if meta.get("adversarial"):
+        out["history"] = [{k: h.get(k) for k in ("epoch", "val_purified_acc", "val_adaptive")}
+                          for h in meta["history"]]
+    return out
+
+
+def render(report: dict) -> str:
+    p = report["profile"]
+    lines = [f"Fashion-MNIST test set. Robust figures on the first {p['n']} images, L-infinity eps {p['eps']}, "
+             f"PGD-{p['steps']} (step 2.5*eps/steps, random start, best iterate), {p['restarts']} restart(s), seed "
+             f"{p['seed']}. Adaptive = per-image worst case over the selection attack, full gradient, BPDA and "
+             f"softmin; + targeted adds targeted selection and targeted logit margins toward each of the "
+             f"{TARGETED} runner-up classes (classifier rows: PGD on the classifier). Square ({p['square_queries']} "
+             f"queries) and APGD-CE + APGD-DLR ({p['apgd_iters']} iterations, through BPDA) from ART on the first "
+             f"{p['n_art']}; worst of all = every attack together on those. Clean accuracy on the first "
+             f"{p['clean_n']}. Every purifier row's classifier is frozen. images/s: torch eager, batch 256, "
+             f"{report['machine']['torch_threads']} threads. Training seconds: the row's last training stage.", ""]
+    rows = []
+    for r in report["rows"].values():
+        fails = [k for k, v in r["sanity"].items() if isinstance(v, dict) and not v["pass"]]
+        t = report["training"].get(r["name"]) or {}
+        plain = untargeted_adaptive(r)
+        rows.append([r["name"], f"{r['clean']:.4f}", f"{r['oblivious']:.3f}",
+                     f"{plain:.3f}" if plain is not None and r["cvae"] else "-", f"**{r['adaptive']:.3f}**",
+                     f"{r['art']['square']:.3f}", f"{r['art']['autoattack']:.3f}", f"{r['worst_of_all']:.3f}",
+                     f"{report['speed'][r['name']]['batch 256']['images_per_s']:.0f}",
+                     f"{t['seconds']:.0f}" if t.get("seconds") else "-",
+                     "all pass" if not fails else "FAIL: " + "; ".join(fails), r["note"]])
+    lines.append(markdown_table(["row", "clean", "oblivious", f"adaptive (n {p['n']})", "adaptive + targeted",
+                                 "Square", "AutoAttack", f"worst of all (n {p['n_art']})", "images/s",
+                                 "training s", "sanity checks", "note"], rows))
+    curves = [[k, f"{t['epochs']:g}", f"{t['seconds']:.0f}", " -> ".join(f"{h['val_adaptive']:.2f}"
+                                                                        for h in t["history"])]
+              for k, t in report["training"].items() if t and t.get("history")]
+    if curves:
+        lines += ["", "### Adversarial training of the CVAE alone (validation adaptive check: 200 held-out train "
+                      "images, 10-step selection + full gradient; an upper bound)",
+                  markdown_table(["row", "epochs", "seconds", "check every 0.25 epoch"], curves)]
+    return "\n".join(lines)
+
+
+@click.command()
+@click.option("--profile", "profile_name", type=click.Choice(sorted(PROFILES)), default="quick", show_default=True)
+@click.option("--plain", default="models/fashion-mnist-plain", show_default=True,
+              help="Model directory of the standard classifier A and its plain PuVAE.")
+@click.option("--baselines", default="models/baselines", show_default=True)
+@click.option("--byo", default="models/byo", show_default=True, help="Directory of the ResNet's runs.")
+@click.option("--middleware", default="models/middleware/cvae-alone", show_default=True,
+              help="The CVAE adversarially trained alone in front of A.")
+@click.option("--row", "rows", multiple=True, help="A row to run, by name; repeat for more (default: every row).")
+@click.option("--out", help="Results file (default results/byo.json for the full profile, byo-PROFILE otherwise).")
+@click.option("--work", help="Cache of finished rows (default: results/.OUT-work).")
+@click.option("--threads", type=int, help="torch threads (default: torch's).")
+def main(profile_name, plain, baselines, byo, middleware, rows, out, work, threads):
+    if threads:
+        torch.set_num_threads(threads)
+    out = Path(out or ROOT / "results" / ("byo.json" if profile_name == "full" else f"byo-{profile_name}.json"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(work or out.parent / f".{out.stem}-work")
+    work.mkdir(parents=True, exist_ok=True)
+    all_rows = choose_rows(default_rows(plain, baselines, byo, middleware), rows,
+                           "train them first: README 'Bring your own classifier'")
+    start = time.perf_counter()
+    bench = Bench(PROFILES[profile_name], work, lambda m: click.echo(m, err=True), targeted=TARGETED)
+    report = report_head("byo.py", profile_name)
+    report["targeted"] = {"runner_up_classes": TARGETED, "attacks": ["targeted selection", "targeted logits"]}
+    report["rows"] = measure_rows(bench, all_rows)
+    report["training"] = {r.name: training(r) for r in all_rows}
+    report["attack_seconds"] = {k: attack_seconds(v) for k, v in report["rows"].items()}
+    report["speed"] = speed_together(bench, all_rows)
+    publish(report, out, "A purifier in front of a classifier you bring", render(report), start)
+
+
+if __name__ == "__main__":
+    main()
