@@ -160,6 +160,8 @@ RESNET_ONNX = --classifier-onnx $(BYO)/resnet/model.onnx
 middleware: setup
 	$(PY) -m purifier.cli train --source $(PLAIN)/classifier --init $(PLAIN) --target $(PLAIN)/classifier \
 		--adversarial cvae --epochs $(MW_EPOCHS) --seed 0 --out $(MIDDLEWARE)
+	$(PY) -m purifier.cli evaluate --model $(MIDDLEWARE) --out results/eval-middleware-cvae-alone.json
+	$(call card,make middleware,$(MIDDLEWARE),results/eval-middleware-cvae-alone.json)
 
 byo-models: setup
 	$(PY) benchmarks/byo_models.py --out $(BYO)/resnet --epochs 10
