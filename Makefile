@@ -164,7 +164,7 @@ middleware: setup
 	$(call card,make middleware,$(MIDDLEWARE),results/eval-middleware-cvae-alone.json)
 
 byo-models: setup
-	$(PY) benchmarks/byo_models.py --out $(BYO)/resnet --epochs 10
+	$(PY) benchmarks/byo_models.py --out $(BYO)/resnet --epochs 8
 	$(PY) -m purifier.cli train --data fashion-mnist $(RESNET) --out $(BYO)/resnet-puvae --epochs $(CVAE_EPOCHS) \
 		--seed 0 --sel-weight 100
 	$(PY) -m purifier.cli train --data fashion-mnist $(RESNET) --init $(BYO)/resnet-puvae --adversarial cvae \
