@@ -8,7 +8,9 @@ SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 setup:
 	@test -f $(DATA_DIR)/t10k-images-idx3-ubyte.gz || \
 		($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist)
-	$(PY) -m pip install -q -e '.[train,export,serve,bench,dev]'
+	@echo "pip: installing purifier and its extras (train, export, serve, bench, dev) with the pins in" \
+		"constraints.txt; torch and CUDA wheels are large, this can take several minutes"
+	$(PY) -m pip install -c constraints.txt -e '.[train,export,serve,bench,dev]'
 
 demo: setup
 	$(PY) -m purifier.cli demo --model models/fashion-mnist --n 1000 --eps 0.1 --steps 40 --out demo-out

@@ -56,7 +56,8 @@ def _check_shapes(info: dict, chw: tuple[int, int, int], layout: str, path: Path
     if len(declared) != 4 or any(isinstance(d, int) and d != e for d, e in zip(declared[1:], expected)):
         hint = ""
         if info["layout"] != layout:
-            hint = f" (the classifier's input looks {info['layout'].upper()}: pass layout={info['layout']!r})"
+            hint = (f" (the classifier's input looks {info['layout'].upper()}: pass layout={info['layout']!r}, on the "
+                    f"command line --classifier-layout {info['layout']})")
         raise ComposeError(
             f"{path}: the classifier's input {info['input_name']!r} is declared {declared}; the purifier gives "
             f"N x C x H x W = {['N', c, h, w]}, which is {['N', *expected]} in layout {layout!r}{hint}")

@@ -12,6 +12,7 @@ _LAZY = {
     "PuVAELoss": "losses", "TrainConfig": "train",
     "load_dataset": "data", "Dataset": "data",
     "fit": "fitting", "FitConfig": "fitting", "ModelDir": "fitting", "ClassifierSource": "classifier_io",
+    "load": "registry",
 }
 
 __all__ = ["__version__", *_LAZY]

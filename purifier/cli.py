@@ -399,57 +399,153 @@ def export_cmd(run_dir, out, classifier_source, selection, percentile, triton_re
         click.echo(f"triton: {model_dir}/config.pbtxt + 1/model.onnx (from {source})")
 
 
+def _model(ctx, param, value):
+    """--model: a shipped model name (``purifier.registry.MODELS``) or a path -> its path; a usage error if absent."""
+    from .registry import resolve
+
+    if value is None:
+        return None
+    try:
+        return resolve(value)
+    except FileNotFoundError as exc:
+        raise click.BadParameter(str(exc)) from exc
+
+
+def _shipped_names() -> str:
+    from .registry import known
+
+    return known()
+
+
 @main.command("demo")
-@click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False), default="models/fashion-mnist",
-              show_default=True)
+@click.option("--model", "model_dir", default="fashion-mnist", show_default=True, callback=_model,
+              help=f"A shipped model name ({_shipped_names()}) or a model directory holding cvae.json, "
+                   f"classifier.json and pipeline.onnx.")
 @click.option("--n", default=1000, show_default=True, help="First N test images.")
 @click.option("--eps", default=0.1, show_default=True, help="L-infinity budget.")
 @click.option("--steps", default=40, show_default=True, help="PGD steps (step size 2.5 * eps / steps).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--out", type=click.Path(file_okay=False), default="demo-out", show_default=True,
-              help="Writes grid.png (clean / BPDA-adversarial / purified) and report.json here.")
+              help="Writes grid.png (rows labelled clean / adversarial (BPDA) / purified) and report.json here.")
 def demo_cmd(model_dir, n, eps, steps, seed, out):
-    """Attack the shipped model with PGD (oblivious, BPDA, full gradient), purify through onnxruntime."""
+    """Attack the model with PGD-Linf, purify every attacked image through onnxruntime, and print the table.
+
+    Four attacks: oblivious (on the classifier alone), BPDA and full gradient (through the whole pipeline),
+    and the selection attack, which drives the purifier's decision rule itself (it raises the true class's
+    reconstruction error above the best wrong class's). The selection attack is the one that decides the
+    result on the shipped models: it sets the 'adaptive worst' row (an image counts only if it survives
+    BPDA, full gradient and selection).
+
+    Example: purifier demo --model fashion-mnist --n 1000 --eps 0.1 --steps 40
+    """
     from serve.png import image_grid, write_png
 
     from .checkpoint import write_json
-    from .demo import format_table, run_demo
+    from .demo import GRID_ROWS, check_model_dir, format_table, run_demo
 
+    try:
+        model_dir = check_model_dir(model_dir)
+    except (FileNotFoundError, ValueError) as exc:
+        raise click.BadParameter(str(exc), param_hint="'--model'") from exc
     start = time.perf_counter()
     report = run_demo(model_dir, n=n, eps=eps, steps=steps, seed=seed,
                       on_progress=lambda name: click.echo(f"attacked: {name}", err=True))
     grid = report.pop("grid")
     report["seconds"] = time.perf_counter() - start
-    write_png(Path(out) / "grid.png", image_grid(grid))
+    write_png(Path(out) / "grid.png", image_grid(grid, labels=list(GRID_ROWS)))
 
     write_json(Path(out) / "report.json", report)
     click.echo(format_table(report))
-    click.echo(f"image grid (rows: clean, BPDA-adversarial, purified) -> {Path(out) / 'grid.png'}; "
+    click.echo(f"image grid (rows: {', '.join(GRID_ROWS)}) -> {Path(out) / 'grid.png'}; "
                f"report -> {Path(out) / 'report.json'}; {report['seconds']:.0f} s in all")
+
+
+# `purifier purify` exit codes (its --help and README say the same)
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+@contextlib.contextmanager
+def _stop_on_signals(notice):
+    """SIGINT and SIGTERM ask the job to stop (yields the ``should_stop`` callable); a second one stops at once
+    (KeyboardInterrupt). The old handlers come back afterwards. Outside the main thread, signals are left alone."""
+    import signal
+    import threading
+
+    requested = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield requested.is_set
+        return
+
+    def on_signal(signum, frame):
+        if requested.is_set():
+            raise KeyboardInterrupt
+        requested.set()
+        notice(signum)
+
+    old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield requested.is_set
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+
+def _purify_line(stats, out_dir: Path) -> str:
+    """The one-line summary on stderr."""
+    rate = stats.done / stats.seconds["total"] if stats.seconds["total"] else 0.0
+    failed = f"failed {stats.failed}"
+    if stats.failed_earlier:
+        failed += f" ({stats.failed_earlier} recorded by an earlier run; --no-resume retries them)"
+    parts = [f"done {stats.done}", failed, f"rejected {stats.rejected}", f"resumed {stats.skipped}"]
+    if stats.skipped_files:
+        names = ", ".join(Path(f["path"]).name for f in stats.skipped_files[:3])
+        more = f" and {len(stats.skipped_files) - 3} more" if len(stats.skipped_files) > 3 else ""
+        parts.append(f"skipped {len(stats.skipped_files)} non-image file{'s' * (len(stats.skipped_files) != 1)} "
+                     f"({names}{more}; listed in summary.json)")
+    line = ", ".join(parts) + f"; {rate:.0f} images/s; manifest: {out_dir / 'manifest.jsonl'}"
+    if stats.failed:
+        line += f", errors: {out_dir / 'errors.jsonl'}"
+    if stats.interrupted:
+        line = (f"interrupted with {stats.remaining} input{'s' * (stats.remaining != 1)} left (rerun the same "
+                f"command to resume): {line}")
+    return line
 
 
 @main.command("purify")
 @click.argument("inputs", nargs=-1, required=True, type=click.Path())
-@click.option("--model", required=True, type=click.Path(exists=True),
-              help="A model directory (pipeline.onnx or purifier.onnx) or an .onnx file.")
+@click.option("--model", required=True, callback=_model,
+              help=f"A shipped model name ({_shipped_names()}), a model directory (pipeline.onnx or purifier.onnx) "
+                   f"or an .onnx file.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output directory.")
 @click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1))
 @click.option("--resize", is_flag=True, help="Resize images of another size instead of failing them.")
 @click.option("--format", "fmt", type=click.Choice(["png", "npz"]), default="png", show_default=True,
               help="png: one image per input, same relative layout; npz: one purified.npz.")
 @click.option("--resume/--no-resume", default=None,
-              help="Skip inputs already in OUT's manifest (default: on when OUT holds one).")
+              help="Skip inputs already in OUT's manifest or error log (default: on when OUT holds a manifest).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--quiet", is_flag=True, help="No progress bar and no summary line.")
 def purify_cmd(inputs, model, out_dir, batch_size, resize, fmt, resume, device, quiet):
     """Purify image files, folders and .npy/.npz arrays on onnxruntime (no torch needed).
 
     Writes purified images, manifest.jsonl (one line per input), errors.jsonl (one line per failure, with the
-    reason) and summary.json. Exit code 0: all inputs purified; 1: some failed; 2: usage error.
+    reason) and summary.json. Files in a folder that are neither images nor arrays (notes.txt) are skipped and
+    listed: in summary.json (skipped_files) and in the summary line. A rerun into the same OUT resumes: inputs
+    already in the manifest or the error log are not redone, and the failures recorded earlier still count.
 
-    Example: purifier purify photos/ batch.npz --model models/fashion-mnist --out purified/
+    Ctrl-C (SIGINT) or SIGTERM: the images already loaded are purified and recorded, summary.json is written
+    and the job exits 130; a second Ctrl-C stops at once. Rerun the same command to resume.
+
+    \b
+    Exit codes:
+      0    every input purified (skipped non-image files do not count)
+      1    some inputs failed, in this run or earlier ones into OUT (errors.jsonl)
+      2    usage error (a bad option, model or output folder); nothing was done
+      130  interrupted (SIGINT, SIGTERM): summary.json written; rerun resumes
+
+    Example: purifier purify photos/ batch.npz --model fashion-mnist --out purified/
     """
-    from serve.batch import purify_files
+    import signal
 
     bar = None
     if not quiet and sys.stderr.isatty():
@@ -459,19 +555,32 @@ def purify_cmd(inputs, model, out_dir, batch_size, resize, fmt, resume, device, 
         bar.length = total
         bar.update(done - bar.pos)
 
+    newline = "\n" if bar is not None else ""  # off the progress bar's line
+
+    def notice(signum):
+        if not quiet:
+            name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+            click.echo(f"{newline}{name}: stopping after the images already loaded, then writing summary.json "
+                       f"({name} again stops at once)", err=True)
+
     try:
-        stats = purify_files(list(inputs), model, out_dir, batch_size, resize, fmt, resume, device,
-                             on_batch if bar is not None else None)
+        from serve.batch import purify_files  # onnxruntime: a Ctrl-C while it loads is an interrupt too
+
+        with _stop_on_signals(notice) as should_stop:
+            stats = purify_files(list(inputs), model, out_dir, batch_size, resize, fmt, resume, device,
+                                 on_batch if bar is not None else None, should_stop)
     except (FileNotFoundError, ValueError) as exc:
         raise click.UsageError(str(exc)) from exc
+    except KeyboardInterrupt:
+        click.echo(f"{newline}stopped at once; rerun the same command to resume (manifest: "
+                   f"{Path(out_dir) / 'manifest.jsonl'})", err=True)
+        sys.exit(EXIT_INTERRUPTED)
     finally:
         if bar is not None:
             bar.render_finish()
     if not quiet:
-        rate = stats.done / stats.seconds["total"] if stats.seconds["total"] else 0.0
-        click.echo(f"done {stats.done}, failed {stats.failed}, rejected {stats.rejected}, skipped (resumed) "
-                   f"{stats.skipped}; {rate:.0f} images/s; manifest: {Path(out_dir) / 'manifest.jsonl'}", err=True)
-    sys.exit(1 if stats.failed else 0)
+        click.echo(_purify_line(stats, Path(out_dir)), err=True)
+    sys.exit(EXIT_INTERRUPTED if stats.interrupted else EXIT_FAILED if stats.failed else EXIT_OK)
 
 
 def _add_serve():

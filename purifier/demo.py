@@ -13,7 +13,7 @@ import torch
 
 from serve.runtime import OnnxPurifier
 
-from . import checkpoint
+from . import checkpoint, registry
 from .attacks import PGD, selection_loss
 from .data import load_dataset
 from .pipeline import PurifiedClassifier, Purifier
@@ -29,16 +29,49 @@ THREATS = (
      "selection"),
 )
 ADAPTIVE = ("bpda", "full-gradient", "selection")
+# the rows of the report's ``grid``, top to bottom: one example per class each
+GRID_ROWS = ("clean", "adversarial (BPDA)", "purified")
+# what a model directory must hold for the demo: file -> (checkpoint family or None, what writes it)
+NEEDS = {
+    "cvae.json": ("cvae", "the purifier; purifier train --out DIR writes it"),
+    "classifier.json": ("classifier", "the classifier it defends; purifier train writes it beside cvae.json"),
+    "pipeline.onnx": (None, "purifier + classifier for onnxruntime; purifier export DIR --out DIR writes it"),
+}
+
+
+def check_model_dir(model: str | Path) -> Path:
+    """A shipped model name or a model directory -> its path, once it holds what the demo needs.
+
+    Raises ``FileNotFoundError`` naming each missing file and what writes it, ``ValueError`` for a record of the
+    wrong kind.
+    """
+    path = registry.resolve(model)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is not a directory: the demo takes a model directory (cvae.json, "
+                                f"classifier.json, pipeline.onnx) or a shipped model name ({registry.known()})")
+    missing = [name for name in NEEDS if not (path / name).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{path} has " + ", ".join(f"no {m} ({NEEDS[m][1]})" for m in missing) + ". Pass a model directory "
+            f"holding cvae.json, classifier.json and pipeline.onnx, or a shipped model name ({registry.known()})")
+    for name, (family, _) in NEEDS.items():
+        if family is not None:
+            kind = checkpoint.read_record(path / name)["kind"]
+            if kind not in checkpoint.FAMILIES[family]:
+                raise ValueError(f"{path / name} holds a {kind!r}, the demo needs a {family!r} there")
+    return path
 
 
 def run_demo(model_dir: str | Path, n: int = 1000, eps: float = 0.1, steps: int = 40, seed: int = 0,
              batch_size: int = 250, on_progress=None) -> dict:
-    """Returns a report (settings and one row per threat model) and ``grid`` rows for an image.
+    """Returns a report (settings and one row per threat model) and ``grid`` rows for an image (``GRID_ROWS``).
+
+    ``model_dir``: a model directory or a shipped model name (``purifier.registry``).
 
     Each row: accuracy of the bare classifier on that row's inputs, accuracy of the ONNX pipeline
     (purified), its rejection rate, and the defended rate (correct or rejected).
     """
-    model_dir = Path(model_dir)
+    model_dir = check_model_dir(model_dir)
     cvae = checkpoint.load(model_dir / "cvae", expect="cvae")
     classifier = checkpoint.load(model_dir / "classifier", expect="classifier")
     runtime = OnnxPurifier(model_dir / "pipeline.onnx")
@@ -79,7 +112,7 @@ def run_demo(model_dir: str | Path, n: int = 1000, eps: float = 0.1, steps: int 
                  "rejected": float(np.logical_or.reduce([outcomes[a][1] for a in ADAPTIVE]).mean()),
                  "defended": float(defended.mean()),
                  "attack_seconds": sum(r["attack_seconds"] for r in rows if r["row"] in ADAPTIVE)})
-    # one example per class: clean, BPDA-adversarial, and its purified version (from the ONNX runtime)
+    # one example per class (GRID_ROWS): clean, BPDA-adversarial, and its purified version (from the ONNX runtime)
     picks = [int(np.flatnonzero(ds.y[:n] == k)[0]) for k in range(ds.num_classes) if (ds.y[:n] == k).any()]
     grid = [x[picks].numpy(), advs["bpda"][picks].numpy(), runtime(advs["bpda"][picks].numpy())["purified"]]
     import onnxruntime

@@ -1,15 +1,18 @@
 """Batch purification of files that loses nothing: every input ends in the manifest or in the error log.
 
 Torch-free (onnxruntime + numpy + Pillow). Inputs are image files, directories (recursive, sorted, symlink
-loops guarded) and ``.npy``/``.npz`` arrays. Each batch's outputs are written under temporary names and
-renamed; only then are its manifest lines appended and flushed, so a job killed at any point and rerun with
-resume ends with every input exactly once and no half-written file.
+loops guarded; files of other kinds are listed as skipped, never dropped silently) and ``.npy``/``.npz`` arrays.
+Each batch's outputs are written under temporary names and renamed; only then are its manifest lines appended
+and flushed, so a job killed at any point and rerun with resume ends with every input exactly once and no
+half-written file. A job asked to stop (``should_stop``) finishes the part of the batch it has loaded, records
+it, and writes ``summary.json`` with ``interrupted: true``.
 """
 from __future__ import annotations
 
 import json
 import os
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
@@ -40,23 +43,37 @@ class Item:
 
 @dataclass
 class Stats:
+    """What a job did. ``failed`` counts every input of this job whose failure stands in errors.jsonl: the new
+    ones and ``failed_earlier``, those an earlier run in the same folder recorded (resume does not retry them).
+    ``skipped``: inputs already in the manifest (resumed). ``skipped_files``: files found in input folders that
+    are neither images nor arrays, ``{"path", "reason"}``. ``remaining``: inputs not reached (interrupted)."""
+
     done: int = 0
     failed: int = 0
+    failed_earlier: int = 0
     rejected: int = 0
     skipped: int = 0
+    remaining: int = 0
+    interrupted: bool = False
+    skipped_files: list = field(default_factory=list)
     seconds: dict = field(default_factory=lambda: {"load": 0.0, "onnxruntime": 0.0, "write": 0.0, "total": 0.0})
 
 
-def discover(inputs: Iterable[str | os.PathLike]) -> tuple[list[tuple[Path, str]], list[dict]]:
-    """Expand inputs into (file, relative path) pairs, in sorted order; unreadable inputs become errors."""
-    files, errors = [], []
+def discover(inputs: Iterable[str | os.PathLike]) -> tuple[list[tuple[Path, str]], list[dict], list[dict]]:
+    """Expand inputs into (file, relative path) pairs, in sorted order; inputs that do not exist become errors.
+
+    Returns (files, errors, skipped): ``skipped`` lists the files a folder walk passed over, ``{"path",
+    "reason"}`` (not images or arrays by their extension). A file named on the command line is always an input,
+    whatever its extension.
+    """
+    files, errors, skipped = [], [], []
     for raw in inputs:
         root = Path(raw)
         if root.is_dir():
             seen = set()
             for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
                 real = os.path.realpath(dirpath)
-                if real in seen:  # a symlink loop, or a directory reached twice
+                if real in seen:  # a symlink loop, or a directory reached twice: its files are already in
                     dirnames[:] = []
                     continue
                 seen.add(real)
@@ -65,11 +82,14 @@ def discover(inputs: Iterable[str | os.PathLike]) -> tuple[list[tuple[Path, str]
                     path = Path(dirpath) / name
                     if path.suffix.lower() in IMAGE_EXTS | ARRAY_EXTS:
                         files.append((path, str(path.relative_to(root))))
+                    else:
+                        kind = f"extension {path.suffix!r}" if path.suffix else "no extension"
+                        skipped.append({"path": str(path), "reason": f"not an image or array file ({kind})"})
         elif root.is_file():
             files.append((root, root.name))
         else:
             errors.append({"source": str(root), "index": None, "error": f"input {str(root)!r} does not exist"})
-    return files, errors
+    return files, errors, skipped
 
 
 def _array_items(path: Path) -> np.ndarray:
@@ -199,20 +219,25 @@ class _Log:
 
 def purify_files(inputs: list[str], model: str | os.PathLike, out_dir: str | os.PathLike, batch_size: int = 256,
                  resize: bool = False, fmt: str = "png", resume: bool | None = None, device: str = "auto",
-                 on_batch: Callable[[int, int], None] | None = None) -> Stats:
+                 on_batch: Callable[[int, int], None] | None = None,
+                 should_stop: Callable[[], bool] | None = None) -> Stats:
     """Purify every input into ``out_dir``; returns counts and where the time went.
 
     ``resume`` None: on when ``out_dir`` already holds a manifest. ``on_batch(done_items, total_items)``.
+    ``should_stop()`` is asked before each input is loaded; once it says yes, the inputs loaded so far are
+    purified and recorded, ``summary.json`` is written and the stats come back with ``interrupted`` set (a
+    rerun resumes). A ``KeyboardInterrupt`` raised inside also writes ``summary.json`` before it propagates.
     """
     if fmt not in ("png", "npz"):
         raise ValueError(f"format must be 'png' or 'npz', got {fmt!r}")
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
+    stop = should_stop or (lambda: False)
     start = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     runtime = OnnxPurifier(model, device=device)
-    files, errors = discover(inputs)
+    files, errors, skipped_files = discover(inputs)
     items, plan_errors = plan(files)
     errors += plan_errors
     if resume is None:
@@ -222,21 +247,31 @@ def purify_files(inputs: list[str], model: str | os.PathLike, out_dir: str | os.
             (out_dir / name).unlink(missing_ok=True)
     for stale in out_dir.rglob(".*.tmp"):  # temporaries of a killed run (atomic_write's naming); never outputs
         stale.unlink(missing_ok=True)
-    done = _read_keys(out_dir / MANIFEST) | _read_keys(out_dir / ERRORS)
-    stats = Stats(skipped=sum(item.key in done for item in items))
+    in_manifest, in_errors = _read_keys(out_dir / MANIFEST), _read_keys(out_dir / ERRORS)
+    done = in_manifest | in_errors
+    keys = {item.key for item in items} | {(e["source"], e["index"]) for e in errors}
+    # failures an earlier run recorded still stand: resume skips them, and the job must not look clean
+    earlier = len(keys & (in_errors - in_manifest))
+    stats = Stats(skipped=sum(item.key in in_manifest for item in items), failed=earlier, failed_earlier=earlier,
+                  skipped_files=skipped_files)
     todo = [item for item in items if item.key not in done]
     manifest, error_log = _Log(out_dir / MANIFEST), _Log(out_dir / ERRORS)
     load = Loader(runtime, resize)
     names = runtime.class_names
+    reached = 0
+    run = uuid.uuid4().hex[:12]  # npz parts of a resumed job must not overwrite the parts its manifest names
     try:
         new_errors = [e for e in errors if (e["source"], e["index"]) not in done]
         error_log.write(new_errors)
         stats.failed += len(new_errors)
-        for b in range(0, len(todo), batch_size):
-            batch = todo[b:b + batch_size]
+        while reached < len(todo) and not stop():
+            batch = todo[reached:reached + batch_size]
             t0 = time.perf_counter()
             good, arrays, failed = [], [], []
-            for item in batch:
+            for k, item in enumerate(batch):
+                if k and stop():  # asked to stop: purify what is loaded, leave the rest to a rerun
+                    batch = batch[:k]
+                    break
                 try:
                     arrays.append(load(item))
                     good.append(item)
@@ -247,35 +282,48 @@ def purify_files(inputs: list[str], model: str | os.PathLike, out_dir: str | os.
             if good:
                 out = runtime(np.stack(arrays))
                 t2 = time.perf_counter()
-                records = _write_outputs(out_dir, good, out, names, fmt, b)
+                records = _write_outputs(out_dir, good, out, names, fmt, f"{run}-{reached:09d}")
             else:
                 t2 = t1
             t3 = time.perf_counter()
             manifest.write(records)
-            error_log.write(failed)
             stats.done += len(records)
-            stats.failed += len(failed)
             stats.rejected += sum(r["rejected"] for r in records)
-            for k, v in (("load", t1 - t0), ("onnxruntime", t2 - t1), ("write", t3 - t2)):
-                stats.seconds[k] += v
+            error_log.write(failed)
+            stats.failed += len(failed)
+            reached += len(batch)
+            for key, v in (("load", t1 - t0), ("onnxruntime", t2 - t1), ("write", t3 - t2)):
+                stats.seconds[key] += v
             if on_batch is not None:
-                on_batch(min(b + batch_size, len(todo)), len(todo))
+                on_batch(reached, len(todo))
+    except KeyboardInterrupt:  # stopped at once (a second Ctrl-C): the logs hold what was recorded
+        stats.interrupted, stats.remaining = True, len(todo) - reached
+        _write_summary(out_dir, stats, start, runtime)
+        raise
     finally:
         manifest.close()
         error_log.close()
+    stats.remaining = len(todo) - reached
+    stats.interrupted = stats.remaining > 0
     if fmt == "npz":
         _merge_npz(out_dir)
-    stats.seconds["total"] = time.perf_counter() - start
-    summary = {"done": stats.done, "failed": stats.failed, "rejected": stats.rejected, "skipped": stats.skipped,
-               "seconds": stats.seconds, "model": str(runtime.path), "providers": runtime.providers}
-    atomic_write_bytes(out_dir / SUMMARY, (json.dumps(summary, indent=2) + "\n").encode())
+    _write_summary(out_dir, stats, start, runtime)
     return stats
 
 
-def _write_outputs(out_dir: Path, items: list[Item], out: dict, names: list[str], fmt: str, seq: int) -> list[dict]:
+def _write_summary(out_dir: Path, stats: Stats, start: float, runtime: OnnxPurifier) -> None:
+    stats.seconds["total"] = time.perf_counter() - start
+    summary = {"done": stats.done, "failed": stats.failed, "failed_earlier": stats.failed_earlier,
+               "rejected": stats.rejected, "skipped": stats.skipped, "skipped_files": stats.skipped_files,
+               "interrupted": stats.interrupted, "remaining": stats.remaining, "seconds": stats.seconds,
+               "model": str(runtime.path), "providers": runtime.providers}
+    atomic_write_bytes(out_dir / SUMMARY, (json.dumps(summary, indent=2, ensure_ascii=False) + "\n").encode())
+
+
+def _write_outputs(out_dir: Path, items: list[Item], out: dict, names: list[str], fmt: str, part: str) -> list[dict]:
     purified = np.round(np.clip(out["purified"], 0, 1) * 255).astype(np.uint8)
     if fmt == "npz":
-        part = f"npz-parts/part-{seq:09d}.npz"
+        part = f"npz-parts/part-{part}.npz"
 
         atomic_savez(out_dir / part, x=purified)
         outputs = [f"{part}:{k}" for k in range(len(items))]

@@ -1,4 +1,5 @@
-"""Write 8-bit grayscale or RGB PNGs with numpy and zlib alone (no Pillow needed)."""
+"""Write 8-bit grayscale or RGB PNGs with numpy and zlib alone (no Pillow needed); grids of images, with row
+labels drawn by Pillow (in the base install) when asked for."""
 from __future__ import annotations
 
 import os
@@ -39,8 +40,13 @@ def write_png(path: str | os.PathLike, image: np.ndarray) -> None:
     atomic_write_bytes(path, encode_png(image))
 
 
-def image_grid(rows: list[np.ndarray], pad: int = 2, scale: int = 3) -> np.ndarray:
-    """rows: each N x C x H x W in [0, 1] (C = 1) -> one H' x W' gray image, rows stacked, pixels upscaled."""
+def image_grid(rows: list[np.ndarray], pad: int = 2, scale: int = 3, labels: list[str] | None = None) -> np.ndarray:
+    """rows: each N x C x H x W in [0, 1] (C = 1) -> one H' x W' gray image, rows stacked, pixels upscaled.
+
+    ``labels``: one per row, written left of it in a white strip (black text), so the image says what each row is.
+    """
+    if labels is not None and len(labels) != len(rows):
+        raise ValueError(f"labels must name each of the {len(rows)} rows, got {len(labels)}: {list(labels)}")
     n = max(len(r) for r in rows)
     _, _, h, w = rows[0].shape
     grid = np.ones((len(rows) * (h + pad) + pad, n * (w + pad) + pad), np.float32)
@@ -48,4 +54,26 @@ def image_grid(rows: list[np.ndarray], pad: int = 2, scale: int = 3) -> np.ndarr
         for j, img in enumerate(r):
             top, left = pad + i * (h + pad), pad + j * (w + pad)
             grid[top:top + h, left:left + w] = img[0]
-    return np.kron(grid, np.ones((scale, scale), np.float32))
+    grid = np.kron(grid, np.ones((scale, scale), np.float32))
+    if labels is None:
+        return grid
+    centres = [(pad + i * (h + pad)) * scale + h * scale // 2 for i in range(len(rows))]
+    return np.concatenate([label_strip(labels, centres, grid.shape[0], size=max(10, h * scale // 5)), grid], axis=1)
+
+
+def label_strip(labels: list[str], centres: list[int], height: int, size: int = 16) -> np.ndarray:
+    """A white ``height`` x W float strip with each label in black, vertically centred on its ``centres`` row."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    try:
+        font = ImageFont.load_default(size=size)  # scalable where Pillow has FreeType (Pillow >= 10.1)
+    except (TypeError, OSError, ImportError):
+        font = ImageFont.load_default()  # Pillow's small bitmap font
+    draw = ImageDraw.Draw(Image.new("L", (1, 1)))
+    boxes = [draw.textbbox((0, 0), text, font=font) for text in labels]
+    margin = max(4, size // 2)
+    strip = Image.new("L", (max(b[2] for b in boxes) + 2 * margin, height), 255)
+    draw = ImageDraw.Draw(strip)
+    for text, box, cy in zip(labels, boxes, centres):
+        draw.text((margin - box[0], cy - (box[1] + box[3]) // 2), text, fill=0, font=font)
+    return np.asarray(strip, np.float32) / np.float32(255.0)

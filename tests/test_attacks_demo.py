@@ -69,3 +69,64 @@ def test_selection_attack_moves_the_argmin_to_a_wrong_class(fmnist_test):
         after = (purifier(adv)["chosen_class"] == y).float().mean()
     assert (adv - x).abs().max() <= 0.2 + 1e-6
     assert after < before - 0.3
+
+
+def test_demo_help_names_the_selection_attack_that_decides_the_result():
+    r = CliRunner().invoke(main, ["demo", "--help"])
+    text = " ".join(r.output.split())
+    assert r.exit_code == 0
+    assert "selection attack, which drives the purifier's decision rule" in text
+    assert "The selection attack is the one that decides the result" in text
+
+
+@pytest.mark.parametrize("present, missing", [
+    (("cvae.json", "cvae.safetensors", "pipeline.onnx"),
+     "has no classifier.json (the classifier it defends; purifier train writes it beside cvae.json). Pass"),
+    ((), "has no cvae.json (the purifier; purifier train --out DIR writes it), no classifier.json"),
+])
+def test_demo_on_a_folder_without_its_parts_is_a_usage_error_naming_the_file(tmp_path, present, missing):
+    import shutil
+
+    d = tmp_path / "half-a-model"
+    d.mkdir()
+    for name in present:
+        shutil.copy(MODEL / name, d / name)
+    r = CliRunner().invoke(main, ["demo", "--model", str(d), "--n", "4", "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2, r.output
+    assert isinstance(r.exception, SystemExit) and "Traceback" not in r.output
+    text = " ".join(r.output.split())
+    assert "Invalid value for '--model'" in text and missing in text
+    assert "or a shipped model name (fashion-mnist, fashion-mnist-plain, fashion-mnist-middleware)" in text
+    assert not (tmp_path / "o").exists()
+
+
+def test_demo_runs_from_another_folder_by_model_name_and_labels_the_grid_rows(tmp_path, monkeypatch, fmnist_test):
+    from serve.png import image_grid
+
+    monkeypatch.chdir(tmp_path)  # the default --model is a name, found wherever the command runs
+    r = CliRunner().invoke(main, ["demo", "--n", "10", "--steps", "1"])
+    assert r.exit_code == 0, r.output
+    assert "rows: clean, adversarial (BPDA), purified" in r.output
+    grid = np.asarray(Image.open(tmp_path / "demo-out" / "grid.png"), np.float32) / 255
+    columns = len(np.unique(fmnist_test.y[:10]))  # one example per class among the first 10
+    unlabelled = image_grid([np.ones((columns, 1, 28, 28), np.float32)] * 3)
+    assert grid.shape[0] == unlabelled.shape[0] and grid.shape[1] > unlabelled.shape[1]
+    strip = grid[:, :grid.shape[1] - unlabelled.shape[1]]
+    for i in range(3):  # text in each row's band of the strip, nothing between the bands
+        top = (2 + i * 30) * 3
+        assert strip[top:top + 28 * 3].min() < 0.3, f"row {i} has no label"
+    assert strip[:6].min() == 1.0
+
+
+def test_image_grid_labels_each_row_and_names_a_count_mismatch():
+    from serve.png import image_grid
+
+    rows = [np.full((4, 1, 28, 28), 0.5, np.float32)] * 3
+    plain, labelled = image_grid(rows), image_grid(rows, labels=["clean", "adversarial (BPDA)", "purified"])
+    assert np.array_equal(labelled[:, -plain.shape[1]:], plain)
+    strip = labelled[:, :-plain.shape[1]]
+    widths = [image_grid(rows, labels=[t, "", ""])[:, :-plain.shape[1]].shape[1] for t in ("a", "adversarial")]
+    assert widths[0] < widths[1]  # the strip fits the longest label
+    assert (strip < 0.3).any() and strip.max() == 1.0  # black text on white
+    with pytest.raises(ValueError, match="3 rows, got 2"):
+        image_grid(rows, labels=["clean", "purified"])

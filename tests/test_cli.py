@@ -71,3 +71,88 @@ def test_package_import_and_cli_help_do_not_import_torch():
             "from click.testing import CliRunner; r = CliRunner().invoke(purifier.cli.main, ['--help']); "
             "assert r.exit_code == 0, r.output; assert 'torch' not in sys.modules, 'torch was imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_shipped_model_names_resolve_from_any_folder_without_torch(tmp_path):
+    code = ("import sys; from purifier.registry import resolve; print(resolve('fashion-mnist')); "
+            "print(resolve('fashion-mnist-plain')); assert 'torch' not in sys.modules, 'torch imported'")
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True, capture_output=True, text=True)
+    assert r.stdout.split() == [str(ROOT / "models" / "fashion-mnist"), str(ROOT / "models" / "fashion-mnist-plain")]
+
+
+def test_a_bad_model_name_lists_the_known_names_and_a_path_still_works(tmp_path, monkeypatch):
+    from purifier.registry import MODELS, resolve
+
+    assert set(MODELS) == {"fashion-mnist", "fashion-mnist-plain", "fashion-mnist-middleware"}
+    with pytest.raises(FileNotFoundError, match=r"no model 'fashion': not a shipped model name "
+                                                r"\(fashion-mnist, fashion-mnist-plain, fashion-mnist-middleware\)"):
+        resolve("fashion")
+    with pytest.raises(FileNotFoundError, match=r"model 'no/such/dir' does not exist .*fashion-mnist-plain"):
+        resolve("no/such/dir")
+    assert resolve(ROOT / "models" / "fashion-mnist") == ROOT / "models" / "fashion-mnist"
+    (tmp_path / "fashion-mnist").mkdir()  # a folder of a shipped name: reached as ./fashion-mnist
+    monkeypatch.chdir(tmp_path)
+    assert resolve("./fashion-mnist") == Path("fashion-mnist")
+    assert resolve("fashion-mnist") == ROOT / "models" / "fashion-mnist"
+
+
+def test_a_shipped_model_that_is_not_there_says_where_it_was_looked_for(tmp_path, monkeypatch):
+    from purifier import registry
+
+    monkeypatch.setattr(registry, "MODELS_ROOT", tmp_path / "models")
+    with pytest.raises(FileNotFoundError) as err:
+        registry.resolve("fashion-mnist")
+    assert f"looked for {tmp_path / 'models' / 'fashion-mnist'}" in str(err.value)
+    r = CliRunner().invoke(main, ["purify", str(tmp_path), "--model", "fashion-mnist", "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "is not installed here" in r.output
+
+
+def test_purifier_load_gives_the_torch_modules_of_a_shipped_model(fmnist_test, tmp_path):
+    import shutil
+
+    import torch
+
+    import purifier
+
+    pur, clf = purifier.load("fashion-mnist-plain")
+    x = torch.from_numpy(fmnist_test.x[:8])
+    with torch.no_grad():
+        out = pur(x)
+        logits = clf(out["purified"])
+    assert out["purified"].shape == x.shape and logits.shape == (8, 10)
+    assert (logits.argmax(1) == torch.from_numpy(fmnist_test.y[:8])).float().mean() >= 0.5
+    (tmp_path / "half").mkdir()
+    shutil.copy(ROOT / "models" / "fashion-mnist" / "cvae.json", tmp_path / "half")
+    with pytest.raises(FileNotFoundError, match="half/classifier.json does not exist"):
+        purifier.load(tmp_path / "half")
+
+
+def test_setup_states_torch_ranges_and_the_pins_live_in_constraints_txt():
+    import configparser
+
+    from packaging.requirements import Requirement
+
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    train = {r.name: r.specifier for r in (Requirement(line) for line in
+                                           cfg["options.extras_require"]["train"].split("\n")
+                                           if line.strip() and not line.strip().startswith("#"))}
+    pins = {r.name: r.specifier for r in (Requirement(line) for line in
+                                          (ROOT / "constraints.txt").read_text().splitlines()
+                                          if line.strip() and not line.startswith("#"))}
+    assert set(pins) == {"torch", "torchvision"}
+    for name in pins:
+        assert not any(s.operator == "==" for s in train[name]), f"setup.cfg pins {name} exactly"
+        (pin,) = pins[name]
+        assert pin.operator == "==" and pin.version in train[name], f"{name} {pin} outside setup.cfg's {train[name]}"
+
+    def minor(spec, op):  # the minor version a bound names
+        return int(next(s.version for s in spec if s.operator == op).split(".")[1])
+
+    # a torchvision goes with one torch: 0.(m + 15) with 2.m, for the pins and for both ends of the ranges
+    assert minor(pins["torchvision"], "==") == minor(pins["torch"], "==") + 15
+    assert minor(train["torchvision"], ">=") == minor(train["torch"], ">=") + 15
+    assert minor(train["torchvision"], "<") == minor(train["torch"], "<") + 15
+    setup = (ROOT / "Makefile").read_text().split("\nsetup:")[1].split("\n\n")[0]
+    pip = next(line for line in setup.splitlines() if "pip install" in line)
+    assert "-c constraints.txt" in pip and " -q" not in pip

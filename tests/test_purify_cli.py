@@ -139,3 +139,149 @@ def test_purify_runs_without_torch(tmp_path, fmnist_test):
             f"'--out', {str(tmp_path / 'o')!r}]); assert r.exit_code == 0, r.output; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+def interrupt_midway(cmd, out: Path, signum) -> subprocess.CompletedProcess:
+    """Start ``cmd``, send ``signum`` once its first manifest lines are on disk, return the finished process."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None:
+        m = out / "manifest.jsonl"
+        if m.exists() and m.stat().st_size > 0:
+            break
+        time.sleep(0.005)
+    proc.send_signal(signum)
+    stdout, stderr = proc.communicate(timeout=120)
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["sigint", "sigterm"])
+def test_interrupt_midway_exits_130_after_writing_summary_and_a_rerun_finishes_the_rest(tmp_path, fmnist_test,
+                                                                                       signum):
+    n = 3000
+    src = tmp_path / "x.npy"
+    np.save(src, (fmnist_test.x[:n] * 255).round().astype(np.uint8))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "purifier.cli", "purify", str(src), "--model", MODEL, "--out", str(out),
+           "--batch-size", "64"]
+    r = interrupt_midway(cmd, out, signum)
+    assert r.returncode == 130, r.stderr
+    assert "Aborted!" not in r.stderr and "Traceback" not in r.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    recorded = len(lines(out / "manifest.jsonl"))
+    assert summary["interrupted"] is True and 0 < summary["done"] < n, "the job was not interrupted midway"
+    assert summary["done"] == recorded  # the batch in flight was finished and recorded, none lost
+    assert summary["done"] + summary["remaining"] == n
+    assert f"interrupted with {n - recorded} inputs left" in r.stderr and "rerun the same command" in r.stderr
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert sorted(m["index"] for m in lines(out / "manifest.jsonl")) == list(range(n))  # each exactly once
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["interrupted"] is False and summary["skipped"] == recorded and summary["done"] == n - recorded
+
+
+def test_a_stop_request_purifies_the_images_loaded_and_a_hard_interrupt_still_writes_the_summary(tmp_path,
+                                                                                                fmnist_test):
+    from serve.batch import purify_files
+
+    n = 300
+    src = tmp_path / "x.npy"
+    np.save(src, fmnist_test.x[:n])
+    out = tmp_path / "out"
+    asked = []
+
+    def stop_at_the_100th_question():
+        asked.append(1)
+        return len(asked) >= 100
+
+    stats = purify_files([str(src)], MODEL, out, batch_size=256, should_stop=stop_at_the_100th_question)
+    assert stats.interrupted and 0 < stats.done < 256  # part of the first batch: the images loaded by then
+    assert stats.done == len(lines(out / "manifest.jsonl")) and stats.remaining == n - stats.done
+    assert json.loads((out / "summary.json").read_text())["interrupted"] is True
+
+    def ctrl_c_twice():
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        purify_files([str(src)], MODEL, out, batch_size=64, should_stop=ctrl_c_twice)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["interrupted"] is True and summary["remaining"] == n - stats.done
+    stats = purify_files([str(src)], MODEL, out, batch_size=64)
+    assert not stats.interrupted and stats.remaining == 0
+    assert sorted(m["index"] for m in lines(out / "manifest.jsonl")) == list(range(n))
+
+
+def test_a_rerun_while_an_earlier_failure_stands_exits_1_and_counts_it(tmp_path, fmnist_test):
+    d = tmp_path / "in"
+    d.mkdir()
+    Image.fromarray((fmnist_test.x[0, 0] * 255).astype(np.uint8)).save(d / "good.png")
+    (d / "bad.png").write_text("not an image")
+    out = tmp_path / "out"
+    args = ["purify", str(d), "--model", MODEL, "--out", str(out)]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 1, r.output
+    assert "failed 1," in r.stderr and "errors.jsonl" in r.stderr
+    r = CliRunner().invoke(main, args)  # resume: nothing new to do, but bad.png's failure still stands
+    assert r.exit_code == 1, r.output
+    assert "done 0, failed 1 (1 recorded by an earlier run; --no-resume retries them)" in r.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["failed"] == 1 and summary["failed_earlier"] == 1 and summary["skipped"] == 1
+    assert len(lines(out / "errors.jsonl")) == 1  # counted, not recorded twice
+    Image.fromarray((fmnist_test.x[1, 0] * 255).astype(np.uint8)).save(d / "bad.png")  # the user fixes it
+    r = CliRunner().invoke(main, args + ["--no-resume"])
+    assert r.exit_code == 0, r.output
+    assert "failed 0," in r.stderr
+
+
+def test_a_non_image_file_in_a_folder_is_counted_and_listed_as_skipped(tmp_path, fmnist_test):
+    d = tmp_path / "in"
+    d.mkdir()
+    Image.fromarray((fmnist_test.x[0, 0] * 255).astype(np.uint8)).save(d / "a.png")
+    (d / "notes.txt").write_text("shot on Tuesday")
+    out = tmp_path / "out"
+    r = CliRunner().invoke(main, ["purify", str(d), "--model", MODEL, "--out", str(out)])
+    assert r.exit_code == 0, r.output  # not an input, so not a failure
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["done"] == 1 and summary["failed"] == 0
+    assert summary["skipped_files"] == [{"path": str(d / "notes.txt"),
+                                         "reason": "not an image or array file (extension '.txt')"}]
+    assert "skipped 1 non-image file (notes.txt; listed in summary.json)" in r.stderr
+    assert [Path(m["source"]).name for m in lines(out / "manifest.jsonl")] == ["a.png"]
+
+
+def test_npz_resume_keeps_the_parts_the_earlier_manifest_names(tmp_path, fmnist_test):
+    a, b = tmp_path / "a.npy", tmp_path / "b.npy"
+    np.save(a, fmnist_test.x[:6])
+    np.save(b, fmnist_test.x[100:106])
+    out = tmp_path / "o"
+    base = ["purify", "--model", MODEL, "--out", str(out), "--format", "npz", "--batch-size", "4"]
+    assert CliRunner().invoke(main, [*base[:1], str(a), *base[1:]]).exit_code == 0
+    with np.load(out / "purified.npz") as f:
+        first = f["x"].copy()
+    r = CliRunner().invoke(main, [*base[:1], str(a), str(b), *base[1:]])  # resumes: only b is new
+    assert r.exit_code == 0, r.output
+    with np.load(out / "purified.npz") as f:
+        assert f["source"].tolist() == [str(a)] * 6 + [str(b)] * 6
+        assert np.array_equal(f["x"][:6], first)  # a's rows are still a's purified images
+        assert not np.array_equal(f["x"][6:], first)
+
+
+def test_model_by_shipped_name_and_an_unknown_name_listing_the_known_ones(tmp_path, fmnist_test):
+    np.save(tmp_path / "x.npy", fmnist_test.x[:4])
+    r = CliRunner().invoke(main, ["purify", str(tmp_path / "x.npy"), "--model", "fashion-mnist",
+                                  "--out", str(tmp_path / "o")])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "o" / "summary.json").read_text())["model"] == str(Path(MODEL) / "pipeline.onnx")
+    r = CliRunner().invoke(main, ["purify", str(tmp_path / "x.npy"), "--model", "fashion",
+                                  "--out", str(tmp_path / "o2")])
+    assert r.exit_code == 2
+    assert "no model 'fashion'" in r.output and "fashion-mnist, fashion-mnist-plain, fashion-mnist-middleware" in r.output
+
+
+def test_help_gives_the_exit_codes():
+    r = CliRunner().invoke(main, ["purify", "--help"])
+    assert r.exit_code == 0
+    text = " ".join(r.output.split())
+    for line in ("0 every input purified", "1 some inputs failed, in this run or earlier ones",
+                 "2 usage error", "130 interrupted (SIGINT, SIGTERM): summary.json written"):
+        assert line in text, line
