@@ -163,6 +163,7 @@ middleware: setup
 	$(PY) -m purifier.cli train --source $(PLAIN)/classifier --init $(PLAIN) --target $(PLAIN)/classifier \
 		--adversarial cvae --epochs $(MW_EPOCHS) --seed 0 --out $(MIDDLEWARE)
 	$(PY) -m purifier.cli evaluate --model $(MIDDLEWARE) --out results/eval-middleware-cvae-alone.json
+	$(PY) -m purifier.cli export $(MIDDLEWARE)
 	$(call card,make middleware,$(MIDDLEWARE),results/eval-middleware-cvae-alone.json)
 
 byo-models: setup
