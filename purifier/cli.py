@@ -16,7 +16,8 @@ import click
 from .cli_classifier import classifier_options, load_classifier
 from .designs import DESIGNS as DESIGN_NAMES
 
-DATA_HELP = "Dataset: 'fashion-mnist' or 'npz:PATH' (x, y[, x_test, y_test, class_names])."
+DATA_HELP = ("Dataset: 'fashion-mnist', 'npz:PATH' (x, y[, x_test, y_test, class_names]) or 'folder:DIR' "
+             "(DIR/CLASS/*.png, or DIR/train/... and DIR/test/...).")
 
 
 @contextlib.contextmanager
