@@ -71,7 +71,7 @@ robust-quick: setup
 
 # Adversarial training through the whole pipeline (about 1.5 hours on 2 cores): each mode from the plain PuVAE
 # model, PGD-AT as CE source and target, selection + full-gradient PGD-3 examples at eps 0.1; joint and
-# classifier-alone for 1.5 epochs, CVAE-alone and alternating for 0.75 (what fitted the session's budget).
+# classifier-alone for 1.5 epochs, CVAE-alone and alternating for 0.75.
 # Then the benchmark that compares them (results/adversarial.{json,md,png}).
 ADV ?= models/adversarial
 .PHONY: adversarial adversarial-bench

@@ -68,7 +68,7 @@ class Profile:
 
 PROFILES = {
     # the protocol's headline settings; a purifier row took 60-100 minutes here, two rows sharing the 2 cores
-    # (attack_seconds in results/adversarial-full.json), so all 8 rows take more than one 3-hour session
+    # (attack_seconds in results/adversarial-full.json): 8 to 13 hours for all 8 rows
     "full": Profile(n=1000, steps=100, restarts=5, n_art=500),
     # what results/adversarial.json was run with: 8 rows in about 140 minutes on 2 cores (section_seconds there;
     # Square's 500 queries through the purifier cost most of a row)
