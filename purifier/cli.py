@@ -89,9 +89,9 @@ def main():
 @main.command("train-classifier")
 @click.option("--data", default="fashion-mnist", show_default=True, help=DATA_HELP)
 @click.option("--arch", type=click.Choice(["a", "b"]), default="a", show_default=True,
-              help="PuVAE paper architecture A (conv64-5x5 x2) or B (conv128-3x3, conv64-3x3).")
+              help="Classifier architecture: PuVAE paper's A (conv64-5x5 x2) or B (conv128-3x3, conv64-3x3).")
 @click.option("--out", type=click.Path(), required=True, help="Checkpoint path (writes OUT.safetensors + OUT.json).")
-@click.option("--epochs", default=10, show_default=True)
+@click.option("--epochs", default=10, show_default=True, type=click.IntRange(min=1), help="Whole passes over the data.")
 @click.option("--batch-size", default=128, show_default=True)
 @click.option("--lr", default=1e-3, show_default=True)
 @click.option("--seed", default=0, show_default=True)
@@ -147,9 +147,10 @@ def train_classifier_cmd(data, arch, out, epochs, batch_size, lr, seed, val_size
 @click.option("--latent-dim", type=int, help="Latent size (default: the dataset preset's).")
 @click.option("--channels", help="Encoder/decoder conv widths, e.g. 16,32 (default: the preset's).")
 @click.option("--conditioning", type=click.Choice(["onehot", "embedding"]))
-@click.option("--arch", type=click.Choice(sorted(DESIGN_NAMES)),
-              help="Purifier design (model, extra loss terms, decision rule); see README 'choosing a purifier'. "
-                   "Loss options given here override the design's. [puvae; with --init: the init model's]")
+@click.option("--design", "--arch", "arch", type=click.Choice(sorted(DESIGN_NAMES)),
+              help="Purifier design (model, extra loss terms, decision rule; --arch is its older name); see README "
+                   "'choosing a purifier'. Loss options given here override the design's. "
+                   "[puvae; with --init: the init model's]")
 @click.option("--beta", type=float, help="KL weight [1; ks-cov designs: 0].")
 @click.option("--ce-weight", type=float, help="Weight of the source classifier's CE [10].")
 @click.option("--sel-weight", type=float, help="Weight of the selection CE over K classes [100; 0: plain PuVAE].")
@@ -184,7 +185,7 @@ def train_cmd(data, classifier_source, out, epochs, batch_size, lr, seed, val_si
               adv_sel_weight, adv_pipe_weight, adv_clf_mix, quiet):
     """Train the class-conditional VAE with the PuVAE loss (recon + beta*KL + ce_weight*CE [+ sel_weight*SEL])
     in front of a classifier (yours: --classifier-factory or --classifier-onnx), or another design of the
-    purifier family (--arch), or, with --adversarial, purifier and/or target classifier against attacks on the
+    purifier family (--design), or, with --adversarial, purifier and/or target classifier against attacks on the
     whole pipeline. A call of ``purifier.fit``."""
     from . import designs
     from .adversarial import PipelineAdversarial
@@ -306,7 +307,8 @@ def _table(report: dict) -> str:
 
 @main.command("evaluate")
 @click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False),
-              help="Directory holding cvae.* and classifier.* checkpoints.")
+              help="Directory holding cvae.* and classifier.* checkpoints (required unless --cvae and a classifier "
+                   "option are given).")
 @click.option("--cvae", type=click.Path(), help="CVAE checkpoint (default MODEL/cvae).")
 @classifier_options("--classifier", "Target classifier checkpoint (default MODEL/classifier).")
 @click.option("--data", default="fashion-mnist", show_default=True, help=DATA_HELP)

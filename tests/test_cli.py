@@ -156,3 +156,20 @@ def test_setup_states_torch_ranges_and_the_pins_live_in_constraints_txt():
     setup = (ROOT / "Makefile").read_text().split("\nsetup:")[1].split("\n\n")[0]
     pip = next(line for line in setup.splitlines() if "pip install" in line)
     assert "-c constraints.txt" in pip and " -q" not in pip
+
+
+def test_export_of_a_folder_without_a_classifier_writes_the_purifier_alone(tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("cvae.json", "cvae.safetensors"):
+        shutil.copy(ROOT / "models" / "fashion-mnist-plain" / name, run / name)
+    r = CliRunner().invoke(main, ["export", str(run), "--out", str(tmp_path / "onnx")])
+    assert r.exit_code == 0, r.output
+    assert "wrote purifier.onnx only" in r.output
+    assert (tmp_path / "onnx" / "purifier.onnx").is_file() and not (tmp_path / "onnx" / "pipeline.onnx").exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = CliRunner().invoke(main, ["export", str(empty)])
+    assert r.exit_code == 2 and "cvae.json does not exist" in r.output and "Traceback" not in r.output
