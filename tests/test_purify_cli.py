@@ -112,12 +112,7 @@ def test_sigkill_midway_then_resume_gives_each_input_exactly_once(tmp_path, fmni
     cmd = [sys.executable, "-m", "purifier.cli", "purify", str(d), "--model", MODEL, "--out", str(out),
            "--batch-size", "16", "--quiet"]
     proc = subprocess.Popen(cmd, cwd=ROOT)
-    deadline = time.time() + 60
-    while time.time() < deadline and proc.poll() is None:
-        m = out / "manifest.jsonl"
-        if m.exists() and m.stat().st_size > 0:
-            break
-        time.sleep(0.005)
+    wait_for_manifest(proc, out)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
@@ -141,15 +136,20 @@ def test_purify_runs_without_torch(tmp_path, fmnist_test):
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 
 
-def interrupt_midway(cmd, out: Path, signum) -> subprocess.CompletedProcess:
-    """Start ``cmd``, send ``signum`` once its first manifest lines are on disk, return the finished process."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 60
+def wait_for_manifest(proc: subprocess.Popen, out: Path, timeout: float = 60) -> None:
+    """Return once ``out``'s manifest has its first lines on disk (or the process ended, or ``timeout`` passed)."""
+    deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
         m = out / "manifest.jsonl"
         if m.exists() and m.stat().st_size > 0:
-            break
+            return
         time.sleep(0.005)
+
+
+def interrupt_midway(cmd, out: Path, signum) -> subprocess.CompletedProcess:
+    """Start ``cmd``, send ``signum`` once its first manifest lines are on disk, return the finished process."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_manifest(proc, out)
     proc.send_signal(signum)
     stdout, stderr = proc.communicate(timeout=120)
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
