@@ -36,6 +36,7 @@ from .attacks import PGD, pipeline_objective, selection_objective
 from .losses import PuVAELoss
 from .models.cvae import CVAE
 from .pipeline import Purifier, class_scores, purify
+from .resume import Checkpointer, Snapshots
 from .train import StepCallback, TrainConfig, predict, seed_everything
 
 MODES = ("cvae", "classifier", "alternating", "joint")
@@ -137,12 +138,14 @@ def adaptive_check(cvae: CVAE, classifier: nn.Module, x: torch.Tensor, y: torch.
 def train_pipeline_adversarial(cvae: CVAE, target: nn.Module, source: nn.Module, x: torch.Tensor, y: torch.Tensor,
                                x_val: torch.Tensor, y_val: torch.Tensor, cfg: TrainConfig, loss: PuVAELoss,
                                adv: PipelineAdversarial, epochs: float,
-                               on_step: StepCallback | None = None) -> list[dict]:
+                               on_step: StepCallback | None = None,
+                               snapshots: Snapshots | None = None) -> list[dict]:
     """Train ``cvae`` and/or ``target`` in place as ``adv.mode`` says, for ``epochs`` (may be fractional) passes
     over (x, y); returns a record every ``adv.val_every`` epochs (and at the end) with the mean training terms
     since the last one, validation clean purified accuracy and a cheap adaptive check. ``source`` (the CE term's
     classifier) is never trained; pass a copy if it is the same object as ``target``. On return every parameter
-    of ``cvae`` and ``target`` requires grad again and both are in eval mode.
+    of ``cvae`` and ``target`` requires grad again and both are in eval mode. ``snapshots``: save the full state
+    every ``snapshots.every`` steps and at each record, and resume from it (``resume.Snapshots``).
     """
     if source is target and adv.trains_classifier:
         raise ValueError("source and target are the same module; pass a frozen copy as the source")
@@ -174,11 +177,24 @@ def train_pipeline_adversarial(cvae: CVAE, target: nn.Module, source: nn.Module,
         if adv.trains_classifier:
             groups["classifier"] = optimiser(list(target.parameters()))
 
-    history, sums, counts, start = [], {}, {}, time.perf_counter()
-    perm = torch.randperm(len(x), generator=gen)
-    for step in range(total):
+    ckpt = Checkpointer(snapshots, {"cvae": cvae, "target": target},
+                        {k: opt for k, (opt, _) in groups.items()}, {k: sc for k, (_, sc) in groups.items()},
+                        {"attack": gen})
+    loop = ckpt.restore() or {"step": 0, "history": [], "sums": {}, "counts": {}, "perm": None,
+                              "record_seconds": 0.0, "seconds": 0.0}
+    history, sums, counts, first = loop["history"], loop["sums"], loop["counts"], loop["step"]
+    perm = loop["perm"] if first % steps_per_epoch else None
+    sitting = start = time.perf_counter()
+    before = loop["record_seconds"]
+
+    def position(step_done: int) -> dict:
+        return {"step": step_done, "history": history, "sums": sums, "counts": counts, "perm": perm,
+                "record_seconds": before + time.perf_counter() - start,
+                "seconds": loop["seconds"] + time.perf_counter() - sitting}
+
+    for step in range(first, total):
         epoch, i = divmod(step, steps_per_epoch)
-        if i == 0 and step:
+        if i == 0 or perm is None:
             perm = torch.randperm(len(x), generator=gen)
         idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
         xb, yb = x[idx], y[idx]
@@ -224,11 +240,16 @@ def train_pipeline_adversarial(cvae: CVAE, target: nn.Module, source: nn.Module,
             cvae.eval()
             target.eval()
             record = {"epoch": (step + 1) / steps_per_epoch, **{k: v / counts[k] for k, v in sums.items()},
-                      "seconds": time.perf_counter() - start,
+                      "seconds": before + time.perf_counter() - start,
                       "val_purified_acc": purified_accuracy(cvae, target, x_val, y_val),
                       **adaptive_check(cvae, target, x_val[:adv.val_n], y_val[:adv.val_n], adv.eps, adv.val_steps)}
             history.append(record)
-            sums, counts, start = {}, {}, time.perf_counter()
+            sums, counts, start, before = {}, {}, time.perf_counter(), 0.0
+            ckpt.save(position(step + 1))
+        elif ckpt.due(step + 1):
+            ckpt.save(position(step + 1))
+    if snapshots is not None:
+        snapshots.seconds = loop["seconds"] + time.perf_counter() - sitting
     cvae.eval()
     target.eval()
     _freeze(cvae, False)

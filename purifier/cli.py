@@ -71,6 +71,15 @@ def _load(path, kind: str, option: str):
         raise click.BadParameter(str(exc), param_hint=option) from exc
 
 
+def resume_options(fn):
+    """--resume and --save-every, shared by the training commands."""
+    fn = click.option("--save-every", default=200, show_default=True, type=click.IntRange(min=1),
+                      help="Save the full training state every this many steps (and at each epoch's end).")(fn)
+    return click.option("--resume", is_flag=True,
+                        help="Continue an interrupted run from its saved state (same settings and data); "
+                             "ends with the weights an uninterrupted run would have.")(fn)
+
+
 def _val_size(value: str):
     if value == "auto":
         return value
@@ -99,37 +108,61 @@ def main():
               help="Held-out validation count or fraction; auto: 5000 or a tenth of the data, whichever is less.")
 @click.option("--augment/--no-augment", default=False, show_default=True,
               help="Random horizontal flips and 2-pixel shifts.")
-@click.option("--adversarial", type=click.Choice(["none", "pgd", "fgsm"]), default="none", show_default=True,
-              help="pgd: Madry PGD adversarial training; fgsm: Goodfellow's FGSM adversarial loss.")
+@click.option("--adversarial", type=click.Choice(["none", "pgd", "trades", "fgsm"]), default="none",
+              show_default=True, help="pgd: Madry PGD adversarial training; trades: TRADES (Zhang et al. 2019); "
+                                      "fgsm: Goodfellow's FGSM adversarial loss.")
 @click.option("--adv-eps", default=0.1, show_default=True, help="L-infinity budget of the training attack.")
 @click.option("--adv-steps", default=7, show_default=True, help="PGD steps (step size 2.5 * eps / steps).")
 @click.option("--adv-mix", default=0.5, show_default=True, help="FGSM loss: weight of the clean term (alpha).")
+@click.option("--adv-beta", default=6.0, show_default=True, help="TRADES: weight of the KL term.")
+@click.option("--val-robust-n", default=1000, show_default=True, type=click.IntRange(min=0),
+              help="Adversarial: validation images attacked (PGD-20) after each epoch; the best epoch's weights "
+                   "are kept (0: off, the last epoch's).")
+@click.option("--patience", type=click.IntRange(min=1),
+              help="Adversarial: stop after this many epochs without a better validation robust accuracy.")
+@resume_options
 @click.option("--quiet", is_flag=True)
 def train_classifier_cmd(data, arch, out, epochs, batch_size, lr, seed, val_size, augment, adversarial, adv_eps,
-                         adv_steps, adv_mix, quiet):
+                         adv_steps, adv_mix, adv_beta, val_robust_n, patience, resume, save_every, quiet):
     """Train a reference classifier (the source or the target), plainly or adversarially."""
     from . import checkpoint
     from .models.classifiers import Classifier, ClassifierConfig
+    from .resume import Snapshots, StateError, data_digest
     from .train import AdversarialTraining, TrainConfig, seed_everything, train_classifier
 
     try:
-        adv = None if adversarial == "none" else AdversarialTraining(adversarial, adv_eps, adv_steps, adv_mix)
+        adv = None if adversarial == "none" else AdversarialTraining(
+            adversarial, adv_eps, adv_steps, adv_mix, adv_beta, val_robust_n, patience=patience)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
+    state = Path(f"{out}.training-state.safetensors")
+    if state.exists() and not resume:
+        raise click.UsageError(f"{state} holds the saved state of an unfinished run: pass --resume to continue it, "
+                               f"or delete it to start afresh")
     ds, x, y, xv, yv = _split(data, _val_size(val_size), seed)
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, augment=augment)
     seed_everything(seed)
     model = Classifier(ClassifierConfig(arch=arch, image_shape=ds.image_shape, num_classes=ds.num_classes))
-    start = time.perf_counter()
+    snaps = Snapshots(state, save_every, resume, {"arch": arch, "train": cfg.to_dict(),
+                                                  "adversarial": adv.to_dict() if adv else None,
+                                                  "data": data_digest(x, y, xv, yv)})
     with progress(f"classifier {arch}", epochs * ((len(x) + batch_size - 1) // batch_size), quiet) as on_step:
-        history = train_classifier(model, x, y, xv, yv, cfg, on_step, adv)
-    seconds = time.perf_counter() - start
+        try:
+            history = train_classifier(model, x, y, xv, yv, cfg, on_step, adv, snaps)
+        except StateError as exc:
+            raise click.UsageError(str(exc)) from exc
+    final = history[history[-1]["best_epoch"] - 1] if adv and val_robust_n else history[-1]
     meta = {"dataset": ds.name, "class_names": list(ds.class_names), "train": cfg.to_dict(),
             "adversarial": adv.to_dict() if adv else None,
-            "n_train": len(x), "n_val": len(xv), "history": history, "train_seconds": seconds,
-            "val_acc": history[-1]["val_acc"], **_provenance()}
+            "n_train": len(x), "n_val": len(xv), "history": history, "train_seconds": snaps.seconds,
+            "resumed_at_step": snaps.resumed_at, "epochs_run": len(history), "val_acc": final["val_acc"],
+            **({"val_robust": final["val_robust"], "best_epoch": final["epoch"]} if "val_robust" in final else {}),
+            **_provenance()}
     stem = checkpoint.save(model, out, meta)
-    click.echo(f"classifier {arch}: val accuracy {history[-1]['val_acc']:.4f} in {seconds:.0f} s -> {stem}.json")
+    state.unlink(missing_ok=True)
+    robust = f", robust {final['val_robust']:.4f} (epoch {final['epoch']})" if "val_robust" in final else ""
+    click.echo(f"classifier {arch}: val accuracy {final['val_acc']:.4f}{robust} in {snaps.seconds:.0f} s "
+               f"-> {stem}.json")
 
 
 @main.command("train")
@@ -178,11 +211,12 @@ def train_classifier_cmd(data, arch, out, epochs, batch_size, lr, seed, val_size
 @click.option("--adv-pipe-weight", default=10.0, show_default=True,
               help="Target CE on the true class's reconstruction of attacked inputs.")
 @click.option("--adv-clf-mix", default=0.5, show_default=True, help="Classifier loss: weight of the clean term.")
+@resume_options
 @click.option("--quiet", is_flag=True)
 def train_cmd(data, classifier_source, out, epochs, batch_size, lr, seed, val_size, latent_dim, channels,
               conditioning, arch, beta, ce_weight, sel_weight, sel_tau, sel_negatives, tc_weight, ks_weight,
               cv_weight, couple_alpha, adversarial, init_dir, target, adv_eps, adv_steps, adv_attacks,
-              adv_sel_weight, adv_pipe_weight, adv_clf_mix, quiet):
+              adv_sel_weight, adv_pipe_weight, adv_clf_mix, resume, save_every, quiet):
     """Train the class-conditional VAE with the PuVAE loss (recon + beta*KL + ce_weight*CE [+ sel_weight*SEL])
     in front of a classifier (yours: --classifier-factory or --classifier-onnx), or another design of the
     purifier family (--design), or, with --adversarial, purifier and/or target classifier against attacks on the
@@ -192,6 +226,7 @@ def train_cmd(data, classifier_source, out, epochs, batch_size, lr, seed, val_si
     from .classifier_io import ClassifierError
     from .fitting import FitConfig, FitError, fit, n_val
     from .losses import PuVAELoss
+    from .resume import StateError
 
     if channels is not None:
         widths = tuple(int(c) for c in channels.split(",") if c.strip().isdigit())
@@ -242,8 +277,9 @@ def train_cmd(data, classifier_source, out, epochs, batch_size, lr, seed, val_si
     try:
         with progress(label, total, quiet) as on_step:
             run = fit(source, ds, out, config, target=tgt, init=init_dir, classifier_source=classifier_source,
-                      target_source=tgt_src, command=shlex.join(["purifier", *sys.argv[1:]]), on_step=on_step)
-    except (ClassifierError, FitError) as exc:
+                      target_source=tgt_src, command=shlex.join(["purifier", *sys.argv[1:]]), on_step=on_step,
+                      resume=resume, save_every=save_every)
+    except (ClassifierError, FitError, StateError) as exc:
         raise click.UsageError(str(exc)) from exc
     meta = run.record["meta"]
     if adv is None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import platform
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,6 +33,9 @@ from . import checkpoint, designs
 from .classifier_io import ClassifierError, ClassifierSource, check_classifier, state_digest, write_into
 from .data import Dataset, load_dataset, train_val_split
 from .pipeline import purify
+from .resume import Snapshots, data_digest
+
+STATE_DIR = ".training-state"  # inside the model directory while a run is unfinished
 
 
 class FitError(ValueError):
@@ -167,7 +171,8 @@ def _as_module(classifier, what: str):
 
 def fit(classifier, data, out, config: FitConfig = FitConfig(), *, target=None, init=None,
         classifier_source: ClassifierSource | None = None, target_source: ClassifierSource | None = None,
-        class_names=None, command: str | None = None, on_step=None) -> ModelDir:
+        class_names=None, command: str | None = None, on_step=None, resume: bool = False,
+        save_every: int = 200) -> ModelDir:
     """Train a purifier for ``classifier`` on ``data`` and write the model directory ``out``; returns it.
 
     classifier: the frozen CE source (an ``nn.Module`` B x C x H x W in [0, 1] -> B x K logits, a
@@ -180,6 +185,9 @@ def fit(classifier, data, out, config: FitConfig = FitConfig(), *, target=None, 
     classifier_source / target_source: how to record a module given as an ``nn.Module`` (a plain module is
         recorded by its class only, and OUT/classifier is then not written: pass a source to get a complete
         directory). ``command``: the command line recorded as provenance. ``on_step(epoch, step, steps, stats)``.
+    resume / save_every: each stage saves its full training state to OUT/.training-state/STAGE.safetensors every
+        ``save_every`` steps; with ``resume`` a run continues from there (settings and data must match) and ends
+        with the weights an uninterrupted run would have. The state is removed once the directory is written.
     """
     from .adversarial import train_pipeline_adversarial
     from .losses import PuVAELoss
@@ -218,14 +226,25 @@ def fit(classifier, data, out, config: FitConfig = FitConfig(), *, target=None, 
             "classifier_source": src_ref.to_dict() if src_ref else {"kind": "module", "class": type(source).__name__},
             "source": _name(src_ref, source), "source_sha256": src_ref.sha256() if src_ref else digest_before,
             "n_train": len(x), "n_val": len(xv), **provenance(command)}
+    state_dir = Path(out) / STATE_DIR
+    if state_dir.exists() and not resume:
+        raise FitError(f"{out} holds the saved state of an unfinished run ({state_dir}); resume it (resume=True, "
+                       f"--resume) or delete that folder to start afresh")
+    fingerprint = {"fit": config.to_dict(), "data": data_digest(x, y, xv, yv), "classifier": digest_before,
+                   "init": checkpoint.read_record(Path(init) / "cvae")["weights_sha256"] if init else None}
+
+    def snapshots(stage: str) -> Snapshots:
+        return Snapshots(state_dir / f"{stage}.safetensors", save_every, resume, {**fingerprint, "stage": stage})
+
     stages = {}
     if config.epochs:
         cfg = TrainConfig(epochs=int(config.epochs), batch_size=config.batch_size, lr=config.lr, seed=config.seed)
-        t0 = time.perf_counter()
-        history = train_cvae(cvae, source, x, y, xv, yv, cfg, loss, on_step)
-        stages["puvae"] = {"train": cfg.to_dict(), "history": history, "train_seconds": time.perf_counter() - t0}
+        snaps = snapshots("puvae")
+        history = train_cvae(cvae, source, x, y, xv, yv, cfg, loss, on_step, snaps)
+        stages["puvae"] = {"train": cfg.to_dict(), "history": history, "train_seconds": snaps.seconds,
+                           "resumed_at_step": snaps.resumed_at}
         meta.update(train=cfg.to_dict(), history=history, train_seconds=stages["puvae"]["train_seconds"],
-                    val_argmin_acc=history[-1]["val_argmin_acc"])
+                    resumed_at_step=snaps.resumed_at, val_argmin_acc=history[-1]["val_argmin_acc"])
 
     tgt, tgt_ref = source, src_ref
     if adv is not None:
@@ -238,16 +257,17 @@ def fit(classifier, data, out, config: FitConfig = FitConfig(), *, target=None, 
         digest_target = state_digest(tgt)
         cfg = TrainConfig(epochs=config.adversarial_epochs, batch_size=config.batch_size, lr=config.lr,
                           seed=config.seed)
-        t0 = time.perf_counter()
+        snaps = snapshots("adversarial")
         history = train_pipeline_adversarial(cvae, tgt, source, x, y, xv, yv, cfg, loss, adv,
-                                             config.adversarial_epochs, on_step)
-        stages["adversarial"] = {"train": cfg.to_dict(), "history": history,
-                                 "train_seconds": time.perf_counter() - t0}
+                                             config.adversarial_epochs, on_step, snaps)
+        stages["adversarial"] = {"train": cfg.to_dict(), "history": history, "train_seconds": snaps.seconds,
+                                 "resumed_at_step": snaps.resumed_at}
         if "puvae" in stages:
             meta["pretrain"] = stages["puvae"]
         last = history[-1]
         meta.update(train=cfg.to_dict(), adversarial=adv.to_dict(), history=history,
-                    train_seconds=stages["adversarial"]["train_seconds"], val_purified_acc=last["val_purified_acc"],
+                    train_seconds=stages["adversarial"]["train_seconds"], resumed_at_step=snaps.resumed_at,
+                    val_purified_acc=last["val_purified_acc"],
                     val_adaptive=last["val_adaptive"], target=_name(tgt_ref, tgt),
                     target_sha256=tgt_ref.sha256() if tgt_ref else digest_target,
                     init=str(init) if init is not None else None,
@@ -263,7 +283,7 @@ def fit(classifier, data, out, config: FitConfig = FitConfig(), *, target=None, 
     purifier = designs.purifier_from_spec(cvae, design.purifier).eval()
     meta["rejection_calibration"] = rejection_threshold(
         purifier, xv, config.percentile, f"{ds.name} validation split ({len(xv)} images, seed {config.seed})")
-    meta["fit_seconds"] = time.perf_counter() - start_all
+    meta["fit_seconds"] = time.perf_counter() - start_all  # this sitting; train_seconds spans every sitting
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -275,6 +295,7 @@ def fit(classifier, data, out, config: FitConfig = FitConfig(), *, target=None, 
         raise ClassifierError("a trained target given as a plain nn.Module cannot be written into the model "
                               "directory; pass target_source (a ClassifierSource) to record it")
     checkpoint.save(cvae, out / "cvae", meta)
+    shutil.rmtree(state_dir, ignore_errors=True)
     return ModelDir(out)
 
 
