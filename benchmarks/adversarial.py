@@ -534,7 +534,7 @@ def main(profile_name, plain, baselines, adv_dir, default, rows, out, work, thre
         torch.set_num_threads(threads)
     profile = PROFILES[profile_name]
     out, work = output_paths("adversarial", profile_name, out, work)
-    all_rows = choose_rows(default_rows(plain, baselines, adv_dir), rows, "train them first, see README")
+    all_rows = choose_rows(default_rows(plain, baselines, adv_dir), rows, "train them first (Makefile: adversarial, baselines)")
     start = time.perf_counter()
     bench = Bench(profile, work, lambda m: click.echo(m, err=True))
     report = report_head("adversarial.py", profile_name)

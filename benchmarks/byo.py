@@ -141,7 +141,7 @@ def main(profile_name, plain, baselines, byo, middleware, rows, out, work, threa
     work = Path(work or out.parent / f".{out.stem}-work")
     work.mkdir(parents=True, exist_ok=True)
     all_rows = choose_rows(default_rows(plain, baselines, byo, middleware), rows,
-                           "train them first: README 'Bring your own classifier'")
+                           "train them first: make byo-models (docs/bring-your-own-classifier.md)")
     start = time.perf_counter()
     bench = Bench(PROFILES[profile_name], work, lambda m: click.echo(m, err=True), targeted=TARGETED)
     report = report_head("byo.py", profile_name)

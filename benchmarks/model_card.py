@@ -162,7 +162,7 @@ def main(model_dir: str, report_path: str, *bench_paths: str, made_by: str | Non
     ]
     if cm.get("design", "puvae") != "puvae":
         lines[0] = f"# Model card: purifier design `{cm['design']}` for {cm['dataset']}"
-        lines += ["", f"Design `{cm['design']}` (`purifier train --arch {cm['design']}`; README, choosing a purifier): "
+        lines += ["", f"Design `{cm['design']}` (`purifier train --arch {cm['design']}`; docs/designs.md): "
                       f"loss {json.dumps(cm['loss'])}; purifier {json.dumps(cm.get('purifier'))}."]
     for name in ("purifier.onnx", "pipeline.onnx"):
         if (model_dir / name).is_file():

@@ -181,8 +181,8 @@ def train_classifier_cmd(data, arch, out, epochs, batch_size, lr, seed, val_size
 @click.option("--channels", help="Encoder/decoder conv widths, e.g. 16,32 (default: the preset's).")
 @click.option("--conditioning", type=click.Choice(["onehot", "embedding"]))
 @click.option("--design", "--arch", "arch", type=click.Choice(sorted(DESIGN_NAMES)),
-              help="Purifier design (model, extra loss terms, decision rule; --arch is its older name); see README "
-                   "'choosing a purifier'. Loss options given here override the design's. "
+              help="Purifier design (model, extra loss terms, decision rule; --arch is its older name); see docs/designs.md."
+                   " Loss options given here override the design's. "
                    "[puvae; with --init: the init model's]")
 @click.option("--beta", type=float, help="KL weight [1; ks-cov designs: 0].")
 @click.option("--ce-weight", type=float, help="Weight of the source classifier's CE [10].")

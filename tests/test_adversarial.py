@@ -135,6 +135,8 @@ def test_benchmark_tiny_profile_end_to_end(tmp_path):
     n_art = pu["art"]["n"]
     assert pu["worst_of_all"] <= sum(pu["adaptive_robust"][:n_art]) / n_art + 1e-9
     assert "gradient not zero: selection" in pu["sanity"]
+    failed = [k for k, v in pu["sanity"].items() if not v["pass"]]
+    assert not failed, f"sanity checks failed: {failed}"
     rj = report["reject"]
     assert rj["row"] == "plain PuVAE + PGD-AT"
     assert rj["steps"][0] == cut and len(rj["steps"]) == 2 * 4  # resumed: the planted step, then the 7 others

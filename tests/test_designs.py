@@ -66,7 +66,10 @@ def test_every_design_trains_a_step_and_purifies(name, small_classifier):
     expected |= {"ks", "cv"} if loss.ks_weight else set()
     expected |= {"recon_adv"} if loss.couple_alpha else set()
     assert expected <= set(terms)
-    assert all(p.grad is not None for p in model.parameters() if p.requires_grad and p.grad is not None)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable
+    no_grad = [n for n, p in trainable.items() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not no_grad, f"design {name}: the loss leaves these parameters without a gradient: {no_grad}"
     purifier = designs.purifier_from_spec(model.eval(), design.purifier).eval()
     with torch.no_grad():
         out = purifier(x[:4])

@@ -1,7 +1,12 @@
-"""README quotes results tables: every table under a ``<!-- rows from results/NAME.md -->`` mark must be, line for
-line, in that results file (a subset of its rows is fine), so a rerun benchmark cannot leave stale figures behind."""
+"""README and docs/ quote results tables: every table under a ``<!-- rows from results/NAME.md -->`` mark must be, line
+for line, in that results file (a subset of its rows is fine), so a rerun benchmark cannot leave stale figures
+behind. README's Python examples run as written."""
 import re
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 MARK = re.compile(r"<!-- rows from (results/[\w./-]+\.md) -->")
@@ -36,10 +41,35 @@ def stale_rows(text: str) -> list[tuple[str, str]]:
     return stale
 
 
-def test_readme_tables_are_rows_of_the_results_files_they_name():
-    text = (ROOT / "README.md").read_text()
-    assert len(quoted_tables(text)) >= 6, "README lost the marks on its results tables"
-    assert stale_rows(text) == [], "README rows not in the results file they name: rerun or recopy"
+DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def test_readme_and_docs_tables_are_rows_of_the_results_files_they_name():
+    texts = {p.relative_to(ROOT).as_posix(): p.read_text() for p in DOCUMENTS}
+    assert quoted_tables(texts["README.md"]), "README lost the mark on its results table"
+    assert sum(len(quoted_tables(t)) for t in texts.values()) >= 8, "the documents lost marks on their tables"
+    stale = {name: stale_rows(t) for name, t in texts.items() if stale_rows(t)}
+    assert not stale, f"rows not in the results file they name (rerun or recopy): {stale}"
+
+
+def test_readme_is_a_users_page():
+    lines = (ROOT / "README.md").read_text().splitlines()
+    assert len(lines) < 200, f"README has {len(lines)} lines; research and long tables belong in docs/"
+    assert lines[2] == "```bash" and lines[3].startswith("make demo ") and lines[4].startswith("make test ") \
+        and lines[5] == "```", "README must open with the two set-up commands"
+    for link in re.findall(r"\]\((docs/[\w./-]+?)(?:#[\w-]+)?\)", "\n".join(lines)):
+        assert (ROOT / link).is_file(), f"README links to a missing {link}"
+
+
+def python_blocks(text: str) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
+
+
+@pytest.mark.parametrize("index", range(len(python_blocks((ROOT / "README.md").read_text()))))
+def test_readme_python_examples_run_as_written(index, tmp_path):
+    code = python_blocks((ROOT / "README.md").read_text())[index]
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, f"README example {index} fails:\n{code}\n{r.stderr[-2000:]}"
 
 
 def test_a_changed_figure_is_caught():
