@@ -39,11 +39,17 @@ plain-model: setup
 	$(PY) -m purifier.cli export $(PLAIN) --out $(PLAIN)
 	$(call card,make plain-model,$(PLAIN),results/eval-fashion-mnist-plain.json)
 
+# Every results table quoted in README.md and docs/, refreshed from its results file (after any benchmark).
+.PHONY: docs-tables
+docs-tables:
+	$(PY) benchmarks/docs_tables.py
+
 # README's clean-accuracy table, from the two evaluations.
 .PHONY: clean-table
 clean-table:
 	$(PY) benchmarks/clean_table.py --out results/clean-accuracy.json results/eval-fashion-mnist.json \
 		results/eval-fashion-mnist-plain.json
+	$(PY) benchmarks/docs_tables.py
 
 # The shipped default: the best adversarial-training mode whose clean accuracy stays >= 85% (results/adversarial.md),
 # the joint run, copied from $(ADV)/joint after `make plain-model baselines adversarial adversarial-bench`.

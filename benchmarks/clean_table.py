@@ -4,7 +4,7 @@
         results/eval-fashion-mnist.json results/eval-fashion-mnist-plain.json
 
 Each column is one results file (all 10,000 Fashion-MNIST test images, as ``make default-model`` and
-``make plain-model`` write them); the rows are its figures as percentages. docs/robustness.md quotes the table from here.
+``make plain-model`` write them); the rows are its figures as percentages. docs/robustness.md quotes the table (``make docs-tables``).
 """
 from __future__ import annotations
 
