@@ -4,9 +4,25 @@ from __future__ import annotations
 import click
 
 
+def _model(ctx, param, value):
+    from .models import resolve
+
+    try:
+        return str(resolve(value))
+    except FileNotFoundError as exc:
+        raise click.BadParameter(str(exc)) from exc
+
+
+def _names() -> str:
+    from .models import known
+
+    return known()
+
+
 @click.command("serve")
-@click.option("--model", required=True, type=click.Path(exists=True),
-              help="A model directory (pipeline.onnx or purifier.onnx) or an .onnx file.")
+@click.option("--model", required=True, callback=_model,
+              help=f"A shipped model name ({_names()}), a model directory (pipeline.onnx or purifier.onnx) or an "
+                   f".onnx file.")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="0: any free port.")
 @click.option("--name", "model_name", help="Model name in the v2 URLs (default: the model directory's name).")

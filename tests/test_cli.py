@@ -98,8 +98,9 @@ def test_a_bad_model_name_lists_the_known_names_and_a_path_still_works(tmp_path,
 
 def test_a_shipped_model_that_is_not_there_says_where_it_was_looked_for(tmp_path, monkeypatch):
     from purifier import registry
+    from serve import models
 
-    monkeypatch.setattr(registry, "MODELS_ROOT", tmp_path / "models")
+    monkeypatch.setattr(models, "MODELS_ROOT", tmp_path / "models")
     with pytest.raises(FileNotFoundError) as err:
         registry.resolve("fashion-mnist")
     assert f"looked for {tmp_path / 'models' / 'fashion-mnist'}" in str(err.value)

@@ -428,3 +428,25 @@ def test_server_imports_no_torch_and_the_cli_serves(tmp_path):
     r = subprocess.run([sys.executable, "-m", "purifier.cli", "serve", "--model", str(tmp_path / "missing")],
                        cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and "missing" in r.stderr
+
+
+def test_python_m_serve_takes_a_shipped_model_name_from_any_folder(tmp_path):
+    """``python -m serve --model fashion-mnist`` from a folder holding no models serves the shipped model; an
+    unknown name is a usage error that lists the names."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-m", "serve", "--model", "fashion-mnist", "--port", "0",
+                             "--no-access-log"], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stderr.readline()
+        url = re.search(r"serving on (http://\S+)", line).group(1)
+        assert request(f"{url}/v2/models/fashion-mnist/ready")[0] == 200
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    bad = subprocess.run([sys.executable, "-m", "serve", "--model", "no-such-model"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "no-such-model" in bad.stderr and "fashion-mnist-plain" in bad.stderr
