@@ -55,7 +55,7 @@ def _floats(value: str | None, option: str):
 
 def classifier_source(path_option, path, factory, weights, onnx, layout, mean, std):
     """The ``ClassifierSource`` the options name, or None; a usage error names a conflict or a missing part."""
-    from .classifier_io import ClassifierError, ClassifierSource
+    from ..classifier_io import ClassifierError, ClassifierSource
 
     named = [n for n, v in ((path_option, path), ("--classifier-factory", factory), ("--classifier-onnx", onnx))
              if v]
@@ -72,7 +72,7 @@ def classifier_source(path_option, path, factory, weights, onnx, layout, mean, s
         return None
     try:
         if path:
-            from .classifier_io import source_of
+            from ..classifier_io import source_of
 
             if layout != "nchw" or mean or std:
                 raise click.UsageError(f"{path_option} names a recorded classifier; its layout and normalisation "
@@ -89,7 +89,7 @@ def classifier_source(path_option, path, factory, weights, onnx, layout, mean, s
 
 def load_classifier(source, x_check=None, what: str = "--classifier"):
     """Load a ``ClassifierSource``; a classifier that cannot be loaded is a usage error naming why."""
-    from .classifier_io import ClassifierError
+    from ..classifier_io import ClassifierError
 
     try:
         return source.load(x_check)

@@ -1,0 +1,114 @@
+"""What every command shares: the ``purifier`` group, dataset and checkpoint loading that turns a bad value into
+a usage error naming it, the progress bar, and the options of more than one command."""
+from __future__ import annotations
+
+import contextlib
+import shlex
+import sys
+
+import click
+
+DATA_HELP = ("Dataset: 'fashion-mnist', 'npz:PATH' (x, y[, x_test, y_test, class_names]) or 'folder:DIR' "
+             "(DIR/CLASS/*.png, or DIR/train/... and DIR/test/...).")
+
+
+@contextlib.contextmanager
+def progress(label: str, total: int, quiet: bool):
+    """A progress bar on stderr, off with --quiet or when stderr is not a terminal; yields an on_step callback."""
+    if quiet or not sys.stderr.isatty():
+        yield None
+        return
+    with click.progressbar(length=total, label=label, file=sys.stderr, show_pos=True) as bar:
+        def on_step(epoch, step, steps, stats):
+            bar.label = f"{label} epoch {epoch + 1} loss {stats['loss']:.3f}"
+            bar.update(1)
+
+        yield on_step
+
+
+def _dataset(spec: str, split: str):
+    """Load a dataset, turning a missing or malformed one into a usage error that names it."""
+    from ..data import load_dataset
+
+    try:
+        return load_dataset(spec, split)
+    except (FileNotFoundError, ValueError) as exc:
+        raise click.BadParameter(str(exc), param_hint="--data") from exc
+
+
+def _split(data: str, val_size, seed: int):
+    from ..fitting import split
+
+    ds = _dataset(data, "train")
+    try:
+        return (ds, *split(ds, val_size, seed))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--val-size") from exc
+
+
+def _provenance() -> dict:
+    """Where a checkpoint came from: the command line and the software it ran on."""
+    from ..fitting import provenance
+
+    return provenance(shlex.join(["purifier", *sys.argv[1:]]))
+
+
+def _load(path, kind: str, option: str):
+    """Load a checkpoint, turning a missing or wrong file into a usage error that names it."""
+    from .. import checkpoint
+
+    try:
+        return checkpoint.load(path, expect=kind)
+    except (FileNotFoundError, ValueError) as exc:
+        raise click.BadParameter(str(exc), param_hint=option) from exc
+
+
+def resume_options(fn):
+    """--resume and --save-every, shared by the training commands."""
+    fn = click.option("--save-every", default=200, show_default=True, type=click.IntRange(min=1),
+                      help="Save the full training state every this many steps (and at each epoch's end).")(fn)
+    return click.option("--resume", is_flag=True,
+                        help="Continue an interrupted run from its saved state (same settings and data); "
+                             "ends with the weights an uninterrupted run would have.")(fn)
+
+
+def _val_size(value: str):
+    if value == "auto":
+        return value
+    try:
+        return float(value) if "." in value else int(value)
+    except ValueError:
+        raise click.BadParameter(f"expected a count or a fraction, got {value!r}")
+
+
+@click.group()
+@click.version_option(package_name="purifier")
+def main():
+    """PuVAE purification: train, evaluate and run a class-conditional VAE in front of a classifier."""
+
+
+def _classifier_path(path, option: str):
+    from ..classifier_io import source_of
+
+    try:
+        return source_of(path)
+    except (FileNotFoundError, ValueError) as exc:
+        raise click.BadParameter(str(exc), param_hint=option) from exc
+
+
+def _model(ctx, param, value):
+    """--model: a shipped model name (``purifier.registry.MODELS``) or a path -> its path; a usage error if absent."""
+    from ..registry import resolve
+
+    if value is None:
+        return None
+    try:
+        return resolve(value)
+    except FileNotFoundError as exc:
+        raise click.BadParameter(str(exc)) from exc
+
+
+def _shipped_names() -> str:
+    from ..registry import known
+
+    return known()

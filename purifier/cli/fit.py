@@ -1,0 +1,137 @@
+"""``purifier train``: one call of ``purifier.fit``."""
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+import click
+
+from ..designs import DESIGNS as DESIGN_NAMES
+from .classifier import classifier_options, load_classifier
+from .common import DATA_HELP, _classifier_path, _dataset, _load, _val_size, main, progress, resume_options
+
+@main.command("train")
+@click.option("--data", default="fashion-mnist", show_default=True, help=DATA_HELP)
+@classifier_options("--source", "The classifier to protect: a project checkpoint (the CE term's frozen source; "
+                                "also the target unless --target is given).")
+@click.option("--out", type=click.Path(), required=True,
+              help="Run directory (writes cvae.safetensors + cvae.json, and the classifier it was trained against).")
+@click.option("--epochs", default=10.0, show_default=True, help="Passes over the data (fractional with --adversarial).")
+@click.option("--batch-size", default=128, show_default=True)
+@click.option("--lr", default=1e-3, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--val-size", default="auto", show_default=True,
+              help="Held-out validation count or fraction; auto: 5000 or a tenth of the data, whichever is less.")
+@click.option("--latent-dim", type=int, help="Latent size (default: the dataset preset's).")
+@click.option("--channels", help="Encoder/decoder conv widths, e.g. 16,32 (default: the preset's).")
+@click.option("--conditioning", type=click.Choice(["onehot", "embedding"]))
+@click.option("--design", "--arch", "arch", type=click.Choice(sorted(DESIGN_NAMES)),
+              help="Purifier design (model, extra loss terms, decision rule; --arch is its older name); see docs/designs.md."
+                   " Loss options given here override the design's. "
+                   "[puvae; with --init: the init model's]")
+@click.option("--beta", type=float, help="KL weight [1; ks-cov designs: 0].")
+@click.option("--ce-weight", type=float, help="Weight of the source classifier's CE [10].")
+@click.option("--sel-weight", type=float, help="Weight of the selection CE over K classes [100; 0: plain PuVAE].")
+@click.option("--sel-tau", type=float, help="Temperature of the selection CE (MSE units) [0.001].")
+@click.option("--sel-negatives", type=int,
+              help="Selection CE over the true class and this many hard negatives from the source [0: all classes].")
+@click.option("--tc-weight", type=float, help="beta-TC: extra weight (beta - 1) on the total correlation [0].")
+@click.option("--ks-weight", type=float, help="KS loss on the codes, in units of its prior weight [0].")
+@click.option("--cv-weight", type=float, help="Covariance loss on the codes, in units of its prior weight [0].")
+@click.option("--couple-alpha", type=float, help="Two-point coupling with latent-attack codes (0: off) [0].")
+@click.option("--adversarial", type=click.Choice(["none", "cvae", "classifier", "alternating", "joint"]),
+              default="none", show_default=True,
+              help="Adversarial training through the whole pipeline: which parts train against attacks on it "
+                   "(cvae: the CVAE alone, the classifier stays frozen).")
+@click.option("--init", "init_dir", type=click.Path(),
+              help="Adversarial: start from this model directory's CVAE (default: a fresh CVAE).")
+@click.option("--target", type=click.Path(),
+              help="Adversarial: the target classifier the pipeline feeds, trained unless the mode is cvae "
+                   "(default: the source). Written to OUT/classifier.")
+@click.option("--adv-eps", default=0.1, show_default=True, help="L-infinity budget of the training attacks.")
+@click.option("--adv-steps", default=3, show_default=True, help="PGD steps of the training attacks.")
+@click.option("--adv-attacks", default="selection,full", show_default=True,
+              help="Training attacks, each on its slice of the batch: selection, full, bpda.")
+@click.option("--adv-sel-weight", default=100.0, show_default=True, help="Selection CE on attacked inputs.")
+@click.option("--adv-pipe-weight", default=10.0, show_default=True,
+              help="Target CE on the true class's reconstruction of attacked inputs.")
+@click.option("--adv-clf-mix", default=0.5, show_default=True, help="Classifier loss: weight of the clean term.")
+@resume_options
+@click.option("--quiet", is_flag=True)
+def train_cmd(data, classifier_source, out, epochs, batch_size, lr, seed, val_size, latent_dim, channels,
+              conditioning, arch, beta, ce_weight, sel_weight, sel_tau, sel_negatives, tc_weight, ks_weight,
+              cv_weight, couple_alpha, adversarial, init_dir, target, adv_eps, adv_steps, adv_attacks,
+              adv_sel_weight, adv_pipe_weight, adv_clf_mix, resume, save_every, quiet):
+    """Train the class-conditional VAE with the PuVAE loss (recon + beta*KL + ce_weight*CE [+ sel_weight*SEL])
+    in front of a classifier (yours: --classifier-factory or --classifier-onnx), or another design of the
+    purifier family (--design), or, with --adversarial, purifier and/or target classifier against attacks on the
+    whole pipeline. A call of ``purifier.fit``."""
+    from .. import designs
+    from ..adversarial import PipelineAdversarial
+    from ..classifier_io import ClassifierError
+    from ..fitting import FitConfig, FitError, fit, n_val
+    from ..losses import PuVAELoss
+    from ..resume import StateError
+
+    if channels is not None:
+        widths = tuple(int(c) for c in channels.split(",") if c.strip().isdigit())
+        if len(widths) != 2 or min(widths) < 1 or len(channels.split(",")) != 2:
+            raise click.BadParameter(f"expected two positive widths like 16,32, got {channels!r}", param_hint="--channels")
+        channels = widths
+    if classifier_source is None:
+        raise click.UsageError("train needs the classifier to protect: --source CHECKPOINT, --classifier-factory "
+                               "MODULE:FN with --classifier-weights FILE.safetensors, or --classifier-onnx FILE")
+    if arch is None:
+        arch = _load(Path(init_dir) / "cvae", "cvae", "--init").meta.get("design", "puvae") if init_dir else "puvae"
+    loss = {k: v for k, v in (("beta", beta), ("ce_weight", ce_weight), ("sel_weight", sel_weight),
+                              ("sel_tau", sel_tau), ("sel_negatives", sel_negatives), ("tc_weight", tc_weight),
+                              ("ks_weight", ks_weight), ("cv_weight", cv_weight), ("couple_alpha", couple_alpha))
+            if v is not None}
+    model = {k: v for k, v in (("latent_dim", latent_dim), ("channels", channels), ("conditioning", conditioning))
+             if v is not None}
+    if epochs <= 0 or (adversarial == "none" and epochs != int(epochs)):
+        raise click.BadParameter(f"expected a positive whole number of epochs (fractions only with --adversarial), "
+                                 f"got {epochs:g}", param_hint="--epochs")
+    if init_dir and adversarial == "none":
+        raise click.UsageError("--init is for --adversarial runs (fine-tuning); plain training starts fresh")
+    if init_dir and model:
+        raise click.UsageError("--init takes the architecture of its CVAE; drop --latent-dim/--channels/--conditioning")
+    try:
+        adv = None
+        if adversarial != "none":
+            adv = PipelineAdversarial(mode=adversarial, eps=adv_eps, steps=adv_steps,
+                                      attacks=tuple(a.strip() for a in adv_attacks.split(",") if a.strip()),
+                                      sel_weight=adv_sel_weight, pipe_weight=adv_pipe_weight, clf_mix=adv_clf_mix)
+        config = FitConfig(epochs=0 if adv else int(epochs), batch_size=batch_size, lr=lr, seed=seed,
+                           val_size=_val_size(val_size), design=arch, loss=loss, model=model, adversarial=adv,
+                           adversarial_epochs=epochs if adv else 0.0)
+        PuVAELoss(**{**designs.get(arch).loss, **loss})  # a bad loss setting fails here, before any work
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+    ds = _dataset(data, "train")
+    source = load_classifier(classifier_source, ds.x[:64], "--source")
+    tgt = tgt_src = None
+    if target:
+        tgt_src = _classifier_path(target, "--target")
+        tgt = load_classifier(tgt_src, ds.x[:64], "--target")
+    try:
+        total = round(epochs * -(-(len(ds.y) - n_val(len(ds.y), config.val_size)) // batch_size))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--val-size") from exc
+    label = f"adversarial {adversarial}" if adv else "cvae"
+    try:
+        with progress(label, total, quiet) as on_step:
+            run = fit(source, ds, out, config, target=tgt, init=init_dir, classifier_source=classifier_source,
+                      target_source=tgt_src, command=shlex.join(["purifier", *sys.argv[1:]]), on_step=on_step,
+                      resume=resume, save_every=save_every)
+    except (ClassifierError, FitError, StateError) as exc:
+        raise click.UsageError(str(exc)) from exc
+    meta = run.record["meta"]
+    if adv is None:
+        click.echo(f"{arch}: validation argmin = label {meta['val_argmin_acc']:.4f} in {meta['train_seconds']:.0f} s "
+                   f"-> {run.path / 'cvae.json'}")
+    else:
+        click.echo(f"adversarial {adversarial}: validation purified accuracy {meta['val_purified_acc']:.4f}, adaptive "
+                   f"check {meta['val_adaptive']:.4f} ({adv.val_n} images, {adv.val_steps}-step selection + full "
+                   f"gradient) in {meta['train_seconds']:.0f} s -> {run.path}")

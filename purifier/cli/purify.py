@@ -1,0 +1,132 @@
+"""``purifier purify``: files in batch through onnxruntime (torch-free), with the exit codes of the README."""
+from __future__ import annotations
+
+import contextlib
+import sys
+from pathlib import Path
+
+import click
+
+from .common import _model, _shipped_names, main
+
+# `purifier purify` exit codes (its --help and README say the same)
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+@contextlib.contextmanager
+def _stop_on_signals(notice):
+    """SIGINT and SIGTERM ask the job to stop (yields the ``should_stop`` callable); a second one stops at once
+    (KeyboardInterrupt). The old handlers come back afterwards. Outside the main thread, signals are left alone."""
+    import signal
+    import threading
+
+    requested = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield requested.is_set
+        return
+
+    def on_signal(signum, frame):
+        if requested.is_set():
+            raise KeyboardInterrupt
+        requested.set()
+        notice(signum)
+
+    old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield requested.is_set
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+
+def _purify_line(stats, out_dir: Path) -> str:
+    """The one-line summary on stderr."""
+    rate = stats.done / stats.seconds["total"] if stats.seconds["total"] else 0.0
+    failed = f"failed {stats.failed}"
+    if stats.failed_earlier:
+        failed += f" ({stats.failed_earlier} recorded by an earlier run; --no-resume retries them)"
+    parts = [f"done {stats.done}", failed, f"rejected {stats.rejected}", f"resumed {stats.skipped}"]
+    if stats.skipped_files:
+        names = ", ".join(Path(f["path"]).name for f in stats.skipped_files[:3])
+        more = f" and {len(stats.skipped_files) - 3} more" if len(stats.skipped_files) > 3 else ""
+        parts.append(f"skipped {len(stats.skipped_files)} non-image file{'s' * (len(stats.skipped_files) != 1)} "
+                     f"({names}{more}; listed in summary.json)")
+    line = ", ".join(parts) + f"; {rate:.0f} images/s; manifest: {out_dir / 'manifest.jsonl'}"
+    if stats.failed:
+        line += f", errors: {out_dir / 'errors.jsonl'}"
+    if stats.interrupted:
+        line = (f"interrupted with {stats.remaining} input{'s' * (stats.remaining != 1)} left (rerun the same "
+                f"command to resume): {line}")
+    return line
+
+
+@main.command("purify")
+@click.argument("inputs", nargs=-1, required=True, type=click.Path())
+@click.option("--model", required=True, callback=_model,
+              help=f"A shipped model name ({_shipped_names()}), a model directory (pipeline.onnx or purifier.onnx) "
+                   f"or an .onnx file.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output directory.")
+@click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1))
+@click.option("--resize", is_flag=True, help="Resize images of another size instead of failing them.")
+@click.option("--format", "fmt", type=click.Choice(["png", "npz"]), default="png", show_default=True,
+              help="png: one image per input, same relative layout; npz: one purified.npz.")
+@click.option("--resume/--no-resume", default=None,
+              help="Skip inputs already in OUT's manifest or error log (default: on when OUT holds a manifest).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--quiet", is_flag=True, help="No progress bar and no summary line.")
+def purify_cmd(inputs, model, out_dir, batch_size, resize, fmt, resume, device, quiet):
+    """Purify image files, folders and .npy/.npz arrays on onnxruntime (no torch needed).
+
+    Writes purified images, manifest.jsonl (one line per input), errors.jsonl (one line per failure, with the
+    reason) and summary.json. Files in a folder that are neither images nor arrays (notes.txt) are skipped and
+    listed: in summary.json (skipped_files) and in the summary line. A rerun into the same OUT resumes: inputs
+    already in the manifest or the error log are not redone, and the failures recorded earlier still count.
+
+    Ctrl-C (SIGINT) or SIGTERM: the images already loaded are purified and recorded, summary.json is written
+    and the job exits 130; a second Ctrl-C stops at once. Rerun the same command to resume.
+
+    \b
+    Exit codes:
+      0    every input purified (skipped non-image files do not count)
+      1    some inputs failed, in this run or earlier ones into OUT (errors.jsonl)
+      2    usage error (a bad option, model or output folder); nothing was done
+      130  interrupted (SIGINT, SIGTERM): summary.json written; rerun resumes
+
+    Example: purifier purify photos/ batch.npz --model fashion-mnist --out purified/
+    """
+    import signal
+
+    bar = None
+    if not quiet and sys.stderr.isatty():
+        bar = click.progressbar(length=1, label="purify", file=sys.stderr, show_pos=True)
+
+    def on_batch(done, total):
+        bar.length = total
+        bar.update(done - bar.pos)
+
+    newline = "\n" if bar is not None else ""  # off the progress bar's line
+
+    def notice(signum):
+        if not quiet:
+            name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+            click.echo(f"{newline}{name}: stopping after the images already loaded, then writing summary.json "
+                       f"({name} again stops at once)", err=True)
+
+    try:
+        from serve.batch import purify_files  # onnxruntime: a Ctrl-C while it loads is an interrupt too
+
+        with _stop_on_signals(notice) as should_stop:
+            stats = purify_files(list(inputs), model, out_dir, batch_size, resize, fmt, resume, device,
+                                 on_batch if bar is not None else None, should_stop)
+    except (FileNotFoundError, ValueError) as exc:
+        raise click.UsageError(str(exc)) from exc
+    except KeyboardInterrupt:
+        click.echo(f"{newline}stopped at once; rerun the same command to resume (manifest: "
+                   f"{Path(out_dir) / 'manifest.jsonl'})", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    finally:
+        if bar is not None:
+            bar.render_finish()
+    if not quiet:
+        click.echo(_purify_line(stats, Path(out_dir)), err=True)
+    sys.exit(EXIT_INTERRUPTED if stats.interrupted else EXIT_FAILED if stats.failed else EXIT_OK)
