@@ -58,10 +58,10 @@ def fit(model: nn.Module, step: Callable[[torch.Tensor, torch.Tensor], dict], x:
         modules: dict[str, nn.Module] | None = None) -> list[dict]:
     """Minimise ``step(xb, yb)["loss"]`` over (x, y) with Adam; returns one dict of mean stats per epoch.
 
-    ``on_epoch(epoch, record, history)`` (history: the records before this one) may return extra stats (validation metrics) to merge into that epoch's record; a record with
-    ``stopped_early`` true ends the run there (early stopping). With
-    ``snapshots`` the loop saves its full state every ``snapshots.every`` steps and at each epoch's end, and
-    continues from the saved state when ``snapshots.resume`` is set; ``generators`` (the ones ``step`` draws
+    ``on_epoch(epoch, record, history)`` (history: the records before this one) may return extra stats (validation
+    metrics) to merge into that epoch's record; a record with ``stopped_early`` true ends the run there (early
+    stopping). With ``snapshots`` the loop saves its full state every ``snapshots.every`` steps and at each epoch's
+    end, and continues from the saved state when ``snapshots.resume`` is set; ``generators`` (the ones ``step`` draws
     from) and ``modules`` (others ``on_epoch`` changes, such as a best-so-far copy) are saved with it.
     """
     params = [p for p in model.parameters() if p.requires_grad]

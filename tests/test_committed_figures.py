@@ -14,13 +14,12 @@ from purifier.designs import purifier_from_spec
 from purifier.robust import purifier_attacks, worst_case
 
 ROOT = Path(__file__).resolve().parents[1]
-N = 12  # robust images re-attacked per row
+N = 10  # robust images re-attacked per row
 STEPS = 20
 
 CASES = [
     ("results/byo-standard.json", "A: PuVAE + adv. training of the CVAE alone"),
     ("results/variants.json", "ks-cov-coupled + adv. training"),
-    ("results/variants.json", "shipped default"),
 ]
 
 
