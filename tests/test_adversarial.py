@@ -164,3 +164,18 @@ def test_benchmark_row_resumes_from_its_partial_file(tmp_path):
     assert (got["clean"], got["oblivious"]) == (0.123, 0.456)  # taken from the partial file, not measured
     assert not (work / "partial-pgd-at.json").exists() and (work / "row-pgd-at.json").is_file()
 
+
+
+def test_the_validation_check_adds_the_targeted_attacks_to_the_worst_case(fmnist_test):
+    """The training log's adaptive check with the targeted attacks is a worst case over more attacks: never above
+    the untargeted check on the same images (same seeds), on the committed plain model."""
+    from purifier.adversarial import adaptive_check
+
+    cvae = checkpoint.load(ROOT / "models" / "fashion-mnist-plain" / "cvae")
+    clf = checkpoint.load(ROOT / "models" / "fashion-mnist-plain" / "classifier")
+    x, y = torch.from_numpy(fmnist_test.x[:40]), torch.from_numpy(fmnist_test.y[:40])
+    plain = adaptive_check(cvae, clf, x, y, eps=0.1, steps=5, targeted=0)
+    targeted = adaptive_check(cvae, clf, x, y, eps=0.1, steps=5, targeted=2)
+    assert targeted["val_adaptive_targeted"] == 2 and plain["val_adaptive_targeted"] == 0
+    assert targeted["val_adaptive"] <= plain["val_adaptive"]
+    assert 0 < plain["val_adaptive"] < 1
