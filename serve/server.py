@@ -11,11 +11,11 @@ Concurrent requests are gathered into one batch (up to ``max_batch_size`` images
 503 with Retry-After. Bad input is a 4xx whose message names the offending value, never a 500. Every error, on
 every endpoint (FastAPI's own request validation and routing's 404/405 included), is ``{"error": "<message>"}``.
 Each request writes one line to the ``purifier.access`` logger (``ServerConfig.access_log``).
-Imports neither torch nor purifier nor export.
+Here: the application, its routes and error handling; the v2 encoding and decoding is ``protocol``, the batching
+``batcher``. Imports neither torch nor purifier nor export.
 """
 from __future__ import annotations
 
-import asyncio
 import base64
 import io
 import json
@@ -24,57 +24,25 @@ import os
 import re
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, File, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import BaseModel, Field
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .batch import decode_image
 from .png import encode_png
 from .runtime import OnnxPurifier
+from .batcher import Batcher, Metrics
+from .protocol import (INPUT_DTYPES, NP_TO_V2, ApiError, InferRequest, RequestedOutput, _outputs_meta, parse_infer,
+                       read_body, tensor_from)
 
-# KServe v2 datatype <-> numpy
-DTYPES = {"FP32": np.float32, "FP64": np.float64, "FP16": np.float16, "UINT8": np.uint8, "INT64": np.int64,
-          "INT32": np.int32, "BOOL": np.bool_}
-INPUT_DTYPES = ("FP32", "UINT8")
-NP_TO_V2 = {np.dtype(v): k for k, v in DTYPES.items()}
 IMAGE_FORMATS = "PNG/JPEG/BMP/GIF/TIFF/WebP"
 ACCESS_LOGGER = "purifier.access"
 access_log = logging.getLogger(ACCESS_LOGGER)
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.message, self.headers = status, message, headers or {}
-
-
-# ---- request schemas (documented in OpenAPI; validated by hand so binary bodies work too) -------------------
-class TensorInput(BaseModel):
-    name: str
-    shape: list[int]
-    datatype: str
-    parameters: dict[str, Any] | None = None
-    data: list[Any] | None = None
-
-
-class RequestedOutput(BaseModel):
-    name: str
-    parameters: dict[str, Any] | None = None
-
-
-class InferRequest(BaseModel):
-    id: str | None = None
-    parameters: dict[str, Any] | None = None
-    inputs: list[TensorInput] = Field(min_length=1)
-    outputs: list[RequestedOutput] | None = None
 
 
 @dataclass
@@ -93,209 +61,6 @@ class ServerConfig:
                 raise ValueError(f"{k} must be at least 1, got {getattr(self, k)}")
         if self.max_wait_ms < 0:
             raise ValueError(f"max_wait_ms must be >= 0, got {self.max_wait_ms}")
-
-
-class Metrics:
-    def __init__(self):
-        self.registry = CollectorRegistry()
-        r = self.registry
-        self.requests = Counter("purifier_requests", "HTTP requests", ["endpoint", "code"], registry=r)
-        self.latency = Histogram("purifier_request_seconds", "Request latency", ["endpoint"], registry=r,
-                                 buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
-        self.batch = Histogram("purifier_batch_images", "Images per onnxruntime batch", registry=r,
-                               buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024))
-        self.errors = Counter("purifier_errors", "Requests answered with an error", ["kind"], registry=r)
-        self.rejections = Counter("purifier_rejected_images", "Images flagged by the reject option", registry=r)
-        self.images = Counter("purifier_images", "Images purified", registry=r)
-        self.queue = Gauge("purifier_queue_images", "Images waiting for a batch", registry=r)
-
-
-class Batcher:
-    """Gathers concurrent requests into batches for one onnxruntime session on one worker thread."""
-
-    def __init__(self, runtime: OnnxPurifier, cfg: ServerConfig, metrics: Metrics):
-        self.runtime, self.cfg, self.metrics = runtime, cfg, metrics
-        self.pending: list[tuple[np.ndarray, asyncio.Future]] = []
-        self.queued = 0
-        self.wakeup: asyncio.Event | None = None
-        self.task: asyncio.Task | None = None
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnxruntime")
-        self.batch_sizes: list[int] = []
-
-    def start(self):
-        self.wakeup = asyncio.Event()
-        self.task = asyncio.get_running_loop().create_task(self._loop())
-
-    async def stop(self):
-        if self.task is not None:
-            self.task.cancel()
-            try:
-                await self.task
-            except asyncio.CancelledError:
-                pass
-        self.pool.shutdown(wait=True)
-
-    async def submit(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        if self.queued + len(x) > self.cfg.max_queue and self.queued > 0:
-            self.metrics.errors.labels("queue_full").inc()
-            raise ApiError(503, f"server busy: {self.queued} images queued and this request's {len(x)} would pass "
-                                f"the queue's limit of {self.cfg.max_queue} images; retry after 1 s",
-                           {"Retry-After": "1"})
-        fut = asyncio.get_running_loop().create_future()
-        self.pending.append((x, fut))
-        self.queued += len(x)
-        self.metrics.queue.set(self.queued)
-        self.wakeup.set()
-        return await fut
-
-    async def _loop(self):
-        loop = asyncio.get_running_loop()
-        while True:
-            await self.wakeup.wait()
-            self.wakeup.clear()
-            while self.pending:
-                deadline = loop.time() + self.cfg.max_wait_ms / 1000
-                while self.queued < self.cfg.max_batch_size and loop.time() < deadline:
-                    await asyncio.sleep(min(0.0005, max(0.0, deadline - loop.time())))
-                batch, n = [], 0
-                while self.pending and (n == 0 or n + len(self.pending[0][0]) <= self.cfg.max_batch_size):
-                    item = self.pending.pop(0)
-                    batch.append(item)
-                    n += len(item[0])
-                self.queued -= n
-                self.metrics.queue.set(self.queued)
-                x = np.concatenate([b[0] for b in batch])
-                self.metrics.batch.observe(n)
-                self.batch_sizes.append(n)
-                try:
-                    out = await loop.run_in_executor(self.pool, self.runtime, x)
-                except Exception as exc:  # the model failed: every request in the batch hears why
-                    for _, fut in batch:
-                        if not fut.done():
-                            fut.set_exception(exc)
-                    continue
-                start = 0
-                for xb, fut in batch:
-                    part = {k: v[start:start + len(xb)] for k, v in out.items()}
-                    start += len(xb)
-                    if not fut.done():
-                        fut.set_result(part)
-
-
-def _outputs_meta(runtime: OnnxPurifier) -> list[dict]:
-    k = len(runtime.class_names)
-    shape = [-1, *runtime.image_shape]
-    metas = {"purified": ("FP32", shape), "chosen_class": ("INT64", [-1]), "recon_error": ("FP32", [-1, k]),
-             "logits": ("FP32", [-1, k]), "predicted_class": ("INT64", [-1]), "margin": ("FP32", [-1]),
-             "rejected": ("BOOL", [-1])}
-    names = [n for n in runtime.outputs if n in metas] + ["margin", "rejected"]
-    if "logits" in runtime.outputs:
-        names.insert(names.index("margin"), "predicted_class")
-    return [{"name": n, "datatype": metas[n][0], "shape": metas[n][1]} for n in names]
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refusing more than ``limit`` bytes (413) whether or not Content-Length says so."""
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        try:
-            size = int(declared)
-        except ValueError:
-            raise ApiError(400, f"Content-Length {declared!r} is not a number")
-        if size > limit:
-            raise ApiError(413, f"request body of {size} bytes exceeds the limit of {limit} bytes")
-    chunks, total = [], 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > limit:
-            raise ApiError(413, f"request body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def parse_infer(body: bytes, header_length: str | None) -> tuple[InferRequest, bytes]:
-    """Split a v2 request into its JSON header and binary tail (binary tensor extension)."""
-    if header_length is not None:
-        try:
-            n = int(header_length)
-        except ValueError:
-            raise ApiError(400, f"Inference-Header-Content-Length {header_length!r} is not a number")
-        if not 0 < n <= len(body):
-            raise ApiError(400, f"Inference-Header-Content-Length {n} is outside the body's {len(body)} bytes")
-        head, tail = body[:n], body[n:]
-    else:
-        head, tail = body, b""
-    try:
-        obj = json.loads(head)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ApiError(400, f"request body is not valid JSON ({exc}); send the inference request as JSON "
-                            f"(Content-Type: application/json), or its JSON header followed by the binary tensors "
-                            f"with Inference-Header-Content-Length")
-    try:
-        return InferRequest.model_validate(obj), tail
-    except Exception as exc:  # pydantic.ValidationError: say which field
-        errors = getattr(exc, "errors", lambda: [])()
-        where = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in errors[:5])
-        raise ApiError(422, f"invalid inference request: {where or exc}; send a JSON object like "
-                            '{"inputs": [{"name": "x", "shape": [N, C, H, W], "datatype": "FP32", "data": [...]}]}')
-
-
-def tensor_from(inp: TensorInput, tail: bytes, runtime: OnnxPurifier, max_images: int) -> np.ndarray:
-    """The v2 input tensor (JSON data, or the binary part of the body) -> a validated float32 batch."""
-    if inp.name != "x":
-        raise ApiError(400, f"unknown input {inp.name!r}; the model's input is 'x'")
-    if inp.datatype not in INPUT_DTYPES:
-        raise ApiError(400, f"input 'x' datatype {inp.datatype!r} is not supported; use one of {INPUT_DTYPES}")
-    shape = tuple(inp.shape)
-    want = tuple(runtime.image_shape)
-    if len(shape) != 4 or shape[1:] != want or any(d < 0 for d in shape):
-        raise ApiError(400, f"input 'x' has shape {list(shape)}, the model expects [N, {', '.join(map(str, want))}]")
-    if shape[0] > max_images:
-        raise ApiError(413, f"input 'x' holds {shape[0]} images, over the server's cap of {max_images} images per "
-                            f"request; split it into requests of at most {max_images} images")
-    if shape[0] < 1:
-        raise ApiError(400, f"input 'x' has shape {list(shape)}: a batch of 0 images; send at least 1")
-    count = int(np.prod(shape))
-    dtype = np.dtype(DTYPES[inp.datatype])
-    size = (inp.parameters or {}).get("binary_data_size")
-    if size is not None:
-        if inp.data is not None:
-            raise ApiError(400, "input 'x' has both 'data' and binary_data_size")
-        if not isinstance(size, int) or size != count * dtype.itemsize:
-            raise ApiError(400, f"input 'x' binary_data_size {size!r} does not match shape {list(shape)} of "
-                                f"{inp.datatype} ({count * dtype.itemsize} bytes)")
-        if size > len(tail):
-            raise ApiError(400, f"input 'x' binary_data_size {size} runs past the body's binary part "
-                                f"({len(tail)} bytes)")
-        arr = np.frombuffer(tail, dtype=dtype, count=count).reshape(shape)
-    else:
-        if inp.data is None:
-            raise ApiError(400, "input 'x' has no 'data' (and no binary_data_size)")
-        data = inp.data
-        while data and isinstance(data[0], list):  # v2 allows nested (row-major) lists
-            data = [v for row in data for v in (row if isinstance(row, list) else [row])]
-        if len(data) != count:
-            raise ApiError(400, f"input 'x' holds {len(data)} values, shape {list(shape)} needs {count}")
-        bad = next((v for v in data if isinstance(v, bool) or not isinstance(v, (int, float))), None)
-        if bad is not None:
-            raise ApiError(400, f"input 'x' holds a non-numeric value {bad!r}")
-        if inp.datatype == "UINT8":
-            ints = np.asarray(data)
-            if ints.dtype.kind == "f" and not np.all(ints == np.round(ints)):
-                raise ApiError(400, "input 'x' is UINT8 but holds a fractional value")
-            if ints.min() < 0 or ints.max() > 255:
-                raise ApiError(400, f"input 'x' is UINT8 but holds values in [{ints.min()}, {ints.max()}]")
-            arr = ints.astype(np.uint8).reshape(shape)
-        else:
-            arr = np.asarray(data, dtype=np.float64).reshape(shape)
-            if not np.isfinite(arr).all():
-                idx = tuple(int(i) for i in np.argwhere(~np.isfinite(arr))[0])
-                raise ApiError(400, f"input 'x' holds a non-finite value {arr[idx]} at index {list(idx)}")
-            arr = arr.astype(np.float32)
-    try:
-        return runtime.validate(arr)
-    except ValueError as exc:
-        raise ApiError(400, f"input 'x': {exc}")
 
 
 def _without_reprs(text: str) -> str:
