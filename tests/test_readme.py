@@ -82,3 +82,11 @@ def test_a_changed_figure_is_put_back_and_a_vanished_row_is_an_error():
     assert tool.refresh(text) == "\n".join(["<!-- rows from results/speed.md -->", "", *rows, "", "prose"])
     with pytest.raises(Exception, match="holds the rows"):
         tool.refresh(text.replace(figure, renamed))
+
+
+def test_readme_lists_every_shipped_model_by_name_and_folder():
+    from serve.models import MODELS
+
+    text = (ROOT / "README.md").read_text()
+    for m in MODELS.values():
+        assert f"| `{m.name}` | `models/{m.folder}` |" in text, f"README's model table lacks {m.name}"
