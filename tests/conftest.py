@@ -29,9 +29,8 @@ def batch():
     return torch.rand(6, 1, 28, 28, generator=torch.Generator().manual_seed(1))
 
 
-@pytest.fixture
-def tiny_npz(tmp_path):
-    """A dataset of another size and class count: 5 classes of 1 x 32 x 32, uint8, with a test split.
+def write_bands(path):
+    """A dataset of another size and class count: 5 classes of 1 x 32 x 32, uint8, with a test split, at ``path``.
 
     Class k is a bright horizontal band at rows 6k..6k+5 plus noise, so a model can learn it quickly.
     """
@@ -46,6 +45,10 @@ def tiny_npz(tmp_path):
 
     x, y = make(600)
     xt, yt = make(100)
-    path = tmp_path / "bands.npz"
     np.savez(path, x=x, y=y, x_test=xt, y_test=yt, class_names=np.array([f"band{k}" for k in range(5)]))
     return path
+
+
+@pytest.fixture
+def tiny_npz(tmp_path):
+    return write_bands(tmp_path / "bands.npz")

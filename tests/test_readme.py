@@ -10,26 +10,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-MARK = re.compile(r"<!-- rows from (results/[\w./-]+\.md) -->")
-
-
-def quoted_tables(text: str) -> list[tuple[str, list[str]]]:
-    """(results file, the table lines below its mark) for every mark; the table must follow the mark's line."""
-    lines = text.splitlines()
-    out = []
-    for i, line in enumerate(lines):
-        m = MARK.search(line)
-        if not m:
-            continue
-        j = i + 1
-        while j < len(lines) and not lines[j].strip():
-            j += 1
-        table = []
-        while j < len(lines) and lines[j].startswith("|"):
-            table.append(lines[j])
-            j += 1
-        out.append((m.group(1), table))
-    return out
 
 
 def docs_tables():
@@ -44,8 +24,9 @@ DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 def test_readme_and_docs_tables_are_what_their_results_files_render():
     texts = {p.relative_to(ROOT).as_posix(): p.read_text() for p in DOCUMENTS}
-    assert quoted_tables(texts["README.md"]), "README lost the mark on its results table"
-    assert sum(len(quoted_tables(t)) for t in texts.values()) >= 8, "the documents lost marks on their tables"
+    marks = docs_tables().MARK
+    assert marks.search(texts["README.md"]), "README lost the mark on its results table"
+    assert sum(len(marks.findall(t)) for t in texts.values()) >= 8, "the documents lost marks on their tables"
     r = subprocess.run([sys.executable, "benchmarks/docs_tables.py", "--check"], cwd=ROOT, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0, f"tables differ from their results files; run python benchmarks/docs_tables.py: " \

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from conftest import write_bands
 from purifier.resume import load_state
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,17 +54,8 @@ def without_times(history):
 
 @pytest.fixture(scope="module")
 def bands(tmp_path_factory):
-    """600 images of 5 classes, 1 x 32 x 32 (the tiny_npz dataset, made once for the module)."""
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    y = rng.integers(0, 5, 600)
-    x = rng.integers(0, 60, (600, 32, 32)).astype(np.uint8)
-    for i, k in enumerate(y):
-        x[i, 6 * k:6 * k + 6] = 220
-    path = tmp_path_factory.mktemp("data") / "bands.npz"
-    np.savez(path, x=x, y=y, class_names=np.array([f"band{k}" for k in range(5)]))
-    return path
+    """The tiny_npz dataset (600 images of 5 classes, 1 x 32 x 32), made once for the module."""
+    return write_bands(tmp_path_factory.mktemp("data") / "bands.npz")
 
 
 def classifier_cmd(data, out, *extra):
