@@ -40,8 +40,11 @@ def _names() -> str:
               help="One line per request (method, path, status, ms, client) to stderr, logger 'purifier.access'.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), help="onnxruntime intra-op threads (default: all cores).")
+@click.option("--precision", type=click.Choice(["fp32", "int8"]),
+              help="fp32 (a model directory's default) or int8: its pipeline.int8.onnx (purifier export --int8). "
+                   "An .onnx file runs at the precision its metadata names.")
 def serve_command(model, host, port, model_name, max_batch_size, max_wait_ms, max_queue, max_body_mb,
-                  max_images_per_request, access_log, device, threads):
+                  max_images_per_request, access_log, device, threads, precision):
     """Serve the model over HTTP: Open Inference Protocol v2, /v1/purify, /metrics.
 
     Example: purifier serve --model models/fashion-mnist --port 8000
@@ -52,6 +55,9 @@ def serve_command(model, host, port, model_name, max_batch_size, max_wait_ms, ma
                        max_body_bytes=int(max_body_mb * (1 << 20)), max_images_per_request=max_images_per_request,
                        model_name=model_name, access_log=access_log)
     try:
+        from .runtime import select_model
+
+        model = str(select_model(model, precision))
         serve_forever(model, host, port, cfg, device, threads,
                       on_ready=lambda url: click.echo(f"serving on {url} (Ctrl-C stops)", err=True))
     except (FileNotFoundError, ValueError) as exc:

@@ -18,9 +18,27 @@ CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 
 
-def resolve_model(path: str | os.PathLike, prefer: str = "pipeline.onnx") -> Path:
-    """A model directory (holding pipeline.onnx or purifier.onnx) or an .onnx file -> the .onnx path."""
+PRECISIONS = ("fp32", "int8")
+
+
+def check_precision(precision: str | None) -> str | None:
+    if precision is not None and precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return precision
+
+
+def resolve_model(path: str | os.PathLike, prefer: str = "pipeline.onnx", precision: str | None = None) -> Path:
+    """A model directory (holding pipeline.onnx or purifier.onnx) or an .onnx file -> the .onnx path.
+
+    ``precision="int8"`` picks a directory's ``pipeline.int8.onnx`` (or ``purifier.int8.onnx``), written by
+    ``purifier export DIR --int8``; a missing one is a ``FileNotFoundError`` naming the path and that command."""
     path = Path(path)
+    if check_precision(precision) == "int8" and path.is_dir():
+        for name in (prefer, "pipeline.onnx", "purifier.onnx"):
+            if (path / name).is_file() and (path / name.replace(".onnx", ".int8.onnx")).is_file():
+                return path / name.replace(".onnx", ".int8.onnx")
+        raise FileNotFoundError(f"precision int8 asked for, but {path / 'pipeline.int8.onnx'} does not exist: write it "
+                                f"with `purifier export {path} --int8` (or pass --precision fp32)")
     if path.is_dir():
         for name in (prefer, "pipeline.onnx", "purifier.onnx"):
             if (path / name).is_file():
@@ -29,6 +47,26 @@ def resolve_model(path: str | os.PathLike, prefer: str = "pipeline.onnx") -> Pat
     if not path.is_file():
         raise FileNotFoundError(f"model {path} does not exist")
     return path
+
+
+def select_model(path: str | os.PathLike, precision: str | None = None) -> Path:
+    """``resolve_model`` for the command line: an .onnx file given with a ``precision`` must be of that precision
+    (``ValueError`` naming both); its metadata is read by a bare CPU session."""
+    resolved = resolve_model(path, precision=precision)
+    if precision is not None and not Path(path).is_dir():
+        opts = ort.SessionOptions()
+        opts.log_severity_level, opts.graph_optimization_level = 3, ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        _precision_of(resolved, ort.InferenceSession(str(resolved), opts, providers=[CPU]), precision)
+    return resolved
+
+
+def _precision_of(path: Path, session: ort.InferenceSession, asked: str | None) -> str:
+    """The precision a model's metadata names (fp32 where it names none: exported before int8 existed), checked
+    against the one ``asked`` for."""
+    have = session.get_modelmeta().custom_metadata_map.get("precision", "fp32")
+    if asked is not None and have != asked:
+        raise ValueError(f"{path} has precision {have} (its metadata), but precision {asked} was asked for")
+    return have
 
 
 def cuda_driver_gpus() -> int:
@@ -94,16 +132,21 @@ class OnnxPurifier:
     returns a dict of numpy arrays: ``purified``, ``chosen_class``, ``recon_error`` (N x K), ``logits`` and
     ``predicted_class`` (pipeline models only), ``margin`` (runner-up minus best error) and ``rejected``
     (best error above the model's calibrated threshold).
+
+    ``precision``: ``"fp32"`` or ``"int8"`` (a model directory's ``pipeline.int8.onnx``, from
+    ``purifier export --int8``); None takes a directory's fp32 model, or a file as its metadata says.
     """
 
-    def __init__(self, model: str | os.PathLike, device: str = "auto", threads: int | None = None):
-        self.path = resolve_model(model)
+    def __init__(self, model: str | os.PathLike, device: str = "auto", threads: int | None = None,
+                 precision: str | None = None):
+        self.path = resolve_model(model, precision=precision)
         self.session = _session(self.path, device, threads)
         props = self.session.get_modelmeta().custom_metadata_map
         missing = [k for k in ("input_shape", "class_names", "rejection_threshold", "value_range") if k not in props]
         if missing:
             raise ValueError(f"{self.path}: metadata_props lacks {missing}; export it with `purifier export`")
         self.metadata = {k: _decode(v) for k, v in props.items()}
+        self.precision = _precision_of(self.path, self.session, precision)
         self.image_shape = tuple(int(d) for d in self.metadata["input_shape"][1:])
         self.class_names = list(self.metadata["class_names"])
         self.threshold = float(self.metadata["rejection_threshold"])

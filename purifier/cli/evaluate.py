@@ -74,12 +74,19 @@ def evaluate_cmd(model_dir, cvae, classifier_source, data, split, n, selections,
               help="Decision rule (default: the one the model's design records; PuVAE: mse).")
 @click.option("--percentile", default=99.0, show_default=True,
               help="Rejection threshold: this percentile of the best reconstruction error on clean validation data.")
+@click.option("--int8", "int8", is_flag=True,
+              help="Also write pipeline.int8.onnx (and purifier.int8.onnx): onnxruntime static quantisation, "
+                   "QDQ, per-channel int8 weights, activations calibrated on training images (--precision int8 "
+                   "loads it).")
+@click.option("--calibration-images", default=256, show_default=True, type=click.IntRange(min=1),
+              help="With --int8: training images (seeded sample) the activation ranges are calibrated on.")
 @click.option("--triton", "triton_repo", type=click.Path(file_okay=False),
               help="Also write a Triton model repository for pipeline.onnx here (REPO/NAME/1/model.onnx + config.pbtxt).")
 @click.option("--triton-name", default="purifier", show_default=True, help="Model name in the Triton repository.")
 @click.option("--triton-max-batch", default=256, show_default=True, type=click.IntRange(min=1),
               help="max_batch_size in config.pbtxt (dynamic batching on).")
-def export_cmd(run_dir, out, classifier_source, selection, percentile, triton_repo, triton_name, triton_max_batch):
+def export_cmd(run_dir, out, classifier_source, selection, percentile, int8, calibration_images, triton_repo,
+               triton_name, triton_max_batch):
     """Export RUN_DIR's CVAE (+ target classifier) to purifier.onnx and pipeline.onnx, parity-checked.
 
     Example: purifier export models/fashion-mnist --out models/fashion-mnist
@@ -104,6 +111,15 @@ def export_cmd(run_dir, out, classifier_source, selection, percentile, triton_re
         worst = max(max(d.values()) for d in r.parity.values())
         click.echo(f"{name}: {r.path} (parity at batch {sorted(r.parity)}: max abs diff {worst:.2e}; "
                    f"rejection threshold {float(r.metadata['rejection_threshold']):.5f})")
+    if int8:
+        from export.quantize import quantize_model
+
+        for name, r in results.items():
+            try:
+                path = quantize_model(r.path, n=calibration_images)
+            except ValueError as exc:
+                raise click.UsageError(f"cannot quantise {r.path}: {exc}") from exc
+            click.echo(f"{name} int8: {path} (static QDQ, calibrated on {calibration_images} training images)")
     if triton_repo:
         from export.triton import write_triton_repo
 

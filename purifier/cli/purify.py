@@ -73,8 +73,11 @@ def _purify_line(stats, out_dir: Path) -> str:
 @click.option("--resume/--no-resume", default=None,
               help="Skip inputs already in OUT's manifest or error log (default: on when OUT holds a manifest).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "int8"]),
+              help="fp32 (a model directory's default) or int8: its pipeline.int8.onnx (purifier export --int8). "
+                   "An .onnx file runs at the precision its metadata names.")
 @click.option("--quiet", is_flag=True, help="No progress bar and no summary line.")
-def purify_cmd(inputs, model, out_dir, batch_size, resize, fmt, resume, device, quiet):
+def purify_cmd(inputs, model, out_dir, batch_size, resize, fmt, resume, device, precision, quiet):
     """Purify image files, folders and .npy/.npz arrays on onnxruntime (no torch needed).
 
     Writes purified images, manifest.jsonl (one line per input), errors.jsonl (one line per failure, with the
@@ -114,7 +117,9 @@ def purify_cmd(inputs, model, out_dir, batch_size, resize, fmt, resume, device, 
 
     try:
         from serve.batch import purify_files  # onnxruntime: a Ctrl-C while it loads is an interrupt too
+        from serve.runtime import select_model
 
+        model = str(select_model(model, precision))
         with _stop_on_signals(notice) as should_stop:
             stats = purify_files(list(inputs), model, out_dir, batch_size, resize, fmt, resume, device,
                                  on_batch if bar is not None else None, should_stop)
