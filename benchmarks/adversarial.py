@@ -4,89 +4,33 @@ the headline eps for every training mode, beside plain PuVAE, PGD-AT alone and p
     python benchmarks/adversarial.py --profile standard   # results/adversarial.{json,md,png}; 9-27 min per row here
     python benchmarks/adversarial.py --profile quick      # minutes; never quoted
 
-Every row is attacked on the same first n test images with the same attacks (../shared/BENCHMARK_PROTOCOL.md):
-oblivious PGD on the row's target classifier; the adaptive per-image worst case over the selection attack, full
-gradient, BPDA and softmin (PGD with best-iterate accounting; classifier rows: PGD on the classifier); ART's
-Square (scores only) and AutoAttack-style APGD-CE/APGD-DLR through BPDA on the first n_art, which the training
-never used; the worst of all of them; the protocol's sanity checks per row; images/s of every row, timed
-together at the end. The reject option's defended rate is measured on the shipped default's row
+Every row is measured by ``benchmarks/protocol.py`` on the same first n test images with the same attacks
+(../shared/BENCHMARK_PROTOCOL.md): oblivious PGD on the row's target classifier; the adaptive per-image worst
+case over the selection attack, full gradient, BPDA and softmin, then the targeted attacks toward the runner-up
+classes (PGD with best-iterate accounting; classifier rows: PGD on the classifier); ART's Square (scores only)
+and AutoAttack-style APGD-CE/APGD-DLR through BPDA on the first n_art, which the training never used; the worst
+of all of them; the protocol's sanity checks per row; images/s of every row, timed together at the end. The reject option's defended rate is measured on the shipped default's row
 (``--default``), else on the row with the best worst case. Each row is cached under ``--work`` and reused
 while its weights' sha256 is unchanged, so rows can be added as their training runs finish and an interrupted
 run resumes.
 """
 from __future__ import annotations
 
-import json
-import platform
-import shlex
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import click
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from export.onnx_export import calibrate_threshold  # noqa: E402
-from purifier import __version__, checkpoint  # noqa: E402
-from purifier.checkpoint import write_json  # noqa: E402
-from purifier.attacks import PGD, RejectOption, ce_objective  # noqa: E402
-from purifier.data import load_dataset  # noqa: E402
-from purifier.designs import purifier_from_spec  # noqa: E402
-from purifier.provenance import cpu_model, git_commit  # noqa: E402
-from purifier.robust import chunked, pgd_attack, purifier_attacks, purifier_objectives, worst_case  # noqa: E402
+from purifier import checkpoint  # noqa: E402
 
-from results import cached, markdown_table, write_results  # noqa: E402  (benchmarks/results.py)
-from robust import se  # noqa: E402  (benchmarks/robust.py)
-from speed import time_interleaved  # noqa: E402  (benchmarks/speed.py)
-
-
-@dataclass(frozen=True)
-class Profile:
-    n: int                    # first n test images for every robust figure
-    steps: int                # PGD steps (step 2.5 * eps / steps, random start, best iterate)
-    restarts: int             # restarts of every adaptive attack
-    eps: float = 0.1
-    n_art: int = 250          # Square and AutoAttack on the first n_art
-    square_queries: int = 1000
-    apgd_iters: int = 100
-    n_sanity: int = 100
-    sanity_steps: tuple = (20, 100)
-    sanity_eps: float = 0.2   # robust accuracy there must not exceed the headline's on the same images
-    reject_penalty: float = 10.0
-    clean_n: int = 10000
-    speed_reps: int = 5
-    speed_images: tuple = (64, 1024)  # images timed at batch 1 and at batch 256
-    batch_size: int = 250
-    seed: int = 0
-
-
-PROFILES = {
-    # the protocol's headline settings; a purifier row took 60-100 minutes here, two rows sharing the 2 cores
-    # (attack_seconds in results/adversarial-full.json): 8 to 13 hours for all 8 rows
-    "full": Profile(n=1000, steps=100, restarts=5, n_art=500),
-    # what results/adversarial.json was run with: 8 rows in about 140 minutes on 2 cores (section_seconds there;
-    # Square's 500 queries through the purifier cost most of a row)
-    "standard": Profile(n=500, steps=100, restarts=1, n_art=200, square_queries=500),
-    "quick": Profile(n=100, steps=20, restarts=1, n_art=50, square_queries=200, apgd_iters=20, n_sanity=50,
-                     sanity_steps=(10, 20), clean_n=2000, speed_reps=3),
-    "tiny": Profile(n=6, steps=2, restarts=1, n_art=4, square_queries=5, apgd_iters=2, n_sanity=4,
-                    sanity_steps=(1, 2), clean_n=50, speed_reps=1, speed_images=(4, 256), batch_size=4),
-}
-
-
-@dataclass(frozen=True)
-class Row:
-    name: str
-    classifier: str           # checkpoint path (relative to the repository root or absolute)
-    cvae: str | None = None   # None: the classifier alone, no purifier
-    note: str = ""
-    purifier: dict | None = None  # the purifier spec around the model (None: the one its checkpoint records)
+from protocol import (PROFILES, Bench, Row, attack_seconds, choose_rows, headline, headline_columns,  # noqa: E402
+                      measure_rows, output_paths, publish, report_head, slug, speed_together, suite_text)
+from results import markdown_table  # noqa: E402  (benchmarks/results.py)
 
 
 def default_rows(plain: str, baselines: str, adversarial: str) -> list[Row]:
@@ -105,268 +49,16 @@ def default_rows(plain: str, baselines: str, adversarial: str) -> list[Row]:
     ]
 
 
-def checkpoints_of(row: Row) -> dict:
-    """sha256 of the row's weights: a cached row is reused only while they are unchanged."""
-    out = {"classifier": checkpoint.read_record(ROOT / row.classifier)["weights_sha256"]}
-    if row.cvae:
-        out["cvae"] = checkpoint.read_record(ROOT / row.cvae)["weights_sha256"]
-    if row.purifier:
-        out["purifier"] = row.purifier
-    return out
-
-
-def slug(name: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
-
-
-class Bench:
-    """``targeted`` = k: the worst case adds the targeted attacks toward the k runner-up classes
-    (``purifier.robust.targeted_attacks``)."""
-
-    def __init__(self, profile: Profile, work: Path, on_progress, targeted: int = 0):
-        self.p, self.work, self.say, self.targeted = profile, work, on_progress, targeted
-        test = load_dataset("fashion-mnist", "test")
-        self.x_all, self.y_all = torch.from_numpy(test.x), torch.from_numpy(test.y)
-        self.x, self.y = self.x_all[:profile.n], self.y_all[:profile.n]
-
-    def load(self, row: Row, channels_last: bool = True):
-        """The row's (classifier, purifier or None), frozen, in eval mode. ``channels_last`` (attacks): the
-        convolutions' NHWC kernels run the classifier's forward and backward ~1.5x faster here, the same
-        arithmetic up to float rounding; the speed section times the default layout users get."""
-        models = [checkpoint.load(ROOT / row.classifier, expect="classifier")]
-        if row.cvae is not None:
-            models.append(checkpoint.load(ROOT / row.cvae, expect="cvae"))
-        for m in models:
-            m.eval()
-            if channels_last:
-                m.to(memory_format=torch.channels_last)
-            for q in m.parameters():
-                q.requires_grad_(False)
-        if len(models) == 1:
-            return models[0], None
-        pur = purifier_from_spec(models[1], row.purifier or models[1].meta.get("purifier"))
-        # analysis by synthesis: attacks differentiate through the unrolled latent steps (the same forward)
-        return models[0], (pur.attack_view() if hasattr(pur, "attack_view") else pur).eval()
-
-    def cached(self, name: str, fn):
-        return cached(self.work, name, fn, self.say)
-
-    def partial(self, name: str, checkpoints: dict) -> tuple[dict, Callable[[], None]]:
-        """The finished parts of section NAME (``work/partial-NAME.json``, written as they finish, so a section
-        cut off by a session's end resumes where it stopped), empty when its weights or the profile changed;
-        and a function that saves them."""
-        path = self.work / f"partial-{name}.json"
-        parts = json.loads(path.read_text()) if path.is_file() else {}
-        profile = json.loads(json.dumps(asdict(self.p)))  # as it reads back from the file (tuples become lists)
-        if parts.get("checkpoints") != checkpoints or parts.get("profile") != profile:
-            parts = {"checkpoints": checkpoints, "profile": profile}
-        return parts, lambda: write_json(path, parts)
-
-    @staticmethod
-    def holds(clf, pur):
-        def fn(x, y):
-            with torch.no_grad():
-                return clf(x if pur is None else pur(x)["purified"]).argmax(1) == y
-        return fn
-
-    def attacks(self, clf, pur, eps: float, restarts: int, steps: int | None = None,
-                reject: RejectOption | None = None):
-        pgd = PGD(eps=eps, steps=steps or self.p.steps, seed=self.p.seed)
-        if pur is None:
-            return [pgd_attack("PGD", pgd, ce_objective(clf), restarts)]
-        return purifier_attacks(clf, pur, pgd, restarts, reject, self.targeted)
-
-    def row(self, row: Row) -> dict:
-        """One row; its parts (clean + oblivious, each adaptive attack and restart, ART, sanity) are kept in
-        ``work/partial-ROW.json`` as they finish, so a row cut off (a session's end) resumes where it stopped."""
-        p = self.p
-        clf, pur = self.load(row)
-        holds = self.holds(clf, pur)
-        out = {"name": row.name, "classifier": row.classifier, "cvae": row.cvae, "note": row.note,
-               "checkpoints": checkpoints_of(row)}
-        parts, save = self.partial(slug(row.name), out["checkpoints"])
-
-        def part(key, fn):
-            if key not in parts:
-                parts[key] = fn()
-                save()
-            return parts[key]
-
-        def clean_and_oblivious():
-            x_c, y_c = self.x_all[:p.clean_n], self.y_all[:p.clean_n]
-            # oblivious: PGD on the target classifier (last iterate), then the purifier
-            obl = chunked(lambda a, b: PGD(eps=p.eps, steps=p.steps, seed=p.seed, best_iterate=False)
-                          .run(ce_objective(clf), a, b), self.x, self.y, p.batch_size)
-            return {"clean": float(chunked(holds, x_c, y_c, 500).float().mean()), "clean_n": p.clean_n,
-                    "oblivious": float(chunked(holds, obl, self.y, p.batch_size).float().mean())}
-
-        out.update(part("clean_and_oblivious", clean_and_oblivious))
-        attacks = self.attacks(clf, pur, p.eps, p.restarts)
-
-        def progress(state):
-            parts["adaptive_state"] = state
-            save()
-
-        res = worst_case(attacks, holds, self.x, self.y, p.batch_size, state=parts.get("adaptive_state"),
-                         on_step=progress)
-        out.update({"adaptive": res["accuracy"], "adaptive_robust": res["robust"].tolist(), "steps": res["steps"],
-                    "broken_by": {a.name: res["broken_by"].count(a.name) for a in attacks}})
-        out["art"] = part("art", lambda: self.art(clf, pur))
-        m = p.n_art
-        worst = res["robust"][:m].numpy() & np.array(out["art"]["square_robust"]) & \
-            np.array(out["art"]["autoattack_robust"])
-        out["worst_of_all"] = float(worst.mean())
-        out["sanity"] = part("sanity", lambda: self.sanity(clf, pur, res["robust"], out))
-        return out
-
-    def art(self, clf, pur) -> dict:
-        from art.attacks.evasion import AutoAttack, AutoProjectedGradientDescent, SquareAttack
-        from purifier.art_bridge import art_classifier
-
-        def est(grad):
-            return art_classifier(clf, pur, grad=grad)
-
-        p, eps = self.p, self.p.eps
-        x, y = self.x[:p.n_art].numpy(), self.y[:p.n_art].numpy()
-        np.random.seed(p.seed)
-        sq = SquareAttack(est("none"), norm=np.inf, eps=eps, max_iter=p.square_queries, p_init=0.8, nb_restarts=1,
-                          batch_size=p.batch_size, verbose=False)
-        t0 = time.perf_counter()
-        x_sq = sq.generate(x, y=y)
-        sq_s = time.perf_counter() - t0
-        white = est("bpda")
-        apgd = [AutoProjectedGradientDescent(white, norm=np.inf, eps=eps, eps_step=2 * eps, max_iter=p.apgd_iters,
-                                             nb_random_init=1, batch_size=p.batch_size, loss_type=loss, verbose=False)
-                for loss in ("cross_entropy", "difference_logits_ratio")]
-        aa = AutoAttack(white, norm=np.inf, eps=eps, eps_step=2 * eps, attacks=apgd, batch_size=p.batch_size)
-        t0 = time.perf_counter()
-        x_aa = aa.generate(x, y=y)
-        aa_s = time.perf_counter() - t0
-        holds = self.holds(clf, pur)
-        ok_sq = holds(torch.from_numpy(x_sq), torch.from_numpy(y))
-        ok_aa = holds(torch.from_numpy(x_aa), torch.from_numpy(y))
-        return {"n": p.n_art, "square": float(ok_sq.float().mean()), "autoattack": float(ok_aa.float().mean()),
-                "square_robust": ok_sq.tolist(), "autoattack_robust": ok_aa.tolist(), "square_seconds": sq_s,
-                "autoattack_seconds": aa_s, "max_linf": float(max(np.abs(x_aa - x).max(), np.abs(x_sq - x).max()))}
-
-    def sanity(self, clf, pur, robust: torch.Tensor, row: dict) -> dict:
-        p = self.p
-        n = p.n_sanity
-        x, y = self.x[:n], self.y[:n]
-        holds = self.holds(clf, pur)
-        few, many = p.sanity_steps
-        checks = {}
-        acc1 = worst_case(self.attacks(clf, pur, 1.0, 1, steps=few), holds, x, y, p.batch_size)["accuracy"]
-        checks["eps 1.0 near 0"] = {"pass": acc1 <= 0.05, "value": acc1, "n": n, "steps": few, "limit": 0.05}
-        head = float(robust[:n].float().mean())
-        big = worst_case(self.attacks(clf, pur, p.sanity_eps, 1), holds, x, y, p.batch_size)["accuracy"]
-        checks[f"eps {p.sanity_eps} no higher than eps {p.eps}"] = {
-            "pass": big <= head + 2 * se(head, n), "values": [head, big], "n": n}
-        for a_few, a_many in zip(self.attacks(clf, pur, p.eps, 1, steps=few), self.attacks(clf, pur, p.eps, 1)):
-            acc_few = worst_case([a_few], holds, x, y, p.batch_size)["accuracy"]
-            acc_many = worst_case([a_many], holds, x, y, p.batch_size)["accuracy"]
-            checks[f"more steps ({few} -> {many}) no higher: {a_few.name}"] = {
-                "pass": acc_many <= acc_few + 2 * se(acc_few, n), "values": [acc_few, acc_many], "n": n}
-        if pur is not None:
-            checks["adaptive <= oblivious"] = {
-                "pass": row["adaptive"] <= row["oblivious"] + 2 * se(row["oblivious"], p.n),
-                "values": [row["adaptive"], row["oblivious"]]}
-            with torch.no_grad():
-                checks["deterministic (EOT not needed)"] = {
-                    "pass": bool(torch.equal(pur(x)["purified"], pur(x)["purified"]))}
-        xg, yg = self.x[:64], self.y[:64]
-        objectives = {"PGD": ce_objective(clf)} if pur is None else purifier_objectives(clf, pur)
-        for name, obj in objectives.items():
-            a = xg.clone().requires_grad_(True)
-            value, _ = obj(a, yg)
-            g, = torch.autograd.grad(value, a)
-            frac = float((g.flatten(1).abs().sum(1) > 0).float().mean())
-            checks[f"gradient not zero: {name}"] = {"pass": frac >= 0.99, "value": frac}
-        return checks
-
-    def speed(self, rows: list[Row]) -> dict:
-        """images/s of every row, measured together in one section and in interleaved rounds
-        (``speed.time_interleaved``), so with the machine in the same state for every row."""
-        fns = {r.name: self.forward(*self.load(r, channels_last=False)) for r in rows}
-        x = self.x_all.numpy()
-        by_batch = {b: time_interleaved(fns, x[:images], b, self.p.speed_reps)
-                    for b, images in zip((1, 256), self.p.speed_images)}
-        return {name: {f"batch {b}": by_batch[b][name] for b in by_batch} for name in fns}
-
-    @staticmethod
-    def forward(clf, pur):
-        def fn(a):
-            with torch.no_grad():
-                t = torch.from_numpy(a)
-                return clf(t if pur is None else pur(t)["purified"])
-
-        return fn
-
-    def reject(self, row: Row) -> dict:
-        """Defended rate (correct or rejected) at the headline eps, worst case over the adaptive attacks with and
-        without a penalty for crossing the calibrated threshold (99th percentile of clean validation error).
-        Resumable like a row (``work/partial-reject-ROW.json``)."""
-        p = self.p
-        clf, pur = self.load(row)
-        parts, save = self.partial(f"reject-{slug(row.name)}", checkpoints_of(row))
-        calib = calibrate_threshold(pur.cvae, "mse", 99.0)
-        thr = calib["threshold"]
-
-        def best_error(x):
-            with torch.no_grad():
-                return chunked(lambda a, b: pur(a)["recon_error"].min(1).values, x, x[:, 0, 0, 0], 500)
-
-        def defended(a, b):
-            with torch.no_grad():
-                out = pur(a)
-                return (clf(out["purified"]).argmax(1) == b) | (out["recon_error"].min(1).values > thr)
-
-        attacks = []
-        for penalty in (0.0, p.reject_penalty):
-            for a in self.attacks(clf, pur, p.eps, p.restarts, reject=RejectOption(thr, penalty)):
-                attacks.append(replace(a, name=f"{a.name} (penalty {penalty:g})"))
-
-        def progress(state):
-            parts["state"] = state
-            save()
-
-        res = worst_case(attacks, defended, self.x, self.y, p.batch_size, state=parts.get("state"),
-                         on_step=progress)
-        clean_err = best_error(self.x_all[:p.clean_n])
-        # an image the attacks broke was neither classified right nor rejected; one they did not break is
-        # flagged or not on its clean input (what worst_case hands back for it, resumed or not)
-        flagged = res["robust"] & (best_error(res["adversarial"]) > thr)
-        return {"row": row.name, "threshold": thr, "calibration": calib, "n": p.n, "restarts": p.restarts,
-                "penalty": p.reject_penalty, "defended": res["accuracy"], "steps": res["steps"],
-                "false_alarm_rate": float((clean_err > thr).float().mean()), "clean_n": p.clean_n,
-                "rejected_among_adversarial": float(flagged.float().mean())}
-
-
-def headline(rows: dict, speed: dict) -> list[list]:
-    out = []
-    for r in rows.values():
-        fails = [k for k, v in r["sanity"].items() if isinstance(v, dict) and not v["pass"]]
-        out.append([r["name"], f"{r['clean']:.4f}", f"{r['oblivious']:.3f}", f"**{r['adaptive']:.3f}**",
-                    f"{r['art']['square']:.3f}", f"{r['art']['autoattack']:.3f}", f"{r['worst_of_all']:.3f}",
-                    f"{speed[r['name']]['batch 256']['images_per_s']:.0f}",
-                    "all pass" if not fails else "FAIL: " + "; ".join(fails), r["note"]])
-    return out
-
-
 def render(report: dict) -> str:
     p = report["profile"]
     rows = report["rows"]
     parts = [f"Fashion-MNIST test set. Robust figures on the first {p['n']} images, L-infinity eps {p['eps']}; "
-             f"adaptive = per-image worst case over the selection attack, full gradient, BPDA and softmin (classifier "
-             f"rows: PGD on the classifier), PGD-{p['steps']} (step 2.5*eps/steps, random start, best iterate), "
-             f"{p['restarts']} restart(s), seed {p['seed']}. Square ({p['square_queries']} queries, scores only) "
+             f"{suite_text(p)}. Square ({p['square_queries']} queries, scores only) "
              f"and AutoAttack-style APGD-CE + APGD-DLR ({p['apgd_iters']} iterations, 1 start, through BPDA) from "
              f"ART on the first {p['n_art']}; worst of all = every attack together on those {p['n_art']}. Clean "
              f"accuracy on the first {p['clean_n']}. images/s: purifier + classifier in torch eager, batch 256, "
              f"{report['machine']['torch_threads']} threads, median of {p['speed_reps']}.",
-             "", markdown_table(["defense", "clean", "oblivious", f"adaptive (n {p['n']})", "Square", "AutoAttack",
-                                 f"worst of all (n {p['n_art']})", "images/s", "sanity checks", "note"],
-                                headline(rows, report["speed"]))]
+             "", markdown_table(headline_columns(p), headline(rows, report["speed"], p.get("targeted", 0)))]
     rows_p = [[r["name"], *[str(v) for v in r["broken_by"].values()]] for r in rows.values() if len(r["broken_by"]) > 1]
     if rows_p:
         names = list(next(r for r in rows.values() if len(r["broken_by"]) > 1)["broken_by"])
@@ -392,37 +84,6 @@ def render(report: dict) -> str:
     return "\n".join(parts)
 
 
-def plot(report: dict, out: Path) -> str:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    # Points carry numbers and the legend their names and speeds: rows crowd together (the undefended designs all
-    # sit near 12%), where names written beside the points overlap.
-    fig, ax = plt.subplots(figsize=(11, 5.5))
-    markers = "osD^v<>ph*"
-    for i, r in enumerate(report["rows"].values(), 1):
-        ips = report["speed"][r["name"]]["batch 256"]["images_per_s"]
-        ax.scatter(r["clean"], r["adaptive"], s=45, marker=markers[(i - 1) % len(markers)],
-                   color=plt.cm.tab20((i - 1) % 20),
-                   label=f"{i}. {r['name']} ({ips:.0f} img/s)")
-        ax.annotate(str(i), (r["clean"], r["adaptive"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), title="images/s: torch, batch 256",
-              title_fontsize=7)
-    p = report["profile"]
-    ax.set_xlabel(f"clean accuracy (first {p['clean_n']} test images)")
-    ax.set_ylabel(f"adaptive robust accuracy, eps {p['eps']} (first {p['n']})")
-    ax.set_title(f"Fashion-MNIST: clean vs adaptive worst case (PGD-{p['steps']}, profile {report['profile_name']})")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = out.with_suffix(".png")
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
-    return path.name
-
-
 def training_record(row: Row) -> dict | None:
     if row.cvae is None:
         return None
@@ -434,84 +95,6 @@ def training_record(row: Row) -> dict | None:
             "eps": adv["eps"], "train_seconds": meta["train_seconds"], "val_purified_acc": meta["val_purified_acc"],
             "command": meta.get("command"),
             "history": [{k: h[k] for k in ("epoch", "val_purified_acc", "val_adaptive")} for h in meta["history"]]}
-
-
-def attack_seconds(row: dict) -> float:
-    """Seconds the row's attacks took (every adaptive attack and restart, Square, AutoAttack), summed over the
-    runs that made it: unlike the row's ``seconds``, this survives resuming."""
-    return sum(s["seconds"] for s in row["steps"]) + row["art"]["square_seconds"] + row["art"]["autoattack_seconds"]
-
-
-def output_paths(stem: str, profile_name: str, out: str | None, work: str | None) -> tuple[Path, Path]:
-    """results/STEM.json for the standard profile (STEM-PROFILE.json otherwise) and its row cache, created."""
-    name = stem if profile_name == "standard" else f"{stem}-{profile_name}"
-    out = Path(out or ROOT / "results" / f"{name}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(work or out.parent / f".{out.stem}-work")
-    work.mkdir(parents=True, exist_ok=True)
-    return out, work
-
-
-def choose_rows(all_rows: list[Row], wanted, hint: str) -> list[Row]:
-    """The rows named in ``wanted`` (all when empty), each with its checkpoints on disk; ``hint`` says how to
-    train what is missing."""
-    if wanted:
-        wanted = [w.strip() for w in wanted]
-        unknown = sorted(set(wanted) - {r.name for r in all_rows})
-        if unknown:
-            raise click.BadParameter(f"unknown rows {unknown}; known: {[r.name for r in all_rows]}",
-                                     param_hint="--row")
-        all_rows = [r for r in all_rows if r.name in wanted]
-    missing = [r.name for r in all_rows if not (ROOT / f"{r.classifier}.json").is_file()
-               or (r.cvae and not (ROOT / f"{r.cvae}.json").is_file())]
-    if missing:
-        raise click.UsageError(f"rows without checkpoints ({hint}): {missing}")
-    return all_rows
-
-
-def report_head(script: str, profile_name: str) -> dict:
-    """What every results file starts with: the command, commit, profile, software and machine."""
-    return {"command": shlex.join(["python", f"benchmarks/{script}", *sys.argv[1:]]), "commit": git_commit(ROOT),
-            "version": __version__, "profile_name": profile_name, "profile": asdict(PROFILES[profile_name]),
-            "software": {"torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version(),
-                         "art": __import__("art").__version__},
-            "machine": {"cpu": cpu_model(), "torch_threads": torch.get_num_threads()}}
-
-
-def measure_rows(bench: Bench, rows: list[Row]) -> dict:
-    """Every row through ``bench.row``, cached; a cached row whose weights (or purifier spec) changed is redone."""
-    results = {}
-    for r in rows:
-        key = f"row-{slug(r.name)}"
-        stale = bench.work / f"{key}.json"
-        if stale.is_file() and json.loads(stale.read_text())["checkpoints"] != checkpoints_of(r):
-            stale.unlink()  # the row's weights changed since it was measured: measure again
-        results[r.name] = bench.cached(key, lambda r=r: bench.row(r))
-        (bench.work / f"partial-{slug(r.name)}.json").unlink(missing_ok=True)  # the whole row is cached now
-        # the weights are the ones measured (same sha256); record where they live now
-        results[r.name].update(classifier=r.classifier, cvae=r.cvae)
-        results[r.name].pop("speed", None)  # rows cached by an earlier version timed themselves while sharing cores
-    return results
-
-
-def speed_together(bench: Bench, rows: list[Row]) -> dict:
-    """images/s of every row in one section, after the rows (which may have shared the machine)."""
-    speed = bench.cached("speed", lambda: bench.speed(rows))
-    if set(speed) - {"seconds"} != {r.name for r in rows}:
-        (bench.work / "speed.json").unlink()
-        speed = bench.cached("speed", lambda: bench.speed(rows))
-    return speed
-
-
-def publish(report: dict, out: Path, title: str, text: str, start: float) -> None:
-    """Plot, then write the JSON and its markdown atomically, and echo the table."""
-    report["seconds"] = time.perf_counter() - start
-    report["plot"] = plot(report, out)
-    heading = (f"# {title}, profile {report['profile_name']}\n\nGenerated by {report['command'].split()[1]}; plot "
-               f"{report['plot']} (clean against adaptive, images/s as labels).")
-    write_results(out, report, heading, text)
-    click.echo(text)
-    click.echo(f"{report['seconds']:.0f} s; -> {out}", err=True)
 
 
 @click.command()

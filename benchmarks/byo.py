@@ -15,10 +15,10 @@ Per classifier: no defense; plain PuVAE trained with it as the CE source; PuVAE 
 mode that trains the CVAE alone against attacks through it (``purifier train --adversarial cvae``); and PGD
 adversarial training of the same architecture (its training length in the note).
 
-Every row is attacked as in ``benchmarks/adversarial.py`` (oblivious; adaptive worst case over the selection
-attack, full gradient, BPDA and softmin; Square and APGD-CE/DLR through BPDA; the protocol's sanity checks), and
-the adaptive worst case adds the targeted attacks toward the 3 runner-up classes (targeted selection margins and
-targeted logit margins through the softmin): the table gives the adaptive figure without and with them. Rows
+Every row is measured by ``benchmarks/protocol.py`` (oblivious; adaptive worst case over the selection attack,
+full gradient, BPDA and softmin, then the targeted attacks toward the profile's runner-up classes: targeted
+selection margins and targeted logit margins through the softmin; Square and APGD-CE/DLR through BPDA; the
+protocol's sanity checks): the table gives the adaptive figure without and with the targeted attacks. Rows
 are cached under ``--work`` by their weights' sha256 and resume where they stopped.
 """
 from __future__ import annotations
@@ -35,13 +35,9 @@ sys.path.insert(0, str(ROOT))
 
 from purifier import checkpoint  # noqa: E402
 
-from adversarial import (PROFILES, Bench, Row, attack_seconds, choose_rows, measure_rows, publish,  # noqa: E402
-                         report_head, speed_together)
+from protocol import (PROFILES, Bench, Row, attack_seconds, choose_rows, measure_rows, publish,  # noqa: E402
+                      report_head, speed_together, suite_text, untargeted_adaptive)
 from results import markdown_table  # noqa: E402
-
-TARGETED = 3  # runner-up classes each targeted attack aims at
-UNTARGETED = ("selection", "full gradient", "BPDA", "softmin")
-
 
 def default_rows(plain: str, baselines: str, byo: str, middleware: str) -> list[Row]:
     return [
@@ -64,13 +60,6 @@ def default_rows(plain: str, baselines: str, byo: str, middleware: str) -> list[
     ]
 
 
-def untargeted_adaptive(row: dict) -> float | None:
-    """Robust accuracy after the untargeted attacks alone: the worst case's steps run them first, so this is
-    the accuracy recorded after the last of them."""
-    steps = [s for s in row["steps"] if s["attack"] in UNTARGETED]
-    return steps[-1]["accuracy"] if steps else None
-
-
 def training(row: Row) -> dict | None:
     """The purifier's training: its stages, epochs and seconds (read from the CVAE's checkpoint)."""
     if row.cvae is None:
@@ -88,11 +77,8 @@ def training(row: Row) -> dict | None:
 
 def render(report: dict) -> str:
     p = report["profile"]
-    lines = [f"Fashion-MNIST test set. Robust figures on the first {p['n']} images, L-infinity eps {p['eps']}, "
-             f"PGD-{p['steps']} (step 2.5*eps/steps, random start, best iterate), {p['restarts']} restart(s), seed "
-             f"{p['seed']}. Adaptive = per-image worst case over the selection attack, full gradient, BPDA and "
-             f"softmin; + targeted adds targeted selection and targeted logit margins toward each of the "
-             f"{TARGETED} runner-up classes (classifier rows: PGD on the classifier). Square ({p['square_queries']} "
+    lines = [f"Fashion-MNIST test set. Robust figures on the first {p['n']} images, L-infinity eps {p['eps']}; "
+             f"{suite_text(p)}. Square ({p['square_queries']} "
              f"queries) and APGD-CE + APGD-DLR ({p['apgd_iters']} iterations, through BPDA) from ART on the first "
              f"{p['n_art']}; worst of all = every attack together on those. Clean accuracy on the first "
              f"{p['clean_n']}. Every purifier row's classifier is frozen. images/s: torch eager, batch 256, "
@@ -143,9 +129,8 @@ def main(profile_name, plain, baselines, byo, middleware, rows, out, work, threa
     all_rows = choose_rows(default_rows(plain, baselines, byo, middleware), rows,
                            "train them first: make byo-models (docs/bring-your-own-classifier.md)")
     start = time.perf_counter()
-    bench = Bench(PROFILES[profile_name], work, lambda m: click.echo(m, err=True), targeted=TARGETED)
+    bench = Bench(PROFILES[profile_name], work, lambda m: click.echo(m, err=True))
     report = report_head("byo.py", profile_name)
-    report["targeted"] = {"runner_up_classes": TARGETED, "attacks": ["targeted selection", "targeted logits"]}
     report["rows"] = measure_rows(bench, all_rows)
     report["training"] = {r.name: training(r) for r in all_rows}
     report["attack_seconds"] = {k: attack_seconds(v) for k, v in report["rows"].items()}

@@ -11,7 +11,8 @@ unconditional VAE decoder's latent space, L steps, R restarts) and the shipped P
   none        the bare classifier attacked and classified directly (PGD, best iterate)
   oblivious   PGD on the classifier (last iterate), then the defense (the same examples for every purifier)
   adaptive    per-example worst case over attacks on the whole pipeline: for PuVAE the selection attack, full
-              gradient, BPDA and softmin; for Defense-GAN BPDA; for classifiers PGD (there is no purifier)
+              gradient, BPDA and softmin, then the targeted attacks toward the profile's runner-up classes
+              (``benchmarks/protocol.py``); for Defense-GAN BPDA; for classifiers PGD (there is no purifier)
   black-box   ART's Square attack (scores only) against the whole pipeline
 
 plus AutoAttack-style APGD-CE, APGD-DLR and Square from ART (against the BPDA-attached purifier through
@@ -22,7 +23,6 @@ checks and a speed table. Each section is cached under ``--work`` so an interrup
 from __future__ import annotations
 
 import json
-import math
 import platform
 import shlex
 import sys
@@ -48,6 +48,7 @@ from purifier.robust import (Attack, chunked, latent_attack_report, pgd_attack, 
 from serve.png import image_grid, write_png  # noqa: E402
 from serve.runtime import OnnxPurifier  # noqa: E402
 
+from protocol import art_attacks, gradient_checks, se  # noqa: E402  (benchmarks/protocol.py)
 from results import cached, markdown_table, write_results  # noqa: E402  (benchmarks/results.py)
 from speed import time_it  # noqa: E402  (benchmarks/speed.py)
 
@@ -80,6 +81,7 @@ class Profile:
     speed_reps: int = 5
     batch_size: int = 250
     seed: int = 0
+    targeted: int = 3           # PuVAE's worst case adds targeted attacks toward this many runner-up classes
 
 
 PROFILES = {
@@ -91,16 +93,11 @@ PROFILES = {
     "tiny": Profile(n=6, steps=2, restarts_headline=2, eps_linf=(0.1, 0.3), eps_l2=(2.0,), n_l2=4, n_art=4,
                     square_queries=5, apgd_iters=2, n_cw=3, cw_iters=2, n_dg=3, n_dg_clean=6, dg_steps=3,
                     dg_restarts=2, n_latent=3, latent_steps=3, n_sanity=4, sanity_steps=(1, 2), clean_n=50,
-                    speed_reps=1, batch_size=4),
+                    speed_reps=1, batch_size=4, targeted=1),
 }
 
 DEFENSES = ("no defense", "PGD-AT", "FGSM-AT", "Defense-GAN-style", "PuVAE purifier")
 CLASSIFIER_ROWS = ("no defense", "PGD-AT", "FGSM-AT")
-
-
-def se(p: float, n: int) -> float:
-    """Binomial standard error; the noise allowance of the sanity checks is two of these (at least 1/n)."""
-    return math.sqrt(max(p * (1 - p), 1.0 / n) / n)
 
 
 class Bench:
@@ -157,7 +154,7 @@ class Bench:
         """The adaptive attacks on ``defense``, strongest first (the order only changes the cost)."""
         pgd = self.pgd(eps, norm, steps)
         if defense == "PuVAE purifier":
-            return purifier_attacks(self.clf, self.purifier, pgd, restarts, reject)
+            return purifier_attacks(self.clf, self.purifier, pgd, restarts, reject, self.p.targeted)
         if defense == "Defense-GAN-style":
             return [pgd_attack("BPDA", pgd, ce_objective(PurifiedClassifier(self.clf, self.dg, grad="bpda")),
                                min(restarts, self.p.dg_attack_restarts))]
@@ -240,41 +237,17 @@ class Bench:
 
     def art_attacks(self) -> dict:
         """AutoAttack (APGD-CE, APGD-DLR, Square) and Square alone from ART at the headline eps."""
-        from art.attacks.evasion import AutoAttack, AutoProjectedGradientDescent, SquareAttack
-
         eps, n = self.p.headline, self.p.n_art
-        x, y = self.x[:n].numpy(), self.y[:n].numpy()
         out = {"eps": eps, "n": n, "square_queries": self.p.square_queries, "apgd_iters": self.p.apgd_iters,
                "defenses": {}}
         targets = {"no defense": (self._art(self.clf), None), "PGD-AT": (self._art(self.pgd_at), None),
                    "FGSM-AT": (self._art(self.fgsm_at), None),
                    "PuVAE purifier": (self._art(self.clf, "bpda"), self._art(self.clf, "none"))}
         for d, (white, black) in targets.items():
-            black = black or white
-            np.random.seed(self.p.seed)
-            sq = SquareAttack(black, norm=np.inf, eps=eps, max_iter=self.p.square_queries, p_init=0.8,
-                              nb_restarts=1, batch_size=self.p.batch_size, verbose=False)
-            t0 = time.perf_counter()
-            x_sq = sq.generate(x, y=y)
-            sq_s = time.perf_counter() - t0
-            apgd = [AutoProjectedGradientDescent(white, norm=np.inf, eps=eps, eps_step=2 * eps,
-                                                 max_iter=self.p.apgd_iters, nb_random_init=1,
-                                                 batch_size=self.p.batch_size, loss_type=loss, verbose=False)
-                    for loss in ("cross_entropy", "difference_logits_ratio")]
-            # Square ran alone above (the black-box column); the worst of all takes both
-            aa = AutoAttack(white, norm=np.inf, eps=eps, eps_step=2 * eps, attacks=apgd,
-                            batch_size=self.p.batch_size)
-            t0 = time.perf_counter()
-            x_aa = aa.generate(x, y=y)
-            aa_s = time.perf_counter() - t0
-            holds = self.holds(d)
-            ok_sq = holds(torch.from_numpy(x_sq), torch.from_numpy(y))
-            ok_aa = holds(torch.from_numpy(x_aa), torch.from_numpy(y))
-            linf = float(np.abs(x_aa - x).max())
-            out["defenses"][d] = {"square": float(ok_sq.float().mean()), "autoattack": float(ok_aa.float().mean()),
-                                  "square_robust": ok_sq.tolist(), "autoattack_robust": ok_aa.tolist(),
-                                  "max_linf": linf, "square_seconds": sq_s, "autoattack_seconds": aa_s,
-                                  "gradients": "BPDA through purifier.art_bridge" if d == "PuVAE purifier"
+            res = art_attacks(white, black or white, self.holds(d), self.x[:n], self.y[:n], eps, self.p.square_queries,
+                              self.p.apgd_iters, self.p.batch_size, self.p.seed)
+            del res["n"]
+            out["defenses"][d] = {**res, "gradients": "BPDA through purifier.art_bridge" if d == "PuVAE purifier"
                                   else "the classifier's own"}
         return out
 
@@ -349,13 +322,9 @@ class Bench:
         xg, yg = self.x[:64], self.y[:64]
         grads = {**purifier_objectives(self.clf, self.purifier),
                  "Defense-GAN BPDA": ce_objective(PurifiedClassifier(self.clf, self.dg, grad="bpda"))}
-        for name, obj in grads.items():
-            xa = xg[:8] if name.startswith("Defense") else xg  # a Defense-GAN forward is costly
-            a = xa.clone().requires_grad_(True)
-            value, _ = obj(a, yg[:len(xa)])
-            g, = torch.autograd.grad(value, a)
-            frac = float((g.flatten(1).abs().sum(1) > 0).float().mean())
-            checks[f"gradient not zero: {name}"] = {"pass": frac >= 0.99, "value": frac}
+        dg = grads.pop("Defense-GAN BPDA")
+        checks.update(gradient_checks(grads, xg, yg))
+        checks.update(gradient_checks({"Defense-GAN BPDA": dg}, xg[:8], yg[:8]))  # a Defense-GAN forward is costly
         # 6. randomness: each defense is deterministic (same output twice), so EOT has nothing to average
         with torch.no_grad():
             same_pu = bool(torch.equal(self.purifier(xg)["purified"], self.purifier(xg)["purified"]))
@@ -436,7 +405,10 @@ def render(report: dict) -> str:
              f"and AutoAttack-style APGD-CE/APGD-DLR ({p['apgd_iters']} iterations, 1 start) from ART on "
              f"the first {p['n_art']}. Defense-GAN-style: L={p['dg_steps']}, R={p['dg_restarts']}, attacked on the "
              f"first {p['n_dg']} at eps {p['headline']} only. Clean accuracy on the first {p['clean_n']} "
-             f"(Defense-GAN-style: {p['n_dg_clean']}).",
+             f"(Defense-GAN-style: {p['n_dg_clean']}). PuVAE's adaptive worst case: the selection attack, full "
+             f"gradient, BPDA and softmin"
+             + (f", then targeted selection and targeted logit margins toward each of the {p['targeted']} runner-up "
+                f"classes." if p.get("targeted") else "."),
              "",
              "### Headline",
              markdown_table(["defense", "clean (n)", "none", "oblivious", "adaptive worst case (n)",
@@ -542,7 +514,12 @@ def main(profile_name, model_dir, baselines, n, out, work, threads):
     out = Path(out or ROOT / "results" / f"robust-{profile_name}.json")
     work = Path(work or out.parent / f".{out.stem}-work")
     work.mkdir(parents=True, exist_ok=True)
-    (work / "profile.json").write_text(json.dumps(asdict(profile)))
+    settings = json.loads(json.dumps(asdict(profile)))  # as it reads back (tuples become lists)
+    recorded = work / "profile.json"
+    if recorded.is_file() and json.loads(recorded.read_text()) != settings:
+        raise click.UsageError(f"{work} holds sections measured with other settings ({recorded}); remove it or "
+                               f"pass another --work")
+    recorded.write_text(json.dumps(settings))
     start = time.perf_counter()
     bench = Bench(profile, Path(model_dir), Path(baselines), work, lambda m: click.echo(m, err=True))
     report = {"command": shlex.join(["python", "benchmarks/robust.py", *sys.argv[1:]]), "commit": git_commit(ROOT),

@@ -4,9 +4,9 @@ default and PGD-AT, attacked by the same adaptive attacks on the same images wit
     python benchmarks/variants.py --profile standard   # results/variants.{json,md,png}
     python benchmarks/variants.py --profile quick      # minutes; never quoted
 
-Per row, the attacks of ``benchmarks/adversarial.py`` (oblivious; adaptive worst case over selection, full
-gradient, BPDA and softmin, analysis by synthesis differentiated through its unrolled latent steps; Square and
-APGD-CE/DLR through BPDA; the protocol's sanity checks), then the attacks on autoencoders from the VAE-robustness
+Per row, the attacks of ``benchmarks/protocol.py`` (oblivious; adaptive worst case over selection, full
+gradient, BPDA and softmin, then the targeted attacks toward the runner-up classes, analysis by synthesis
+differentiated through its unrolled latent steps; Square and APGD-CE/DLR through BPDA; the sanity checks), then the attacks on autoencoders from the VAE-robustness
 papers (Kos et al.'s latent attack: AS_ignore-target, AS_target, SSIM and L2 of the reconstructions), and the
 export: parity of ONNX against torch and onnxruntime images/s, or why the design cannot be exported. Rows are
 cached under ``--work`` by the sha256 of their weights and their purifier spec.
@@ -33,8 +33,8 @@ from export.onnx_export import export_onnx, not_exportable  # noqa: E402
 from purifier import checkpoint, designs  # noqa: E402
 from purifier.robust import latent_attack_report  # noqa: E402
 
-from adversarial import (PROFILES, Bench, Row, attack_seconds, choose_rows, headline, measure_rows,  # noqa: E402
-                         output_paths, publish, report_head, slug, speed_together)
+from protocol import (PROFILES, Bench, Row, attack_seconds, choose_rows, headline, headline_columns,  # noqa: E402
+                      measure_rows, output_paths, publish, report_head, slug, speed_together, suite_text)
 from results import markdown_table  # noqa: E402
 from speed import time_it  # noqa: E402
 
@@ -110,16 +110,13 @@ def render(report: dict) -> str:
     p, rows = report["profile"], report["rows"]
     n_lat, steps_lat = LATENT[report["profile_name"]]
     parts = [f"Fashion-MNIST test set; every row attacked as in results/adversarial.md (profile "
-             f"{report['profile_name']}): first {p['n']} images, L-infinity eps {p['eps']}, PGD-{p['steps']}, "
-             f"{p['restarts']} restart(s), seed {p['seed']}; adaptive = per-image worst case over selection, full "
-             f"gradient, BPDA, softmin (analysis by synthesis: through its unrolled latent steps); Square "
+             f"{report['profile_name']}): first {p['n']} images, L-infinity eps {p['eps']}; {suite_text(p)} "
+             f"(analysis by synthesis: through its unrolled latent steps); Square "
              f"({p['square_queries']} queries) and APGD-CE/DLR ({p['apgd_iters']} iterations, BPDA) on the first "
              f"{p['n_art']}. Latent attack (Kos et al.): first {n_lat} test images, each against the next test image "
              f"of another class, Adam {steps_lat} steps, lambda 1. images/s: torch eager, batch 256, "
              f"{report['machine']['torch_threads']} threads; ONNX: onnxruntime CPU provider, batch 256.", "",
-             markdown_table(["defense", "clean", "oblivious", f"adaptive (n {p['n']})", "Square", "AutoAttack",
-                             f"worst of all (n {p['n_art']})", "images/s", "sanity checks", "note"],
-                            headline(rows, report["speed"])), "",
+             markdown_table(headline_columns(p), headline(rows, report["speed"], p.get("targeted", 0))), "",
              "### Attacks on the autoencoder, and export",
              markdown_table(["defense", "AS_ignore-target", "AS_target", "SSIM(target recon, adv recon)",
                              "L2(target recon, adv recon)", "ONNX parity (max rel. diff)", "ONNX images/s"],

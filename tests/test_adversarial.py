@@ -104,7 +104,8 @@ def test_cli_writes_a_complete_model_directory(tmp_path):
 def _plant_partial(work: Path, section: str, row_name: str, parts: dict) -> None:
     """Write work/partial-SECTION.json as a tiny-profile run of ROW_NAME cut off after PARTS would leave it."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from adversarial import PROFILES, checkpoints_of, default_rows
+    from adversarial import default_rows
+    from protocol import PROFILES, checkpoints_of
 
     row = next(r for r in default_rows("models/fashion-mnist-plain", "models/baselines", "models/adversarial")
                if r.name == row_name)
@@ -131,7 +132,10 @@ def test_benchmark_tiny_profile_end_to_end(tmp_path):
     rows = report["rows"]
     assert set(rows) == {"PGD-AT", "plain PuVAE + PGD-AT"}
     pu = rows["plain PuVAE + PGD-AT"]
-    assert {s["attack"] for s in pu["steps"]} == {"selection", "full gradient", "BPDA", "softmin"}
+    # the tiny profile's suite: the untargeted attacks, then the targeted ones toward 1 runner-up class
+    assert [s["attack"] for s in pu["steps"]] == ["selection", "full gradient", "BPDA", "softmin",
+                                                  "targeted selection r1", "targeted logits r1"]
+    assert pu["targeted"] == 1 and report["profile"]["targeted"] == 1
     n_art = pu["art"]["n"]
     assert pu["worst_of_all"] <= sum(pu["adaptive_robust"][:n_art]) / n_art + 1e-9
     assert "gradient not zero: selection" in pu["sanity"]

@@ -50,7 +50,8 @@ def models(row: dict):
 def fallen(report: dict, row: dict, indices: list[int], images) -> list[int]:
     """Of the test images ``indices``, those a short attack of the file's suite breaks through the row's models."""
     clf, pur = models(row)
-    targeted = (report.get("targeted") or {}).get("runner_up_classes", 0)
+    # the suite the file was measured with: its profile's targeted runner-up classes (older files: a report key)
+    targeted = report["profile"].get("targeted", (report.get("targeted") or {}).get("runner_up_classes", 0))
     pgd = PGD(eps=report["profile"]["eps"], steps=STEPS, seed=report["profile"]["seed"])
     attacks = purifier_attacks(clf, pur, pgd, 1, None, targeted)
 

@@ -198,7 +198,8 @@ def test_benchmark_tiny_profile_end_to_end(tmp_path):
         assert key in report
     assert set(report["grids"]) == {"Linf-0.1", "Linf-0.3", "L2-2.0"}
     head = report["grids"]["Linf-0.1"]["defenses"]["PuVAE purifier"]
-    assert {s["attack"] for s in head["steps"]} == {"selection", "full gradient", "BPDA", "softmin"}
+    assert {s["attack"] for s in head["steps"]} == {"selection", "full gradient", "BPDA", "softmin",
+                                                   "targeted selection r1", "targeted logits r1"}
     # robust images are a subset of the correctly classified ones: counted, never more than clean holds
     clean = report["clean"]["PuVAE purifier"]
     assert abs(head["adaptive"] - sum(head["adaptive_robust"]) / head["n"]) < 1e-6
