@@ -5,12 +5,16 @@ SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
 .PHONY: setup demo test
 
+# nvidia-pytriton brings the tritonserver binary (Python backend, CPU) that `purifier serve --engine triton` and
+# tests/test_tritonserver.py run. --no-deps: the wheel declares numpy<2, and only its binary is used (pytriton's own
+# Python API answers with empty tensors under numpy 2), so nothing else of it is needed.
 setup:
 	@test -f $(DATA_DIR)/t10k-images-idx3-ubyte.gz || \
 		($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist)
 	@echo "pip: installing purifier and its extras (train, export, serve, bench, dev) with the pins in" \
 		"constraints.txt; torch and CUDA wheels are large, this can take several minutes"
 	$(PY) -m pip install -c constraints.txt -e '.[train,export,serve,bench,dev]'
+	$(PY) -m pip install --no-deps -c constraints.txt nvidia-pytriton
 
 demo: setup
 	$(PY) -m purifier.cli demo --model models/fashion-mnist --n 1000 --eps 0.1 --steps 40 --out demo-out

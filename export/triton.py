@@ -1,14 +1,16 @@
-"""A Triton Inference Server model repository for an exported ONNX model (ONNX Runtime backend).
+"""Triton Inference Server model repositories for an exported ONNX model: ONNX Runtime backend, Python backend.
 
-    purifier export models/fashion-mnist --triton triton-repo
+    purifier export models/fashion-mnist --triton triton-repo --triton-name fashion-mnist
     docker run --rm -p 8000:8000 -v $PWD/triton-repo:/models nvcr.io/nvidia/tritonserver:<tag>-py3 \
         tritonserver --model-repository=/models
 
-writes ``REPO/<name>/1/model.onnx`` and ``REPO/<name>/config.pbtxt`` (platform ``onnxruntime_onnx``, the
-ONNX model's inputs and outputs with the batch dimension left to ``max_batch_size``, dynamic batching). The
-same Open Inference Protocol clients then work against Triton and against ``purifier serve``. Triton serves
-the graph's own outputs; ``margin``, ``rejected`` and ``predicted_class`` are computed by ``purifier serve``
-only (from ``recon_error`` and the threshold in the model's metadata, and ``logits``).
+``--triton-backend`` (``write_triton_repos``) chooses what goes in: ``onnx`` writes ``REPO/<name>/1/model.onnx``
+and ``REPO/<name>/config.pbtxt`` (platform ``onnxruntime_onnx``, the ONNX model's inputs and outputs with the batch
+dimension left to ``max_batch_size``, dynamic batching), serving the graph's own outputs; ``python`` writes
+``REPO/<name>-python`` (``serve.triton.write_python_repo``: backend ``python`` running ``serve.runtime``'s
+``OnnxPurifier``), serving those and ``margin``, ``rejected``, ``predicted_class`` exactly as ``purifier serve``
+computes them; ``both`` (the default) writes the two. The same Open Inference Protocol clients work against
+Triton and against ``purifier serve``.
 """
 from __future__ import annotations
 
@@ -19,6 +21,9 @@ from pathlib import Path
 import onnx
 
 from serve.files import atomic_write_bytes
+from serve.triton import check_model_name, config_text, write_python_repo
+
+BACKENDS = ("both", "onnx", "python")
 
 # ONNX TensorProto element type -> Triton DataType name
 TRITON_TYPES = {onnx.TensorProto.FLOAT: "TYPE_FP32", onnx.TensorProto.DOUBLE: "TYPE_FP64",
@@ -47,17 +52,7 @@ def onnx_io(path: str | os.PathLike) -> dict[str, list[tuple[str, str, list[int]
 
 
 def config_pbtxt(name: str, io: dict, max_batch_size: int, max_queue_delay_us: int) -> str:
-    def entry(n, t, d):
-        # a per-image scalar (shape [N]) is dims [1] reshaped to [], Triton's convention with batching on
-        dims = f"dims: [ {', '.join(map(str, d))} ]" if d else "dims: [ 1 ]\n    reshape: { shape: [ ] }"
-        return f'  {{\n    name: "{n}"\n    data_type: {t}\n    {dims}\n  }}'
-
-    def block(kind, rows):
-        return f"{kind} [\n" + ",\n".join(entry(*r) for r in rows) + "\n]\n"
-
-    return (f'name: "{name}"\nplatform: "onnxruntime_onnx"\nmax_batch_size: {max_batch_size}\n'
-            + block("input", io["input"]) + block("output", io["output"])
-            + f"dynamic_batching {{\n  max_queue_delay_microseconds: {max_queue_delay_us}\n}}\n")
+    return config_text(name, 'platform: "onnxruntime_onnx"', io, max_batch_size, max_queue_delay_us)
 
 
 def write_triton_repo(model: str | os.PathLike, repo: str | os.PathLike, name: str = "purifier",
@@ -65,8 +60,7 @@ def write_triton_repo(model: str | os.PathLike, repo: str | os.PathLike, name: s
     """Write (or replace) ``repo/name`` from an ONNX file; returns the model's directory."""
     if max_batch_size < 1:
         raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
-    if not name or "/" in name or name.startswith("."):
-        raise ValueError(f"model name {name!r} cannot be a directory name in a Triton repository")
+    check_model_name(name)
     io = onnx_io(model)
     for n, _, dims in io["input"]:
         if any(d < 1 for d in dims):
@@ -79,3 +73,18 @@ def write_triton_repo(model: str | os.PathLike, repo: str | os.PathLike, name: s
     atomic_write_bytes(model_dir / "config.pbtxt",
                        config_pbtxt(name, io, max_batch_size, max_queue_delay_us).encode())
     return model_dir
+
+
+def write_triton_repos(model: str | os.PathLike, repo: str | os.PathLike, name: str = "purifier",
+                       backend: str = "both", max_batch_size: int = 256, max_queue_delay_us: int = 2000) -> list[Path]:
+    """The repository ``purifier export --triton`` writes: ``backend`` onnx (``repo/name``), python
+    (``repo/name-python``) or both. Returns the model directories written."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    dirs = []
+    if backend in ("both", "onnx"):
+        dirs.append(write_triton_repo(model, repo, name, max_batch_size, max_queue_delay_us))
+    if backend in ("both", "python"):
+        dirs.append(write_python_repo(model, repo, check_model_name(name) + "-python", max_batch_size,
+                                      max_queue_delay_us))
+    return dirs

@@ -48,6 +48,12 @@ class InferRequest(BaseModel):
     outputs: list[RequestedOutput] | None = None
 
 
+def served_name(runtime: OnnxPurifier, configured: str | None = None) -> str:
+    """The model's name in the v2 URLs: ``configured``, else the name in its metadata, else its directory's."""
+    name = configured or str(runtime.metadata.get("model_name") or runtime.path.parent.name or "purifier")
+    return name.replace("/", "-")
+
+
 def _outputs_meta(runtime: OnnxPurifier) -> list[dict]:
     k = len(runtime.class_names)
     shape = [-1, *runtime.image_shape]

@@ -38,7 +38,7 @@ from .png import encode_png
 from .runtime import OnnxPurifier
 from .batcher import Batcher, Metrics
 from .protocol import (INPUT_DTYPES, NP_TO_V2, ApiError, InferRequest, RequestedOutput, _outputs_meta, parse_infer,
-                       read_body, tensor_from)
+                       read_body, served_name, tensor_from)
 
 IMAGE_FORMATS = "PNG/JPEG/BMP/GIF/TIFF/WebP"
 ACCESS_LOGGER = "purifier.access"
@@ -170,8 +170,7 @@ def create_app(model: str | os.PathLike, cfg: ServerConfig | None = None, device
                threads: int | None = None) -> FastAPI:
     cfg = cfg or ServerConfig()
     runtime = OnnxPurifier(model, device=device, threads=threads)
-    name = cfg.model_name or str(runtime.metadata.get("model_name") or runtime.path.parent.name or "purifier")
-    name = name.replace("/", "-")
+    name = served_name(runtime, cfg.model_name)
     metrics = Metrics()
     batcher = Batcher(runtime, cfg, metrics)
     outputs_meta = _outputs_meta(runtime)

@@ -81,12 +81,15 @@ def evaluate_cmd(model_dir, cvae, classifier_source, data, split, n, selections,
 @click.option("--calibration-images", default=256, show_default=True, type=click.IntRange(min=1),
               help="With --int8: training images (seeded sample) the activation ranges are calibrated on.")
 @click.option("--triton", "triton_repo", type=click.Path(file_okay=False),
-              help="Also write a Triton model repository for pipeline.onnx here (REPO/NAME/1/model.onnx + config.pbtxt).")
+              help="Also write a Triton model repository for pipeline.onnx here (see --triton-backend).")
 @click.option("--triton-name", default="purifier", show_default=True, help="Model name in the Triton repository.")
+@click.option("--triton-backend", type=click.Choice(["both", "onnx", "python"]), default="both", show_default=True,
+              help="onnx: REPO/NAME (ONNX Runtime backend, the graph's outputs); python: REPO/NAME-python (Python "
+                   "backend running serve's OnnxPurifier: margin, rejected, predicted_class too); both.")
 @click.option("--triton-max-batch", default=256, show_default=True, type=click.IntRange(min=1),
               help="max_batch_size in config.pbtxt (dynamic batching on).")
 def export_cmd(run_dir, out, classifier_source, selection, percentile, int8, calibration_images, triton_repo,
-               triton_name, triton_max_batch):
+               triton_name, triton_backend, triton_max_batch):
     """Export RUN_DIR's CVAE (+ target classifier) to purifier.onnx and pipeline.onnx, parity-checked.
 
     Example: purifier export models/fashion-mnist --out models/fashion-mnist
@@ -121,11 +124,13 @@ def export_cmd(run_dir, out, classifier_source, selection, percentile, int8, cal
                 raise click.UsageError(f"cannot quantise {r.path}: {exc}") from exc
             click.echo(f"{name} int8: {path} (static QDQ, calibrated on {calibration_images} training images)")
     if triton_repo:
-        from export.triton import write_triton_repo
+        from export.triton import write_triton_repos
 
         source = results["pipeline"].path if "pipeline" in results else next(iter(results.values())).path
         try:
-            model_dir = write_triton_repo(source, triton_repo, triton_name, triton_max_batch)
+            model_dirs = write_triton_repos(source, triton_repo, triton_name, triton_backend, triton_max_batch)
         except ValueError as exc:
             raise click.UsageError(str(exc)) from exc
-        click.echo(f"triton: {model_dir}/config.pbtxt + 1/model.onnx (from {source})")
+        for model_dir in model_dirs:
+            files = "1/model.py + 1/model.onnx" if (model_dir / "1" / "model.py").is_file() else "1/model.onnx"
+            click.echo(f"triton: {model_dir}/config.pbtxt + {files} (from {source})")
