@@ -26,7 +26,6 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
@@ -37,50 +36,8 @@ from .losses import PuVAELoss
 from .models.cvae import CVAE
 from .pipeline import Purifier, class_scores, purify
 from .resume import Checkpointer, Snapshots
+from .config import MODES, TRAIN_ATTACKS, PipelineAdversarial  # noqa: F401  (re-exported)
 from .train import StepCallback, TrainConfig, predict, seed_everything
-
-MODES = ("cvae", "classifier", "alternating", "joint")
-TRAIN_ATTACKS = ("selection", "full", "bpda")
-
-
-@dataclass(frozen=True)
-class PipelineAdversarial:
-    mode: str = "joint"
-    eps: float = 0.1
-    steps: int = 3
-    attacks: tuple = ("selection", "full")
-    sel_weight: float = 100.0  # selection CE on the attacked batch (same temperature as the clean term)
-    pipe_weight: float = 10.0  # target CE on the true class's reconstruction of the attacked batch
-    clf_mix: float = 0.5  # classifier loss: clf_mix * clean + (1 - clf_mix) * adversarial
-    val_n: int = 200  # validation images attacked at each validation record
-    val_steps: int = 10
-    val_every: float = 0.25  # epochs between validation records (and at the end)
-    val_targeted: int = 1  # runner-up classes the validation check's targeted attacks aim at (0: untargeted only)
-
-    def __post_init__(self):
-        if self.mode not in MODES:
-            raise ValueError(f"adversarial mode must be one of {MODES}, got {self.mode!r}")
-        bad = [a for a in self.attacks if a not in TRAIN_ATTACKS]
-        if bad or not self.attacks:
-            raise ValueError(f"training attacks must be a non-empty subset of {TRAIN_ATTACKS}, got {self.attacks!r}")
-        if not 0 < self.eps <= 1:
-            raise ValueError(f"adversarial eps must be in (0, 1], got {self.eps}")
-        if self.steps < 1:
-            raise ValueError(f"adversarial steps must be at least 1, got {self.steps}")
-        if not 0 <= self.clf_mix <= 1:
-            raise ValueError(f"clf_mix must be in [0, 1], got {self.clf_mix}")
-
-    @property
-    def trains_cvae(self) -> bool:
-        return self.mode != "classifier"
-
-    @property
-    def trains_classifier(self) -> bool:
-        return self.mode != "cvae"
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "attacks": list(self.attacks)}
-
 
 def _objective(name: str, classifier: nn.Module, purifier: Purifier):
     if name == "selection":

@@ -22,7 +22,7 @@ import copy
 import platform
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from . import checkpoint, designs
+from .config import FitConfig  # noqa: F401  (re-exported)
 from .classifier_io import ClassifierError, ClassifierSource, check_classifier, state_digest, write_into
 from .data import Dataset, load_dataset, train_val_split
 from .pipeline import purify
@@ -40,40 +41,6 @@ STATE_DIR = ".training-state"  # inside the model directory while a run is unfin
 
 class FitError(ValueError):
     """A run that cannot start as configured (the data, the model settings, the init model); nothing was trained."""
-
-
-@dataclass(frozen=True)
-class FitConfig:
-    """Settings of one run. ``epochs``: the PuVAE stage (whole passes; 0 to start from ``init`` alone);
-    ``adversarial_epochs``: the adversarial stage after it (fractional), run when ``adversarial`` is set."""
-
-    epochs: int = 5
-    batch_size: int = 128
-    lr: float = 1e-3
-    seed: int = 0
-    val_size: int | float | str = "auto"   # count, fraction, or auto: 5,000 or a tenth, whichever is less
-    design: str = "puvae"
-    loss: dict = field(default_factory=dict)    # PuVAELoss overrides of the design's (beta, ce_weight, ...)
-    model: dict = field(default_factory=dict)   # CVAE overrides of the dataset preset (latent_dim, channels, ...)
-    adversarial: object | None = None           # a PipelineAdversarial
-    adversarial_epochs: float = 0.0
-    percentile: float = 99.0                    # rejection threshold: this percentile of clean validation scores
-
-    def __post_init__(self):
-        if self.epochs < 0 or self.epochs != int(self.epochs):
-            raise ValueError(f"epochs must be a whole number >= 0, got {self.epochs!r}")
-        if self.adversarial is not None and self.adversarial_epochs <= 0:
-            raise ValueError(f"adversarial training needs adversarial_epochs > 0, got {self.adversarial_epochs!r}")
-        if self.adversarial is None and self.epochs == 0:
-            raise ValueError("nothing to train: epochs is 0 and no adversarial stage is set")
-        if not 0 < self.percentile <= 100:
-            raise ValueError(f"percentile must be in (0, 100], got {self.percentile!r}")
-        designs.get(self.design)
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["adversarial"] = self.adversarial.to_dict() if self.adversarial is not None else None
-        return d
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import asdict, dataclass
 from typing import Callable
 
 import numpy as np
@@ -17,23 +16,11 @@ from .losses import PuVAELoss
 from .models.classifiers import Classifier
 from .models.cvae import CVAE
 from .pipeline import Purifier, purify
+from .config import AdversarialTraining, TrainConfig  # noqa: F401  (re-exported)
 from .resume import Checkpointer, Snapshots
 
 # on_step(epoch, step, steps_per_epoch, stats)
 StepCallback = Callable[[int, int, int, dict], None]
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 1e-3
-    seed: int = 0
-    lr_decay: bool = True  # cosine to zero over the run
-    augment: bool = False  # classifiers: random horizontal flips and shifts of up to 2 pixels
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def seed_everything(seed: int) -> None:
@@ -121,52 +108,6 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1000) -> torch.
     """Argmax predictions of a classifier in eval mode."""
     model.eval()
     return torch.cat([model(x[i:i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)])
-
-
-@dataclass(frozen=True)
-class AdversarialTraining:
-    """Adversarial training of a classifier, the baselines of the benchmark protocol.
-
-    ``pgd``:    Madry et al. 2018: train on the last iterate of PGD-L-infinity (``steps`` steps of
-                2.5 * eps / steps from a uniform random start) instead of the clean batch.
-    ``trades``: Zhang et al. 2019: CE(f(x), y) + beta * KL(f(x) || f(x')), x' the last iterate of ``steps``
-                signed-gradient steps of 2.5 * eps / steps on that KL from x + 0.001 * N(0, 1).
-    ``fgsm``:   Goodfellow et al. 2015's adversarial loss: mix * CE(x) + (1 - mix) * CE(x + eps * sign(grad)).
-    Adversarial examples are made in eval mode (no dropout), from the model being trained.
-
-    Validation: after each epoch, PGD-``val_steps`` (best iterate, fixed seed) at ``eps`` on the first ``val_n``
-    validation images gives ``val_robust``; the weights of the epoch with the best ``val_robust`` are the ones
-    kept (early stopping as in Rice et al. 2020), and ``patience`` epochs without a better one end the run.
-    """
-
-    kind: str = "pgd"
-    eps: float = 0.1
-    steps: int = 7
-    mix: float = 0.5
-    beta: float = 6.0
-    val_n: int = 1000
-    val_steps: int = 20
-    patience: int | None = None
-
-    def __post_init__(self):
-        if self.kind not in ("pgd", "trades", "fgsm"):
-            raise ValueError(f"adversarial training kind must be 'pgd', 'trades' or 'fgsm', got {self.kind!r}")
-        if not 0 < self.eps <= 1:
-            raise ValueError(f"adversarial eps must be in (0, 1], got {self.eps}")
-        if self.steps < 1:
-            raise ValueError(f"adversarial steps must be at least 1, got {self.steps}")
-        if not 0 <= self.mix <= 1:
-            raise ValueError(f"adversarial mix must be in [0, 1], got {self.mix}")
-        if self.beta < 0:
-            raise ValueError(f"TRADES beta must be >= 0, got {self.beta}")
-        if self.val_n < 0 or self.val_steps < 1:
-            raise ValueError(f"validation attack needs val_n >= 0 and val_steps >= 1, got {self.val_n}, "
-                             f"{self.val_steps}")
-        if self.patience is not None and self.patience < 1:
-            raise ValueError(f"patience must be at least 1 epoch, got {self.patience}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:

@@ -3,6 +3,7 @@ a usage error naming it, the progress bar, and the options of more than one comm
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import shlex
 import sys
 
@@ -61,6 +62,21 @@ def _load(path, kind: str, option: str):
         return checkpoint.load(path, expect=kind)
     except (FileNotFoundError, ValueError) as exc:
         raise click.BadParameter(str(exc), param_hint=option) from exc
+
+
+def config_option(cls, name: str, *decls: str, **kwargs):
+    """A click option for field ``name`` of the config dataclass ``cls``, its default (and, unless given, its type)
+    taken from the field, so the command line and the library cannot disagree. Tuples become comma lists."""
+    f = next((f for f in dataclasses.fields(cls) if f.name == name), None)
+    if f is None:
+        raise ValueError(f"{cls.__name__} has no field {name!r}")
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    if isinstance(default, tuple):
+        default = ",".join(map(str, default))
+    if default is not None and "type" not in kwargs and not isinstance(default, (str, bool)):
+        kwargs["type"] = type(default)
+    kwargs.setdefault("show_default", True)
+    return click.option(*(decls or (f"--{name.replace('_', '-')}",)), default=default, **kwargs)
 
 
 def resume_options(fn):

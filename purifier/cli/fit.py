@@ -9,7 +9,11 @@ import click
 
 from ..designs import DESIGNS as DESIGN_NAMES
 from .classifier import classifier_options, load_classifier
-from .common import DATA_HELP, _classifier_path, _dataset, _load, _val_size, main, progress, resume_options
+from ..config import PipelineAdversarial
+from ..config import FitConfig
+from .common import (DATA_HELP, _classifier_path, _dataset, _load, _val_size, config_option, main, progress,
+                     resume_options)
+
 
 @main.command("train")
 @click.option("--data", default="fashion-mnist", show_default=True, help=DATA_HELP)
@@ -18,9 +22,9 @@ from .common import DATA_HELP, _classifier_path, _dataset, _load, _val_size, mai
 @click.option("--out", type=click.Path(), required=True,
               help="Run directory (writes cvae.safetensors + cvae.json, and the classifier it was trained against).")
 @click.option("--epochs", default=10.0, show_default=True, help="Passes over the data (fractional with --adversarial).")
-@click.option("--batch-size", default=128, show_default=True)
-@click.option("--lr", default=1e-3, show_default=True)
-@click.option("--seed", default=0, show_default=True)
+@config_option(FitConfig, "batch_size", type=click.IntRange(min=1))
+@config_option(FitConfig, "lr")
+@config_option(FitConfig, "seed")
 @click.option("--val-size", default="auto", show_default=True,
               help="Held-out validation count or fraction; auto: 5000 or a tenth of the data, whichever is less.")
 @click.option("--latent-dim", type=int, help="Latent size (default: the dataset preset's).")
@@ -49,14 +53,14 @@ from .common import DATA_HELP, _classifier_path, _dataset, _load, _val_size, mai
 @click.option("--target", type=click.Path(),
               help="Adversarial: the target classifier the pipeline feeds, trained unless the mode is cvae "
                    "(default: the source). Written to OUT/classifier.")
-@click.option("--adv-eps", default=0.1, show_default=True, help="L-infinity budget of the training attacks.")
-@click.option("--adv-steps", default=3, show_default=True, help="PGD steps of the training attacks.")
-@click.option("--adv-attacks", default="selection,full", show_default=True,
-              help="Training attacks, each on its slice of the batch: selection, full, bpda.")
-@click.option("--adv-sel-weight", default=100.0, show_default=True, help="Selection CE on attacked inputs.")
-@click.option("--adv-pipe-weight", default=10.0, show_default=True,
-              help="Target CE on the true class's reconstruction of attacked inputs.")
-@click.option("--adv-clf-mix", default=0.5, show_default=True, help="Classifier loss: weight of the clean term.")
+@config_option(PipelineAdversarial, "eps", "--adv-eps", help="L-infinity budget of the training attacks.")
+@config_option(PipelineAdversarial, "steps", "--adv-steps", help="PGD steps of the training attacks.")
+@config_option(PipelineAdversarial, "attacks", "--adv-attacks",
+               help="Training attacks, each on its slice of the batch: selection, full, bpda.")
+@config_option(PipelineAdversarial, "sel_weight", "--adv-sel-weight", help="Selection CE on attacked inputs.")
+@config_option(PipelineAdversarial, "pipe_weight", "--adv-pipe-weight",
+               help="Target CE on the true class's reconstruction of attacked inputs.")
+@config_option(PipelineAdversarial, "clf_mix", "--adv-clf-mix", help="Classifier loss: weight of the clean term.")
 @resume_options
 @click.option("--quiet", is_flag=True)
 def train_cmd(data, classifier_source, out, epochs, batch_size, lr, seed, val_size, latent_dim, channels,
@@ -68,9 +72,8 @@ def train_cmd(data, classifier_source, out, epochs, batch_size, lr, seed, val_si
     purifier family (--design), or, with --adversarial, purifier and/or target classifier against attacks on the
     whole pipeline. A call of ``purifier.fit``."""
     from .. import designs
-    from ..adversarial import PipelineAdversarial
     from ..classifier_io import ClassifierError
-    from ..fitting import FitConfig, FitError, fit, n_val
+    from ..fitting import FitError, fit, n_val
     from ..losses import PuVAELoss
     from ..resume import StateError
 

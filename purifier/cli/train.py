@@ -7,29 +7,30 @@ from pathlib import Path
 
 import click
 
-from .common import DATA_HELP, _provenance, _split, _val_size, main, progress, resume_options
+from ..config import AdversarialTraining, TrainConfig
+from .common import DATA_HELP, _provenance, _split, _val_size, config_option, main, progress, resume_options
+
 
 @main.command("train-classifier")
 @click.option("--data", default="fashion-mnist", show_default=True, help=DATA_HELP)
 @click.option("--arch", type=click.Choice(["a", "b"]), default="a", show_default=True,
               help="Classifier architecture: PuVAE paper's A (conv64-5x5 x2) or B (conv128-3x3, conv64-3x3).")
 @click.option("--out", type=click.Path(), required=True, help="Checkpoint path (writes OUT.safetensors + OUT.json).")
-@click.option("--epochs", default=10, show_default=True, type=click.IntRange(min=1), help="Whole passes over the data.")
-@click.option("--batch-size", default=128, show_default=True)
-@click.option("--lr", default=1e-3, show_default=True)
-@click.option("--seed", default=0, show_default=True)
+@config_option(TrainConfig, "epochs", type=click.IntRange(min=1), help="Whole passes over the data.")
+@config_option(TrainConfig, "batch_size", type=click.IntRange(min=1))
+@config_option(TrainConfig, "lr")
+@config_option(TrainConfig, "seed")
 @click.option("--val-size", default="auto", show_default=True,
               help="Held-out validation count or fraction; auto: 5000 or a tenth of the data, whichever is less.")
-@click.option("--augment/--no-augment", default=False, show_default=True,
-              help="Random horizontal flips and 2-pixel shifts.")
+@config_option(TrainConfig, "augment", "--augment/--no-augment", help="Random horizontal flips and 2-pixel shifts.")
 @click.option("--adversarial", type=click.Choice(["none", "pgd", "trades", "fgsm"]), default="none",
               show_default=True, help="pgd: Madry PGD adversarial training; trades: TRADES (Zhang et al. 2019); "
                                       "fgsm: Goodfellow's FGSM adversarial loss.")
-@click.option("--adv-eps", default=0.1, show_default=True, help="L-infinity budget of the training attack.")
-@click.option("--adv-steps", default=7, show_default=True, help="PGD steps (step size 2.5 * eps / steps).")
-@click.option("--adv-mix", default=0.5, show_default=True, help="FGSM loss: weight of the clean term (alpha).")
-@click.option("--adv-beta", default=6.0, show_default=True, help="TRADES: weight of the KL term.")
-@click.option("--val-robust-n", default=1000, show_default=True, type=click.IntRange(min=0),
+@config_option(AdversarialTraining, "eps", "--adv-eps", help="L-infinity budget of the training attack.")
+@config_option(AdversarialTraining, "steps", "--adv-steps", help="PGD steps (step size 2.5 * eps / steps).")
+@config_option(AdversarialTraining, "mix", "--adv-mix", help="FGSM loss: weight of the clean term (alpha).")
+@config_option(AdversarialTraining, "beta", "--adv-beta", help="TRADES: weight of the KL term.")
+@config_option(AdversarialTraining, "val_n", "--val-robust-n", type=click.IntRange(min=0),
               help="Adversarial: validation images attacked (PGD-20) after each epoch; the best epoch's weights "
                    "are kept (0: off, the last epoch's).")
 @click.option("--patience", type=click.IntRange(min=1),
@@ -42,7 +43,7 @@ def train_classifier_cmd(data, arch, out, epochs, batch_size, lr, seed, val_size
     from .. import checkpoint
     from ..models.classifiers import Classifier, ClassifierConfig
     from ..resume import Snapshots, StateError, data_digest
-    from ..train import AdversarialTraining, TrainConfig, seed_everything, train_classifier
+    from ..train import seed_everything, train_classifier
 
     try:
         adv = None if adversarial == "none" else AdversarialTraining(
