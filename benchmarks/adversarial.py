@@ -28,15 +28,16 @@ sys.path.insert(0, str(ROOT))
 
 from purifier import checkpoint  # noqa: E402
 
-from protocol import (PROFILES, Bench, Row, attack_seconds, choose_rows, headline, headline_columns,  # noqa: E402
-                      measure_rows, output_paths, publish, report_head, slug, speed_together, suite_text)
+from protocol import (PROFILES, Bench, Row, attack_seconds, choose_rows, converged_baselines, headline,  # noqa: E402
+                      headline_columns, measure_rows, output_paths, publish, report_head, slug, speed_together, suite_text)
 from results import markdown_table  # noqa: E402  (benchmarks/results.py)
 
 
 def default_rows(plain: str, baselines: str, adversarial: str) -> list[Row]:
     a = adversarial
     return [
-        Row("PGD-AT", f"{baselines}/pgd-at", note="Madry, eps 0.1, PGD-5, 3 epochs"),
+        Row("PGD-AT", f"{baselines}/pgd-at", note="Madry, eps 0.1, PGD-5, 3 epochs: shorter than convergence"),
+        *converged_baselines(baselines),
         Row("plain PuVAE", f"{plain}/classifier", f"{plain}/cvae", "standard classifier as target"),
         Row("plain PuVAE + PGD-AT", f"{baselines}/pgd-at", f"{plain}/cvae", "no retraining"),
         Row("adv. training: CVAE alone", f"{a}/cvae/classifier", f"{a}/cvae/cvae", "target PGD-AT, frozen"),
@@ -117,7 +118,8 @@ def main(profile_name, plain, baselines, adv_dir, default, rows, out, work, thre
         torch.set_num_threads(threads)
     profile = PROFILES[profile_name]
     out, work = output_paths("adversarial", profile_name, out, work)
-    all_rows = choose_rows(default_rows(plain, baselines, adv_dir), rows, "train them first (Makefile: adversarial, baselines)")
+    all_rows = choose_rows(default_rows(plain, baselines, adv_dir), rows,
+                           "train them first (Makefile: adversarial, baselines, converged-baselines)")
     start = time.perf_counter()
     bench = Bench(profile, work, lambda m: click.echo(m, err=True))
     report = report_head("adversarial.py", profile_name)

@@ -35,8 +35,8 @@ sys.path.insert(0, str(ROOT))
 
 from purifier import checkpoint  # noqa: E402
 
-from protocol import (PROFILES, Bench, Row, attack_seconds, choose_rows, measure_rows, publish,  # noqa: E402
-                      report_head, speed_together, suite_text, untargeted_adaptive)
+from protocol import (PROFILES, Bench, Row, attack_seconds, choose_rows, converged_baselines, measure_rows,  # noqa: E402
+                      publish, report_head, speed_together, suite_text, untargeted_adaptive)
 from results import markdown_table  # noqa: E402
 
 def default_rows(plain: str, baselines: str, byo: str, middleware: str) -> list[Row]:
@@ -46,6 +46,7 @@ def default_rows(plain: str, baselines: str, byo: str, middleware: str) -> list[
         Row("A: PuVAE + adv. training of the CVAE alone", f"{middleware}/classifier", f"{middleware}/cvae",
             "from plain PuVAE; A frozen"),
         Row("A: PGD-AT", f"{baselines}/pgd-at", note="eps 0.1, PGD-5, 3 epochs: shorter than convergence"),
+        *converged_baselines(baselines, "A: "),
         Row("ResNet (factory): no defense", f"{byo}/resnet/classifier", note="standard training (train.json)"),
         Row("ResNet (factory): plain PuVAE", f"{byo}/resnet-puvae/classifier", f"{byo}/resnet-puvae/cvae",
             "CVAE trained with the ResNet as CE source"),
@@ -127,7 +128,7 @@ def main(profile_name, plain, baselines, byo, middleware, rows, out, work, threa
     work = Path(work or out.parent / f".{out.stem}-work")
     work.mkdir(parents=True, exist_ok=True)
     all_rows = choose_rows(default_rows(plain, baselines, byo, middleware), rows,
-                           "train them first: make byo-models (docs/bring-your-own-classifier.md)")
+                           "train them first: make byo-models converged-baselines (docs/bring-your-own-classifier.md)")
     start = time.perf_counter()
     bench = Bench(PROFILES[profile_name], work, lambda m: click.echo(m, err=True))
     report = report_head("byo.py", profile_name)

@@ -95,6 +95,26 @@ class Row:
     purifier: dict | None = None  # the purifier spec around the model (None: the one its checkpoint records)
 
 
+CONVERGED = (("PGD-AT (converged)", "pgd-at-converged", "PGD-10"),
+             ("TRADES (converged)", "trades-converged", "TRADES, beta 6, 10 KL steps"))
+
+
+def converged_baselines(baselines: str, prefix: str = "") -> list[Row]:
+    """PGD-AT and TRADES of architecture A trained until the validation robust accuracy stopped rising (``make
+    converged-baselines``); each note gives the training length read from the checkpoint."""
+    rows = []
+    for name, stem, how in CONVERGED:
+        path = f"{baselines}/{stem}"
+        record = ROOT / f"{path}.json"
+        note = f"eps 0.1, {how}: make converged-baselines"
+        if record.is_file():
+            meta = checkpoint.read_record(ROOT / path).get("meta", {})
+            note = (f"eps 0.1, {how}, {meta.get('epochs_run')} epochs run, weights of epoch {meta.get('best_epoch')} "
+                    f"(best validation robust accuracy)")
+        rows.append(Row(prefix + name, path, note=note))
+    return rows
+
+
 def checkpoints_of(row: Row) -> dict:
     """sha256 of the row's weights: a cached row is reused only while they are unchanged."""
     out = {"classifier": checkpoint.read_record(ROOT / row.classifier)["weights_sha256"]}
