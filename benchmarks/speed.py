@@ -2,9 +2,15 @@
 
     python benchmarks/speed.py --model models/fashion-mnist --out results/speed.json
 
-Per configuration and batch size (1 and 256): one warm-up pass, then ``--reps`` timed repetitions over the
+Per configuration and batch size (1, 64 and 256): one warm-up pass, then ``--reps`` timed repetitions over the
 same real test images; the median is reported as ms/image and images/s, with ratios beside them. The machine
-(CPU model, thread counts) and software versions are recorded in the results file.
+(CPU model and flags, thread counts, load) and software versions are recorded in the results file.
+
+The limit, measured in the same run: the pipeline's multiply-accumulates counted from its ONNX graph (Conv,
+ConvTranspose, Gemm, MatMul; ``export.graph_cost``), and the time those nodes would take if each ran as fast as a
+plain GEMM of the size it lowers to on this machine (fp32: the better of numpy and onnxruntime MatMul; int8:
+onnxruntime MatMulInteger; ``benchmarks/gemm_limit.py``). Achieved FLOP/s = 2 * MACs / the pipeline's median time;
+the fraction is achieved over the limit's FLOP/s.
 """
 from __future__ import annotations
 
@@ -28,11 +34,14 @@ from purifier import __version__, checkpoint  # noqa: E402
 from purifier.data import load_dataset  # noqa: E402
 from purifier.pipeline import PurifiedClassifier, Purifier  # noqa: E402
 from purifier.provenance import cpu_model, git_commit  # noqa: E402
+from export.graph_cost import node_costs  # noqa: E402
 from serve.runtime import OnnxPurifier  # noqa: E402
 
+from gemm_limit import SQUARE, limit, peak  # noqa: E402  (benchmarks/gemm_limit.py)
 from results import markdown_table, write_results  # noqa: E402  (benchmarks/results.py)
 
-BATCHES = {1: 64, 256: 1024}  # batch size -> images per repetition
+BATCHES = {1: 64, 64: 1024, 256: 1024}  # batch size -> images per repetition
+FP32_GEMM, INT8_GEMM = ("numpy", "onnxruntime"), ("onnxruntime-int8",)
 
 
 def time_it(fn, x: np.ndarray, batch: int, reps: int) -> dict:
@@ -83,6 +92,10 @@ def main(model_dir, reps, out):
     auto = OnnxPurifier(model_dir / "pipeline.onnx", device="auto")
     if "CUDAExecutionProvider" in auto.providers:
         runtimes["cuda"] = auto
+    int8 = None
+    if (model_dir / "pipeline.int8.onnx").is_file():
+        int8 = OnnxPurifier(model_dir, device="cpu", precision="int8")
+        configs["purifier + classifier int8 (onnxruntime cpu)"] = lambda a: int8.session.run(["logits"], {"x": a})
     # the classifier alone in onnxruntime too, so the pipeline's cost is also compared like for like
     tmp = tempfile.TemporaryDirectory()
     clf_path = Path(tmp.name) / "classifier.onnx"
@@ -107,17 +120,19 @@ def main(model_dir, reps, out):
         ratios[name] = {b: {"cost_vs_classifier_same_runtime": r[b]["ms_per_image"] / base[b]["ms_per_image"],
                             "speedup_vs_torch_pipeline": eager[b]["ms_per_image"] / r[b]["ms_per_image"]}
                         for b in r}
+    limits = gemm_limits(model_dir, results, int8 is not None, reps)
     commit = git_commit(ROOT)
     report = {
         "command": " ".join(["python", "benchmarks/speed.py", *sys.argv[1:]]), "commit": commit,
         "model": str(model_dir), "data": "fashion-mnist test images (first N per batch size)",
-        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "machine": {"cpu": cpu_model(), "cpu_flags": cpu_flags(), "load_average_at_end": os.getloadavg(),
+                    "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "onnxruntime_threads": "default (intra-op = physical cores)",
                     "onnxruntime_providers": {k: v.providers for k, v in runtimes.items()}},
         "versions": {"purifier": __version__, "torch": torch.__version__, "onnxruntime": ort.__version__,
                      "numpy": np.__version__, "python": platform.python_version()},
         "method": f"median of {reps} repetitions after one warm-up pass; images per repetition {BATCHES}",
-        "results": results, "ratios": ratios,
+        "results": results, "ratios": ratios, "limit": limits,
     }
 
     table = markdown_table(
@@ -126,8 +141,48 @@ def main(model_dir, reps, out):
           f"{ratios[name][b]['cost_vs_classifier_same_runtime']:.2f}x",
           f"{ratios[name][b]['speedup_vs_torch_pipeline']:.2f}x"] for name, r in results.items() for b, v in r.items()])
     write_results(out, report, f"Speed ({report['machine']['cpu']}, {report['machine']['cores']} cores; "
-                               f"{report['method']})", table)
+                               f"{report['method']})", table + "\n\n" + limit_table(limits))
     click.echo(table)
+    click.echo(limit_table(limits))
+
+
+def cpu_flags() -> list[str]:
+    """The SIMD flags of /proc/cpuinfo that decide which GEMM kernels run (AVX2/AVX-512, VNNI, BF16, AMX)."""
+    with open("/proc/cpuinfo") as f:
+        flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    return sorted(f for f in flags if f.startswith(("avx", "amx", "fma")))
+
+
+def gemm_limits(model_dir: Path, results: dict, with_int8: bool, reps: int) -> dict:
+    """Per batch size: MACs from the graph, the GEMM limit, achieved FLOP/s and the fraction of the limit."""
+    out = {"square_gemm_gflops": {"size": SQUARE, **peak(FP32_GEMM + INT8_GEMM, reps)}, "batches": {}}
+    rows = {"fp32": ("purifier + classifier (onnxruntime cpu)", FP32_GEMM)}
+    if with_int8:
+        rows["int8"] = ("purifier + classifier int8 (onnxruntime cpu)", INT8_GEMM)
+    for b in BATCHES:
+        costs = node_costs(model_dir / "pipeline.onnx", b)
+        entry = {"macs": sum(c.macs for c in costs), "macs_per_image": sum(c.macs for c in costs) / b}
+        for precision, (name, engines) in rows.items():
+            lim = limit(costs, engines, reps)
+            seconds = results[name][str(b)]["median_s"] * b / results[name][str(b)]["images"]  # one batch
+            achieved = lim["flop"] / seconds / 1e9
+            entry[precision] = {"pipeline": name, "seconds_per_batch": seconds, "achieved_gflops": achieved,
+                                "limit_gflops": lim["gflops"], "fraction_of_limit": achieved / lim["gflops"],
+                                "limit": lim}
+        out["batches"][str(b)] = entry
+    return out
+
+
+def limit_table(limits: dict) -> str:
+    peaks = limits["square_gemm_gflops"]
+    rows = [[b, precision, f"{e['macs_per_image'] / 1e6:.2f}", f"{v['achieved_gflops']:.1f}",
+             f"{v['limit_gflops']:.1f}", f"{100 * v['fraction_of_limit']:.0f}%", " + ".join(v["limit"]["engines"])]
+            for b, e in limits["batches"].items() for precision, v in e.items() if precision in ("fp32", "int8")]
+    return (f"GEMM limit (square {peaks['size']}^3 GEMM: numpy {peaks['numpy']:.1f}, onnxruntime MatMul "
+            f"{peaks['onnxruntime']:.1f}, onnxruntime MatMulInteger int8 {peaks['onnxruntime-int8']:.1f} "
+            f"GFLOP/s)\n\n"
+            + markdown_table(["batch", "precision", "MMACs/image (graph)", "achieved GFLOP/s",
+                              "GEMM limit GFLOP/s (per-node sizes)", "fraction of limit", "GEMM measured with"], rows))
 
 
 if __name__ == "__main__":
