@@ -47,6 +47,8 @@ def _names() -> str:
               help="--engine triton: gRPC port (0: any free port).")
 @click.option("--metrics-port", default=8002, show_default=True, type=click.IntRange(0, 65535),
               help="--engine triton: Prometheus metrics port (0: any free port).")
+@click.option("--instances", default=1, show_default=True, type=click.IntRange(min=1),
+              help="--engine triton: model instances, each a Python process with its own onnxruntime session.")
 @click.option("--tritonserver", "triton_dir", type=click.Path(exists=True, file_okay=False),
               help="--engine triton: a Triton installation folder (bin/tritonserver, backends/); default: the "
                    "nvidia-pytriton wheel's, then /opt/tritonserver.")
@@ -55,7 +57,7 @@ def _names() -> str:
                    "An .onnx file runs at the precision its metadata names.")
 def serve_command(model, host, port, model_name, max_batch_size, max_wait_ms, max_queue, max_body_mb,
                   max_images_per_request, access_log, device, threads, precision, engine, grpc_port, metrics_port,
-                  triton_dir):
+                  instances, triton_dir):
     """Serve the model over HTTP: Open Inference Protocol v2, /v1/purify, /metrics.
 
     Example: purifier serve --model models/fashion-mnist --port 8000
@@ -74,9 +76,9 @@ def serve_command(model, host, port, model_name, max_batch_size, max_wait_ms, ma
         model = str(select_model(model, precision))
         if engine == "triton":
             _serve_triton(model, host, port, grpc_port, metrics_port, model_name, max_batch_size, max_wait_ms,
-                          max_queue, device, threads, triton_dir)
+                          max_queue, device, threads, instances, triton_dir)
             return
-        _refuse_for_engine("embedded", ("grpc_port", "metrics_port", "triton_dir"))
+        _refuse_for_engine("embedded", ("grpc_port", "metrics_port", "instances", "triton_dir"))
         serve_forever(model, host, port, cfg, device, threads,
                       on_ready=lambda url: click.echo(f"serving on {url} (Ctrl-C stops)", err=True))
     except (FileNotFoundError, ValueError) as exc:
@@ -97,7 +99,7 @@ def _refuse_for_engine(engine: str, names: tuple[str, ...]) -> None:
 
 
 def _serve_triton(model, host, port, grpc_port, metrics_port, model_name, max_batch_size, max_wait_ms, max_queue,
-                  device, threads, triton_dir):
+                  device, threads, instances, triton_dir):
     from .triton import find_tritonserver, serve_triton
 
     # Triton has its own request limits and log; the queue counts requests there, images here
@@ -110,7 +112,7 @@ def _serve_triton(model, host, port, grpc_port, metrics_port, model_name, max_ba
 
     try:
         code = serve_triton(model, host, port, grpc_port, metrics_port, model_name, max_batch_size, max_wait_ms,
-                            max_queue, device, threads, install, on_ready=ready)
+                            max_queue, device, threads, install, on_ready=ready, instances=instances)
     except RuntimeError as exc:
         raise click.ClickException(str(exc)) from exc
     if code:

@@ -73,21 +73,22 @@ def config_text(name: str, header: str, io: dict, max_batch_size: int, max_queue
 
 def python_model_config(runtime: OnnxPurifier, name: str, max_batch_size: int = 256, max_queue_delay_us: int = 2000,
                         max_queue: int | None = None, device: str = "auto", threads: int | None = None,
-                        onnx_file: str = "model.onnx") -> str:
-    """config.pbtxt of the Python-backend model: input ``x`` FP32, the outputs ``purifier serve`` gives, one
-    CPU instance (onnxruntime picks the device: ``device``), dynamic batching; ``max_queue`` counts requests."""
+                        onnx_file: str = "model.onnx", instances: int = 1) -> str:
+    """config.pbtxt of the Python-backend model: input ``x`` FP32, the outputs ``purifier serve`` gives,
+    ``instances`` CPU instances (each a Python process with its own onnxruntime session, which picks the device:
+    ``device``), dynamic batching; ``max_queue`` counts requests."""
     io = {"input": [("x", "TYPE_FP32", list(runtime.image_shape))],
           "output": [(o["name"], V2_TO_TRITON[o["datatype"]], o["shape"][1:]) for o in _outputs_meta(runtime)]}
     queue = (f"  default_queue_policy {{\n    max_queue_size: {max_queue}\n  }}\n" if max_queue else "")
     params = {"onnx_file": onnx_file, "device": device, "threads": str(threads or 0)}
     tail = "".join(f'parameters {{\n  key: "{k}"\n  value: {{ string_value: "{v}" }}\n}}\n' for k, v in params.items())
     return (config_text(name, 'backend: "python"', io, max_batch_size, max_queue_delay_us, queue)
-            + "instance_group [\n  {\n    kind: KIND_CPU\n    count: 1\n  }\n]\n" + tail)
+            + f"instance_group [\n  {{\n    kind: KIND_CPU\n    count: {instances}\n  }}\n]\n" + tail)
 
 
 def write_python_repo(model: str | os.PathLike, repo: str | os.PathLike, name: str = "purifier",
                       max_batch_size: int = 256, max_queue_delay_us: int = 2000, max_queue: int | None = None,
-                      device: str = "auto", threads: int | None = None) -> Path:
+                      device: str = "auto", threads: int | None = None, instances: int = 1) -> Path:
     """Write (or replace) ``repo/name``: ``config.pbtxt``, ``1/model.py`` and ``1/model.onnx`` (a copy of the model,
     a directory or an .onnx file as ``OnnxPurifier`` takes it). Returns the model's directory."""
     if max_batch_size < 1:
@@ -96,6 +97,8 @@ def write_python_repo(model: str | os.PathLike, repo: str | os.PathLike, name: s
         raise ValueError(f"max_queue_delay_us must be >= 0, got {max_queue_delay_us}")
     if max_queue is not None and max_queue < 1:
         raise ValueError(f"max_queue must be at least 1 (or None: unbounded), got {max_queue}")
+    if instances < 1:
+        raise ValueError(f"instances must be at least 1, got {instances}")
     check_model_name(name)
     runtime = OnnxPurifier(model, device="cpu")
     model_dir = Path(repo) / name
@@ -105,7 +108,8 @@ def write_python_repo(model: str | os.PathLike, repo: str | os.PathLike, name: s
     shutil.copyfile(runtime.path, tmp)
     os.replace(tmp, version / "model.onnx")
     atomic_write_bytes(version / "model.py", MODEL_PY.encode())
-    text = python_model_config(runtime, name, max_batch_size, max_queue_delay_us, max_queue, device, threads)
+    text = python_model_config(runtime, name, max_batch_size, max_queue_delay_us, max_queue, device, threads,
+                               instances=instances)
     atomic_write_bytes(model_dir / "config.pbtxt", text.encode())
     return model_dir
 
@@ -271,7 +275,7 @@ class TritonServer:
 def serve_triton(model: str | os.PathLike, host: str = "127.0.0.1", http_port: int = 8000, grpc_port: int = 8001,
                  metrics_port: int = 8002, name: str | None = None, max_batch_size: int = 64, max_wait_ms: float = 2.0,
                  max_queue: int | None = 256, device: str = "auto", threads: int | None = None,
-                 install: TritonInstall | None = None, on_ready=None) -> int:
+                 install: TritonInstall | None = None, on_ready=None, instances: int = 1) -> int:
     """``purifier serve --engine triton``: ``model``'s Python-backend repository in a temporary folder, served by
     tritonserver until it exits (its exit code) or this process is interrupted or terminated (the server is
     stopped first). The model keeps the name ``purifier serve`` gives it; ``max_wait_ms`` is the dynamic
@@ -285,7 +289,7 @@ def serve_triton(model: str | os.PathLike, host: str = "127.0.0.1", http_port: i
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     with tempfile.TemporaryDirectory(prefix="purifier-triton-repo-") as repo:
         write_python_repo(runtime.path, repo, name, max_batch_size, round(max_wait_ms * 1000), max_queue, device,
-                          threads)
+                          threads, instances)
         with TritonServer(repo, host, http_port, grpc_port, metrics_port, install=install) as server:
             if on_ready is not None:
                 on_ready(server)

@@ -81,7 +81,14 @@ def test_python_backend_model_imports_without_torch(tmp_path):
     assert r.returncode == 0 and r.stdout.strip() == "serve.triton_model", r.stderr
 
 
-def test_backend_choice_is_checked(tmp_path):
+def test_backend_choice_and_instances_are_checked(tmp_path):
+    from serve.triton import write_python_repo
+
     assert [d.name for d in write_triton_repos(PIPELINE, tmp_path, "m", "onnx")] == ["m"]
     with pytest.raises(ValueError, match="backend must be one of .*'tensorrt'"):
         write_triton_repos(PIPELINE, tmp_path, "m", "tensorrt")
+    two = write_python_repo(PIPELINE, tmp_path, "two", instances=2)
+    cfg = text_format.Parse((two / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    assert [g.count for g in cfg.instance_group] == [2]
+    with pytest.raises(ValueError, match="instances must be at least 1, got 0"):
+        write_python_repo(PIPELINE, tmp_path, "none", instances=0)

@@ -190,3 +190,20 @@ def test_engine_options_of_the_other_engine_are_refused():
     assert r.exit_code == 2 and "--max-body-mb: not an option of --engine triton" in r.output
     r = CliRunner().invoke(serve_command, ["--model", str(MODEL), "--grpc-port", "9001"])
     assert r.exit_code == 2 and "--grpc-port: not an option of --engine embedded" in r.output
+
+
+def test_serve_load_measures_both_engines_side_by_side(install, tmp_path):
+    out = tmp_path / "serve.json"
+    r = subprocess.run([sys.executable, "benchmarks/serve_load.py", "--duration", "0.3", "--concurrency", "2",
+                        "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    import json
+
+    report = json.loads(out.read_text())
+    assert set(report["engines"]) == {"embedded", "triton"} and report["settings"]["max_batch_size"] == 64
+    for engine in report["engines"].values():
+        (level,) = engine["levels"]
+        assert level["concurrency"] == 2 and level["requests_ok"] > 0 and level["errors"] == 0
+        assert level["batches"] > 0 and 1 <= level["mean_batch_images"] <= 2
+    assert "--engine triton" in report["engines"]["triton"]["server_command"]
+    assert "requests/s Triton" in out.with_suffix(".md").read_text()
