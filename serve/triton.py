@@ -196,6 +196,19 @@ class TritonServer:
         shutil.copy2(stub, dst / stub.name)
         return dst.parent
 
+    def check_stub(self, backends: Path, env: dict[str, str]) -> None:
+        """The backend stub's shared libraries resolve (libpython above all); else a ``RuntimeError`` naming them,
+        instead of a model that never loads."""
+        stub = backends / "python" / "triton_python_backend_stub"
+        if not (stub.is_file() and shutil.which("ldd")):
+            return
+        r = subprocess.run(["ldd", str(stub)], env=env, capture_output=True, text=True)
+        missing = [line.split()[0] for line in r.stdout.splitlines() if "not found" in line]
+        if missing:
+            raise RuntimeError(f"Triton's python backend stub {stub} cannot load {missing}; install the shared "
+                               f"libpython of this Python (Debian: apt-get install libpython"
+                               f"{sys.version_info.major}.{sys.version_info.minor})")
+
     def environment(self) -> dict[str, str]:
         env = dict(os.environ)
         libs = [d for d in (_python_library_dir(), self.install.libs and str(self.install.libs)) if d]
@@ -220,7 +233,13 @@ class TritonServer:
         work = Path(self._work.name)
         log_path = Path(self.log_file) if self.log_file else None
         self._log = open(log_path, "ab") if log_path else None
-        self.proc = subprocess.Popen(self.command(self._backends(work)), env=self.environment(),
+        backends, env = self._backends(work), self.environment()
+        try:
+            self.check_stub(backends, env)
+        except RuntimeError:
+            self.stop()
+            raise
+        self.proc = subprocess.Popen(self.command(backends), env=env,
                                      stdout=self._log or sys.stderr, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + self.startup_timeout

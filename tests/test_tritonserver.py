@@ -207,3 +207,14 @@ def test_serve_load_measures_both_engines_side_by_side(install, tmp_path):
         assert level["batches"] > 0 and 1 <= level["mean_batch_images"] <= 2
     assert "--engine triton" in report["engines"]["triton"]["server_command"]
     assert "requests/s Triton" in out.with_suffix(".md").read_text()
+
+
+def test_a_stub_that_cannot_load_its_libraries_is_refused_naming_them(install, tmp_path):
+    if install.libs is None:
+        pytest.skip("this Triton installation keeps its libraries where the stub finds them by itself")
+    srv = TritonServer(tmp_path, install=install)
+    backends = srv._backends(tmp_path)  # the stub copied out of the wheel no longer finds the wheel's libraries
+    env = {k: v for k, v in srv.environment().items() if k != "LD_LIBRARY_PATH"}
+    with pytest.raises(RuntimeError, match=r"cannot load \['libcudart"):
+        srv.check_stub(backends, env)
+    srv.check_stub(backends, srv.environment())  # with them on LD_LIBRARY_PATH it loads
