@@ -141,8 +141,10 @@ def test_setup_states_torch_ranges_and_the_pins_live_in_constraints_txt():
     pins = {r.name: r.specifier for r in (Requirement(line) for line in
                                           (ROOT / "constraints.txt").read_text().splitlines()
                                           if line.strip() and not line.startswith("#"))}
-    assert set(pins) == {"torch", "torchvision"}
-    for name in pins:
+    assert {"torch", "torchvision"} <= set(pins)
+    for name, spec in pins.items():  # every pin exact (tritonserver's wheel and Ray besides torch's pair)
+        assert len(spec) == 1 and next(iter(spec)).operator == "==", f"constraints.txt: {name}{spec} is not a pin"
+    for name in ("torch", "torchvision"):
         assert not any(s.operator == "==" for s in train[name]), f"setup.cfg pins {name} exactly"
         (pin,) = pins[name]
         assert pin.operator == "==" and pin.version in train[name], f"{name} {pin} outside setup.cfg's {train[name]}"
