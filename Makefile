@@ -11,9 +11,9 @@ SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 setup:
 	@test -f $(DATA_DIR)/t10k-images-idx3-ubyte.gz || \
 		($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist)
-	@echo "pip: installing purifier and its extras (train, export, serve, bench, dev) with the pins in" \
+	@echo "pip: installing purifier and its extras (train, export, serve, bench, dev, cluster) with the pins in" \
 		"constraints.txt; torch and CUDA wheels are large, this can take several minutes"
-	$(PY) -m pip install -c constraints.txt -e '.[train,export,serve,bench,dev]'
+	$(PY) -m pip install -c constraints.txt -e '.[train,export,serve,bench,dev,cluster]'
 	$(PY) -m pip install --no-deps -c constraints.txt nvidia-pytriton
 
 demo: setup

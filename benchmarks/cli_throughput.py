@@ -31,20 +31,26 @@ from purifier.provenance import cpu_model, git_commit  # noqa: E402
 from results import markdown_table, write_results  # noqa: E402  (benchmarks/results.py)
 
 
+def write_pngs(n: int, folder: Path) -> None:
+    """The first ``n`` Fashion-MNIST test images as 28x28 grayscale PNGs ``00000.png``... in ``folder``."""
+    x = load_dataset("fashion-mnist", "test").x[:n]
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, img in enumerate((x[:, 0] * 255).round().astype(np.uint8)):
+        Image.fromarray(img).save(folder / f"{i:05d}.png")
+
+
 @click.command()
 @click.option("--model", default=str(ROOT / "models" / "fashion-mnist"), show_default=True)
 @click.option("--n", default=10000, show_default=True)
 @click.option("--batch-size", default=256, show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--out", default=str(ROOT / "results" / "cli.json"), show_default=True)
-def main(model, n, batch_size, out):
-    x = load_dataset("fashion-mnist", "test").x[:n]
+def main(model, n, batch_size, device, out):
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "in", Path(tmp) / "out"
-        src.mkdir()
-        for i, img in enumerate((x[:, 0] * 255).round().astype(np.uint8)):
-            Image.fromarray(img).save(src / f"{i:05d}.png")
+        write_pngs(n, src)
         cmd = [sys.executable, "-m", "purifier.cli", "purify", str(src), "--model", model, "--out", str(dst),
-               "--batch-size", str(batch_size), "--quiet"]
+               "--batch-size", str(batch_size), "--device", device, "--quiet"]
         start = time.perf_counter()
         subprocess.run(cmd, cwd=ROOT, check=True)
         wall = time.perf_counter() - start
@@ -55,7 +61,8 @@ def main(model, n, batch_size, out):
     shares["other (start-up, discovery, logs)"] = 1 - sum(shares.values())
     report = {
         "command": " ".join(["python", "benchmarks/cli_throughput.py", *sys.argv[1:]]), "commit": git_commit(ROOT),
-        "settings": {"n": n, "batch_size": batch_size, "model": model, "format": "png", "inputs": "PNG files, 28x28 L",
+        "settings": {"n": n, "batch_size": batch_size, "device": device, "model": model, "format": "png",
+                     "inputs": "PNG files, 28x28 L",
                      "job": " ".join(["purifier", *cmd[3:]])},
         "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "providers": summary["providers"]},
         "versions": {"onnxruntime": ort.__version__, "numpy": np.__version__, "python": platform.python_version()},
@@ -64,7 +71,8 @@ def main(model, n, batch_size, out):
         "done": summary["done"], "failed": summary["failed"], "manifest_lines": manifest_lines,
     }
     table = markdown_table(["what", "value"], [
-        ["images", n], ["wall-clock, cold process", f"{wall:.1f} s ({n / wall:.0f} images/s)"],
+        ["images", n], ["onnxruntime provider", ", ".join(summary["providers"])],
+        ["wall-clock, cold process", f"{wall:.1f} s ({n / wall:.0f} images/s)"],
         ["job time (inside the process)", f"{sec['total']:.1f} s ({n / sec['total']:.0f} images/s)"],
         *[[f"share: {k}", f"{100 * v:.1f}%"] for k, v in shares.items()]])
     write_results(out, report, f"`purifier purify` on {n} Fashion-MNIST PNGs ({cpu_model()}, {os.cpu_count()} "

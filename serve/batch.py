@@ -217,6 +217,111 @@ class _Log:
         self.f.close()
 
 
+class Job:
+    """A run into ``out_dir``, set up the same way for every engine: inputs discovered and planned, resume
+    decided, temporaries of a killed run removed, the failures found while planning recorded, the logs open.
+
+    ``todo``: the items still to purify, in input order. ``record(records, failed)`` appends one batch's manifest
+    lines and failures (flushed, fsynced) and counts them; ``finish`` closes the logs and writes summary.json.
+    """
+
+    def __init__(self, inputs: list[str], out_dir: str | os.PathLike, resume: bool | None = None,
+                 start: float | None = None):
+        self.start = time.perf_counter() if start is None else start
+        self.out_dir = out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        files, errors, skipped_files = discover(inputs)
+        items, plan_errors = plan(files)
+        errors += plan_errors
+        if resume is None:
+            resume = (out_dir / MANIFEST).exists()
+        if not resume:
+            for name in (MANIFEST, ERRORS):
+                (out_dir / name).unlink(missing_ok=True)
+        for stale in out_dir.rglob(".*.tmp"):  # temporaries of a killed run (atomic_write's naming); never outputs
+            stale.unlink(missing_ok=True)
+        in_manifest, in_errors = _read_keys(out_dir / MANIFEST), _read_keys(out_dir / ERRORS)
+        done = in_manifest | in_errors
+        keys = {item.key for item in items} | {(e["source"], e["index"]) for e in errors}
+        # failures an earlier run recorded still stand: resume skips them, and the job must not look clean
+        earlier = len(keys & (in_errors - in_manifest))
+        self.stats = Stats(skipped=sum(item.key in in_manifest for item in items), failed=earlier,
+                           failed_earlier=earlier, skipped_files=skipped_files)
+        self.todo = [item for item in items if item.key not in done]
+        self.run = uuid.uuid4().hex[:12]  # npz parts of a resumed job must not overwrite the parts its manifest names
+        self.manifest, self.errors = _Log(out_dir / MANIFEST), _Log(out_dir / ERRORS)
+        self.record([], [e for e in errors if (e["source"], e["index"]) not in done])
+
+    def record(self, records: list[dict], failed: list[dict]) -> None:
+        self.manifest.write(records)
+        self.stats.done += len(records)
+        self.stats.rejected += sum(r["rejected"] for r in records)
+        self.errors.write(failed)
+        self.stats.failed += len(failed)
+
+    def close(self) -> None:
+        self.manifest.close()
+        self.errors.close()
+
+    def finish(self, reached: int, model: Path, providers: list, fmt: str | None = None, merge: bool = True,
+               **extra) -> Stats:
+        """Close the logs, set ``remaining``/``interrupted`` from the ``reached`` items of ``todo``, merge the npz
+        parts (``fmt`` npz and ``merge``), write summary.json (``extra``: more fields for it)."""
+        self.close()
+        stats = self.stats
+        stats.remaining = len(self.todo) - reached
+        stats.interrupted = stats.remaining > 0
+        if fmt == "npz" and merge:
+            _merge_npz(self.out_dir)
+        write_summary(self.out_dir, stats, self.start, model, providers, **extra)
+        return stats
+
+
+def load_batch(load: "Loader", batch: list[Item], stop: Callable[[], bool] | None = None):
+    """Load ``batch``'s items; each one that fails becomes an errors.jsonl record and the rest go on.
+
+    Returns (good items, their arrays, failure records, items reached): once ``stop()`` says yes (asked before
+    each item after the first), the items after it are left for a rerun.
+    """
+    good, arrays, failed = [], [], []
+    for k, item in enumerate(batch):
+        if k and stop is not None and stop():
+            return good, arrays, failed, k
+        try:
+            arrays.append(load(item))
+            good.append(item)
+        except Exception as exc:  # each bad file is recorded and the job goes on
+            failed.append({"source": item.source, "index": item.index, "error": _reason(exc)})
+    return good, arrays, failed, len(batch)
+
+
+def purify_batch(runtime: OnnxPurifier, load: "Loader", batch: list[Item], out_dir: Path, fmt: str, part: str,
+                 stop: Callable[[], bool] | None = None):
+    """Load, purify and write one batch (outputs atomically; an npz batch is the part ``part``).
+
+    Returns (manifest records, failure records, items reached, seconds by stage ``load``/``onnxruntime``/``write``).
+    """
+    t0 = time.perf_counter()
+    good, arrays, failed, reached = load_batch(load, batch, stop)
+    t1 = time.perf_counter()
+    records = []
+    if good:
+        out = runtime(np.stack(arrays))
+        t2 = time.perf_counter()
+        records = write_outputs(out_dir, good, out, runtime.class_names, fmt, part)
+    else:
+        t2 = t1
+    t3 = time.perf_counter()
+    return records, failed, reached, {"load": t1 - t0, "onnxruntime": t2 - t1, "write": t3 - t2}
+
+
+def check_options(fmt: str, batch_size: int) -> None:
+    if fmt not in ("png", "npz"):
+        raise ValueError(f"format must be 'png' or 'npz', got {fmt!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch size must be at least 1, got {batch_size}")
+
+
 def purify_files(inputs: list[str], model: str | os.PathLike, out_dir: str | os.PathLike, batch_size: int = 256,
                  resize: bool = False, fmt: str = "png", resume: bool | None = None, device: str = "auto",
                  on_batch: Callable[[int, int], None] | None = None,
@@ -228,99 +333,45 @@ def purify_files(inputs: list[str], model: str | os.PathLike, out_dir: str | os.
     purified and recorded, ``summary.json`` is written and the stats come back with ``interrupted`` set (a
     rerun resumes). A ``KeyboardInterrupt`` raised inside also writes ``summary.json`` before it propagates.
     """
-    if fmt not in ("png", "npz"):
-        raise ValueError(f"format must be 'png' or 'npz', got {fmt!r}")
-    if batch_size < 1:
-        raise ValueError(f"batch size must be at least 1, got {batch_size}")
+    check_options(fmt, batch_size)
     stop = should_stop or (lambda: False)
     start = time.perf_counter()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     runtime = OnnxPurifier(model, device=device)
-    files, errors, skipped_files = discover(inputs)
-    items, plan_errors = plan(files)
-    errors += plan_errors
-    if resume is None:
-        resume = (out_dir / MANIFEST).exists()
-    if not resume:
-        for name in (MANIFEST, ERRORS):
-            (out_dir / name).unlink(missing_ok=True)
-    for stale in out_dir.rglob(".*.tmp"):  # temporaries of a killed run (atomic_write's naming); never outputs
-        stale.unlink(missing_ok=True)
-    in_manifest, in_errors = _read_keys(out_dir / MANIFEST), _read_keys(out_dir / ERRORS)
-    done = in_manifest | in_errors
-    keys = {item.key for item in items} | {(e["source"], e["index"]) for e in errors}
-    # failures an earlier run recorded still stand: resume skips them, and the job must not look clean
-    earlier = len(keys & (in_errors - in_manifest))
-    stats = Stats(skipped=sum(item.key in in_manifest for item in items), failed=earlier, failed_earlier=earlier,
-                  skipped_files=skipped_files)
-    todo = [item for item in items if item.key not in done]
-    manifest, error_log = _Log(out_dir / MANIFEST), _Log(out_dir / ERRORS)
+    job = Job(inputs, out_dir, resume, start)
+    stats, todo = job.stats, job.todo
     load = Loader(runtime, resize)
-    names = runtime.class_names
     reached = 0
-    run = uuid.uuid4().hex[:12]  # npz parts of a resumed job must not overwrite the parts its manifest names
     try:
-        new_errors = [e for e in errors if (e["source"], e["index"]) not in done]
-        error_log.write(new_errors)
-        stats.failed += len(new_errors)
         while reached < len(todo) and not stop():
             batch = todo[reached:reached + batch_size]
-            t0 = time.perf_counter()
-            good, arrays, failed = [], [], []
-            for k, item in enumerate(batch):
-                if k and stop():  # asked to stop: purify what is loaded, leave the rest to a rerun
-                    batch = batch[:k]
-                    break
-                try:
-                    arrays.append(load(item))
-                    good.append(item)
-                except Exception as exc:  # each bad file is recorded and the job goes on
-                    failed.append({"source": item.source, "index": item.index, "error": _reason(exc)})
-            t1 = time.perf_counter()
-            records = []
-            if good:
-                out = runtime(np.stack(arrays))
-                t2 = time.perf_counter()
-                records = _write_outputs(out_dir, good, out, names, fmt, f"{run}-{reached:09d}")
-            else:
-                t2 = t1
-            t3 = time.perf_counter()
-            manifest.write(records)
-            stats.done += len(records)
-            stats.rejected += sum(r["rejected"] for r in records)
-            error_log.write(failed)
-            stats.failed += len(failed)
-            reached += len(batch)
-            for key, v in (("load", t1 - t0), ("onnxruntime", t2 - t1), ("write", t3 - t2)):
+            records, failed, n, seconds = purify_batch(runtime, load, batch, job.out_dir, fmt,
+                                                       f"{job.run}-{reached:09d}", stop)
+            job.record(records, failed)
+            reached += n
+            for key, v in seconds.items():
                 stats.seconds[key] += v
             if on_batch is not None:
                 on_batch(reached, len(todo))
     except KeyboardInterrupt:  # stopped at once (a second Ctrl-C): the logs hold what was recorded
+        job.close()
         stats.interrupted, stats.remaining = True, len(todo) - reached
-        _write_summary(out_dir, stats, start, runtime)
+        write_summary(job.out_dir, stats, job.start, runtime.path, runtime.providers)
         raise
     finally:
-        manifest.close()
-        error_log.close()
-    stats.remaining = len(todo) - reached
-    stats.interrupted = stats.remaining > 0
-    if fmt == "npz":
-        _merge_npz(out_dir)
-    _write_summary(out_dir, stats, start, runtime)
-    return stats
+        job.close()
+    return job.finish(reached, runtime.path, runtime.providers, fmt)
 
 
-def _write_summary(out_dir: Path, stats: Stats, start: float, runtime: OnnxPurifier) -> None:
+def write_summary(out_dir: Path, stats: Stats, start: float, model: Path, providers: list, **extra) -> None:
     stats.seconds["total"] = time.perf_counter() - start
     summary = {"done": stats.done, "failed": stats.failed, "failed_earlier": stats.failed_earlier,
                "rejected": stats.rejected, "skipped": stats.skipped, "skipped_files": stats.skipped_files,
                "interrupted": stats.interrupted, "remaining": stats.remaining, "seconds": stats.seconds,
-               "model": str(runtime.path), "providers": runtime.providers}
+               "model": str(model), "providers": providers, **extra}
     atomic_write_bytes(out_dir / SUMMARY, (json.dumps(summary, indent=2, ensure_ascii=False) + "\n").encode())
 
 
-def _write_outputs(out_dir: Path, items: list[Item], out: dict, names: list[str], fmt: str, part: str) -> list[dict]:
+def write_outputs(out_dir: Path, items: list[Item], out: dict, names: list[str], fmt: str, part: str) -> list[dict]:
     purified = np.round(np.clip(out["purified"], 0, 1) * 255).astype(np.uint8)
     if fmt == "npz":
         part = f"npz-parts/part-{part}.npz"

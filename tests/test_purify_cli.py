@@ -155,15 +155,14 @@ def interrupt_midway(cmd, out: Path, signum) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["sigint", "sigterm"])
-def test_interrupt_midway_exits_130_after_writing_summary_and_a_rerun_finishes_the_rest(tmp_path, fmnist_test,
-                                                                                       signum):
-    n = 3000
+def interrupt_and_resume(tmp_path, fmnist_test, signum, n: int, *options: str) -> str:
+    """`purifier purify` (with ``options``) on ``n`` test images, sent ``signum`` midway, then rerun: both runs
+    checked (130 after recording every finished batch; the rerun adds each remaining input once). Returns the
+    interrupted run's stderr."""
     src = tmp_path / "x.npy"
     np.save(src, (fmnist_test.x[:n] * 255).round().astype(np.uint8))
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "purifier.cli", "purify", str(src), "--model", MODEL, "--out", str(out),
-           "--batch-size", "64"]
+    cmd = [sys.executable, "-m", "purifier.cli", "purify", str(src), "--model", MODEL, "--out", str(out), *options]
     r = interrupt_midway(cmd, out, signum)
     assert r.returncode == 130, r.stderr
     assert "Aborted!" not in r.stderr and "Traceback" not in r.stderr
@@ -178,6 +177,13 @@ def test_interrupt_midway_exits_130_after_writing_summary_and_a_rerun_finishes_t
     assert sorted(m["index"] for m in lines(out / "manifest.jsonl")) == list(range(n))  # each exactly once
     summary = json.loads((out / "summary.json").read_text())
     assert summary["interrupted"] is False and summary["skipped"] == recorded and summary["done"] == n - recorded
+    return r.stderr
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["sigint", "sigterm"])
+def test_interrupt_midway_exits_130_after_writing_summary_and_a_rerun_finishes_the_rest(tmp_path, fmnist_test,
+                                                                                       signum):
+    interrupt_and_resume(tmp_path, fmnist_test, signum, 3000, "--batch-size", "64")
 
 
 def test_a_stop_request_purifies_the_images_loaded_and_a_hard_interrupt_still_writes_the_summary(tmp_path,

@@ -60,6 +60,23 @@ def _purify_line(stats, out_dir: Path) -> str:
     return line
 
 
+def _ray_line(out_dir: Path) -> str:
+    """The Ray engine's part of the summary line, from summary.json."""
+    import json
+
+    summary = json.loads((out_dir / "summary.json").read_text(encoding="utf-8"))
+    r = summary["ray"]
+    return (f"; ray: {r['actors']} actor{'s' * (r['actors'] != 1)} on {r['nodes']} node{'s' * (r['nodes'] != 1)}, "
+            f"{_providers(summary['providers'])}, {r['start_seconds']:.1f} s to start")
+
+
+def _providers(providers: list) -> str:
+    """onnxruntime providers as words; the Ray engine's list of distinct lists (actors that disagree) as A / B."""
+    if providers and isinstance(providers[0], list):
+        return " / ".join(_providers(p) for p in providers)
+    return ", ".join(providers)
+
+
 @main.command("purify")
 @click.argument("inputs", nargs=-1, required=True, type=click.Path())
 @click.option("--model", required=True, callback=_model,
@@ -72,12 +89,23 @@ def _purify_line(stats, out_dir: Path) -> str:
               help="png: one image per input, same relative layout; npz: one purified.npz.")
 @click.option("--resume/--no-resume", default=None,
               help="Skip inputs already in OUT's manifest or error log (default: on when OUT holds a manifest).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="onnxruntime's provider: auto takes CUDA when a GPU answers; summary.json says which ran.")
 @click.option("--precision", type=click.Choice(["fp32", "int8"]),
               help="fp32 (a model directory's default) or int8: its pipeline.int8.onnx (purifier export --int8). "
                    "An .onnx file runs at the precision its metadata names.")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: this process; ray: an actor pool on a Ray cluster (pip install 'purifier[cluster]'); "
+                   "npz output then stays one shard per batch under npz-parts/.")
+@click.option("--ray-address", metavar="ADDR",
+              help="--engine ray: the cluster to join (auto, HOST:PORT, ray://HOST:PORT); default: a local "
+                   "cluster started for the job.")
+@click.option("--actors", type=click.IntRange(min=1),
+              help="--engine ray: actors in the pool, one onnxruntime session each (default: one per CPU of the "
+                   "cluster; with --device cuda, one per GPU).")
 @click.option("--quiet", is_flag=True, help="No progress bar and no summary line.")
-def purify_cmd(inputs, model, out_dir, batch_size, resize, fmt, resume, device, precision, quiet):
+def purify_cmd(inputs, model, out_dir, batch_size, resize, fmt, resume, device, precision, engine, ray_address,
+               actors, quiet):
     """Purify image files, folders and .npy/.npz arrays on onnxruntime (no torch needed).
 
     Writes purified images, manifest.jsonl (one line per input), errors.jsonl (one line per failure, with the
@@ -96,8 +124,17 @@ def purify_cmd(inputs, model, out_dir, batch_size, resize, fmt, resume, device, 
       130  interrupted (SIGINT, SIGTERM): summary.json written; rerun resumes
 
     Example: purifier purify photos/ batch.npz --model fashion-mnist --out purified/
+
+    On a Ray cluster (ray start --head, then ray start --address HEAD:6379 on the other nodes; inputs and OUT on a
+    file system every node mounts): purifier purify photos/ --model fashion-mnist --out purified/ --engine ray
+    --ray-address auto
     """
     import signal
+
+    if engine != "ray":
+        for name, value in (("--ray-address", ray_address), ("--actors", actors)):
+            if value is not None:
+                raise click.UsageError(f"{name} {value} applies to --engine ray only (the engine is {engine!r})")
 
     bar = None
     if not quiet and sys.stderr.isatty():
@@ -121,9 +158,16 @@ def purify_cmd(inputs, model, out_dir, batch_size, resize, fmt, resume, device, 
 
         model = str(select_model(model, precision))
         with _stop_on_signals(notice) as should_stop:
-            stats = purify_files(list(inputs), model, out_dir, batch_size, resize, fmt, resume, device,
-                                 on_batch if bar is not None else None, should_stop)
-    except (FileNotFoundError, ValueError) as exc:
+            progress = on_batch if bar is not None else None
+            if engine == "ray":
+                from serve.ray_batch import purify_files_ray
+
+                stats = purify_files_ray(list(inputs), model, out_dir, batch_size, resize, fmt, resume, device,
+                                         actors, ray_address, on_batch=progress, should_stop=should_stop)
+            else:
+                stats = purify_files(list(inputs), model, out_dir, batch_size, resize, fmt, resume, device,
+                                     progress, should_stop)
+    except (FileNotFoundError, ValueError, ImportError, ConnectionError) as exc:
         raise click.UsageError(str(exc)) from exc
     except KeyboardInterrupt:
         click.echo(f"{newline}stopped at once; rerun the same command to resume (manifest: "
@@ -133,5 +177,6 @@ def purify_cmd(inputs, model, out_dir, batch_size, resize, fmt, resume, device, 
         if bar is not None:
             bar.render_finish()
     if not quiet:
-        click.echo(_purify_line(stats, Path(out_dir)), err=True)
+        click.echo(_purify_line(stats, Path(out_dir)) + (_ray_line(Path(out_dir)) if engine == "ray" else ""),
+                   err=True)
     sys.exit(EXIT_INTERRUPTED if stats.interrupted else EXIT_FAILED if stats.failed else EXIT_OK)
