@@ -187,8 +187,9 @@ def purify_files_ray(inputs: list[str], model: str | os.PathLike, out_dir: str |
     start = time.perf_counter()
     model_path = resolve_model(model)
     OnnxPurifier(model_path, device="cpu", threads=1)  # a bad model fails here, not inside every actor
+    connecting = time.perf_counter()
     with ray_session(address) as ray:
-        ray_start = time.perf_counter() - start
+        ray_start = time.perf_counter() - connecting
         actors, gpus_per_actor = plan_resources(ray, device, actors, cpus_per_actor)
         job = Job(inputs, out_dir, resume, start)
         stats, todo = job.stats, job.todo
