@@ -97,10 +97,13 @@ def parity(reference: dict, other: dict) -> dict:
 
 
 def speed_report(model: Path, reps: int, tmp: Path) -> dict:
-    """``benchmarks/speed.py --model MODEL --reps REPS`` as it stands; its results file's report."""
+    """``benchmarks/speed.py --model MODEL --reps REPS`` as it stands; its results file's report, or ``error``
+    saying why it failed (the CUDA checks above it stand either way)."""
     out = tmp / "speed.json"
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--model", str(model.parent),
-                    "--reps", str(reps), "--out", str(out)], cwd=ROOT, check=True)
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--model", str(model.parent),
+                        "--reps", str(reps), "--out", str(out)], cwd=ROOT, capture_output=True, text=True)
+    if r.returncode != 0:
+        return {"error": f"benchmarks/speed.py exited {r.returncode}: {r.stderr[-2000:]}"}
     return json.loads(out.read_text())
 
 
@@ -149,7 +152,9 @@ def table(report: dict) -> str:
     if not c["fp16"]["available"]:
         text += f"\n\nfp16: not measured: {c['fp16']['reason']}."
     speed = report.get("speed")
-    if speed is not None:
+    if speed is not None and "error" in speed:
+        text += f"\n\nbenchmarks/speed.py failed here: {speed['error'].strip().splitlines()[-1]}"
+    elif speed is not None:
         rows = [[name, b, f"{v['ms_per_image']:.3f}", f"{v['images_per_s']:.0f}"]
                 for name, r in speed["results"].items() if "onnxruntime" in name for b, v in r.items()]
         text += "\n\nbenchmarks/speed.py on this machine (its onnxruntime rows):\n\n" + markdown_table(
