@@ -26,10 +26,13 @@ def lines(path):
 
 @pytest.fixture(scope="module")
 def cluster():
-    """A local cluster; other processes join it at ``ray.get_runtime_context().gcs_address``."""
+    """A local cluster; other processes join it at ``ray.get_runtime_context().gcs_address``. ray.init takes
+    SIGTERM's handler; the test process gets its own back afterwards."""
+    handler = signal.getsignal(signal.SIGTERM)
     ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+    signal.signal(signal.SIGTERM, handler)
 
 
 @pytest.fixture(scope="module")
