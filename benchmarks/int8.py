@@ -122,6 +122,19 @@ def robust(model_dir: Path, int8: OnnxPurifier, x: np.ndarray, y: np.ndarray, ep
                      for name, r in rows.items()}}
 
 
+def verdict(r: dict) -> str:
+    """One sentence on whether int8 is easier to break than fp32, with the binomial standard error."""
+    a, b, n = r["rows"]["fp32"]["robust_accuracy"], r["rows"]["int8, int8 decision"]["robust_accuracy"], r["n"]
+    se = 100 * (a * (1 - a) / n) ** 0.5
+    if b < a:
+        return (f"The quantised defense is easier to break: judged by int8, the attacks leave {100 * b:.1f}% against "
+                f"fp32's {100 * a:.1f}% ({100 * (a - b):.1f} points lower on these {n} images; one standard error of "
+                f"either figure is about {se:.1f} points).")
+    return (f"Judged by int8, the attacks leave {100 * b:.1f}% against fp32's {100 * a:.1f}% on these {n} images (one "
+            f"standard error about {se:.1f} points); with no int8 gradient used, this is no claim that int8 is "
+            f"harder to break.")
+
+
 @click.command()
 @click.option("--model", "model_dir", default=str(ROOT / "models" / "fashion-mnist"), show_default=True)
 @click.option("--n", default=200, show_default=True, help="Robust accuracy on the first N test images.")
@@ -174,6 +187,7 @@ def main(model_dir, n, clean_n, eps, steps, restarts, targeted, seed, reps, batc
                       [[name, f"{100 * v['robust_accuracy']:.1f}%",
                         ", ".join(f"{a} {k}" for a, k in v["broken_by"].items() if k)]
                        for name, v in r["rows"].items()]))
+    tables.append(verdict(r))
     write_results(out, report, f"int8 against fp32 ({report['machine']['cpu']}, {report['machine']['cores']} cores, "
                                f"onnxruntime CPU provider)", "\n\n".join(tables))
     click.echo("\n\n".join(tables))

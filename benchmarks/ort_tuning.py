@@ -112,8 +112,9 @@ def main(model_dir, reps, out):
           *[f"{base[b] / timing[b][name]['median_s']:.2f}x" for b in timing],
           f"{agree[name]['max_abs_diff']['logits']:.2g}", f"{100 * agree[name]['same_predicted_class']:.1f}%"]
          for name in sessions])
+    load = ", ".join(f"{v:.1f}" for v in report["machine"]["load_average_at_end"])
     write_results(out, report, f"onnxruntime CPU variants ({report['machine']['cpu']}, {report['machine']['cores']} "
-                               f"cores; {report['method']})", table)
+                               f"cores, load average {load} at the end; {report['method']})", table)
     click.echo(table)
 
 

@@ -140,8 +140,10 @@ def main(model_dir, reps, out):
         [[name, b, f"{v['ms_per_image']:.3f}", f"{v['images_per_s']:.0f}",
           f"{ratios[name][b]['cost_vs_classifier_same_runtime']:.2f}x",
           f"{ratios[name][b]['speedup_vs_torch_pipeline']:.2f}x"] for name, r in results.items() for b, v in r.items()])
-    write_results(out, report, f"Speed ({report['machine']['cpu']}, {report['machine']['cores']} cores; "
-                               f"{report['method']})", table + "\n\n" + limit_table(limits))
+    load = ", ".join(f"{v:.1f}" for v in report["machine"]["load_average_at_end"])
+    write_results(out, report, f"Speed ({report['machine']['cpu']}, {report['machine']['cores']} cores, load average "
+                               f"{load} at the end (1, 5, 15 min); {report['method']})",
+                  table + "\n\n" + limit_table(limits))
     click.echo(table)
     click.echo(limit_table(limits))
 
