@@ -64,8 +64,17 @@ default-model: setup
 		$(ADV)/joint/classifier.json $(MODEL_DIR)/
 	$(PY) -m purifier.cli evaluate --model $(MODEL_DIR) --out results/eval-fashion-mnist.json
 	$(MAKE) clean-table
-	$(PY) -m purifier.cli export $(MODEL_DIR) --out $(MODEL_DIR)
+	$(PY) -m purifier.cli export $(MODEL_DIR) --out $(MODEL_DIR) --int8
 	$(call card,make default-model,$(MODEL_DIR),results/eval-fashion-mnist.json)
+
+# The int8 twin of the shipped default against fp32 (results/int8.md; about 35 minutes on 2 cores, most of it the
+# attacks) and what limits the speed (results/speed.md, results/ort-tuning.md).
+.PHONY: int8-bench
+int8-bench: setup
+	$(PY) benchmarks/int8.py --model $(MODEL_DIR) --out results/int8.json
+	$(PY) benchmarks/speed.py --model $(MODEL_DIR) --out results/speed.json
+	$(PY) benchmarks/ort_tuning.py --model $(MODEL_DIR) --out results/ort-tuning.json
+	$(PY) benchmarks/docs_tables.py
 
 # The benchmark's baselines (about 30 minutes on 2 cores): PGD-AT (Madry; eps 0.1, PGD-5, 3 epochs),
 # the FGSM adversarial loss (alpha 0.5, eps 0.1, 3 epochs) and the Defense-GAN-style baseline's VAE.
