@@ -48,6 +48,9 @@ def test_export_int8_writes_a_quantised_twin_that_the_runtime_loads_without_torc
     )
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+    # an fp32 export over it without --int8 says that the int8 file is now stale
+    r = CliRunner().invoke(main, ["export", str(run), "--out", str(out)])
+    assert r.exit_code == 0 and "purifier.int8.onnx was quantised from the previous purifier.onnx" in r.output
 
 
 def test_shipped_int8_pipeline_names_its_precision_and_agrees_with_fp32(fmnist_test):

@@ -123,6 +123,12 @@ def export_cmd(run_dir, out, classifier_source, selection, percentile, int8, cal
             except ValueError as exc:
                 raise click.UsageError(f"cannot quantise {r.path}: {exc}") from exc
             click.echo(f"{name} int8: {path} (static QDQ, calibrated on {calibration_images} training images)")
+    else:
+        for r in results.values():
+            stale = r.path.with_name(f"{r.path.stem}.int8{r.path.suffix}")
+            if stale.is_file():
+                click.echo(f"{stale} was quantised from the previous {r.path.name}: rerun with --int8 to refresh it",
+                           err=True)
     if triton_repo:
         from export.triton import write_triton_repos
 
