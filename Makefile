@@ -28,7 +28,7 @@ PLAIN ?= models/fashion-mnist-plain
 # benchmark row measured on the directory's weights from whichever results files exist.
 BENCH_RESULTS = $(wildcard results/adversarial.json results/adversarial-full.json results/variants.json \
 	results/variants-full.json)
-card = $(PY) benchmarks/model_card.py --made-by '$(1)' $(2) $(3) $(BENCH_RESULTS) > $(2)/MODEL_CARD.md.tmp && \
+card = $(PY) -m benchmarks.model_card --made-by '$(1)' $(2) $(3) $(BENCH_RESULTS) > $(2)/MODEL_CARD.md.tmp && \
 	mv $(2)/MODEL_CARD.md.tmp $(2)/MODEL_CARD.md
 CLF_EPOCHS ?= 12
 CVAE_EPOCHS ?= 5
@@ -46,14 +46,14 @@ plain-model: setup
 # Every results table quoted in README.md and docs/, refreshed from its results file (after any benchmark).
 .PHONY: docs-tables
 docs-tables:
-	$(PY) benchmarks/docs_tables.py
+	$(PY) -m benchmarks.docs_tables
 
 # README's clean-accuracy table, from the two evaluations.
 .PHONY: clean-table
 clean-table:
-	$(PY) benchmarks/clean_table.py --out results/clean-accuracy.json results/eval-fashion-mnist.json \
+	$(PY) -m benchmarks.clean_table --out results/clean-accuracy.json results/eval-fashion-mnist.json \
 		results/eval-fashion-mnist-plain.json
-	$(PY) benchmarks/docs_tables.py
+	$(PY) -m benchmarks.docs_tables
 
 # The shipped default: the best adversarial-training mode whose clean accuracy stays >= 85% (results/adversarial.md),
 # the joint run, copied from $(ADV)/joint after `make plain-model baselines adversarial adversarial-bench`.
@@ -71,10 +71,10 @@ default-model: setup
 # attacks) and what limits the speed (results/speed.md, results/ort-tuning.md).
 .PHONY: int8-bench
 int8-bench: setup
-	$(PY) benchmarks/int8.py --model $(MODEL_DIR) --out results/int8.json
-	$(PY) benchmarks/speed.py --model $(MODEL_DIR) --out results/speed.json
-	$(PY) benchmarks/ort_tuning.py --model $(MODEL_DIR) --out results/ort-tuning.json
-	$(PY) benchmarks/docs_tables.py
+	$(PY) -m benchmarks.int8 --model $(MODEL_DIR) --out results/int8.json
+	$(PY) -m benchmarks.speed --model $(MODEL_DIR) --out results/speed.json
+	$(PY) -m benchmarks.ort_tuning --model $(MODEL_DIR) --out results/ort-tuning.json
+	$(PY) -m benchmarks.docs_tables
 
 # The benchmark's baselines (about 30 minutes on 2 cores): PGD-AT (Madry; eps 0.1, PGD-5, 3 epochs),
 # the FGSM adversarial loss (alpha 0.5, eps 0.1, 3 epochs) and the Defense-GAN-style baseline's VAE.
@@ -86,7 +86,7 @@ baselines: setup
 	$(PY) -m purifier.cli train-classifier --data fashion-mnist --arch a --epochs 3 --seed 0 --adversarial fgsm \
 		--adv-eps 0.1 --adv-mix 0.5 --out $(BASELINES)/fgsm-at
 	$(PY) -m purifier.cli train-vae --data fashion-mnist --epochs 10 --seed 0 --out $(BASELINES)/defensegan-vae
-	$(PY) benchmarks/baselines_card.py $(BASELINES) > $(BASELINES)/MODEL_CARD.md.tmp
+	$(PY) -m benchmarks.baselines_card $(BASELINES) > $(BASELINES)/MODEL_CARD.md.tmp
 	mv $(BASELINES)/MODEL_CARD.md.tmp $(BASELINES)/MODEL_CARD.md
 
 # Baselines trained to convergence on classifier A: PGD-AT (Madry; PGD-10 training at eps 0.1) and TRADES (beta 6,
@@ -105,10 +105,10 @@ converged-baselines: setup
 
 # Robust accuracy under every threat model, beside the baselines: results/robust-full.{json,md} and plots.
 robust: setup
-	$(PY) benchmarks/robust.py --profile full
+	$(PY) -m benchmarks.robust --profile full
 
 robust-quick: setup
-	$(PY) benchmarks/robust.py --profile quick
+	$(PY) -m benchmarks.robust --profile quick
 
 # Adversarial training through the whole pipeline (about 1.5 hours on 2 cores): each mode from the plain PuVAE
 # model, PGD-AT as CE source and target, selection + full-gradient PGD-3 examples at eps 0.1; joint and
@@ -139,8 +139,8 @@ adversarial-cards:
 		$(call card,make adversarial,$(ADV)/$$m,results/adversarial/eval-$$m.json) || exit 1; \
 	done
 
-adversarial-bench: setup
-	$(PY) benchmarks/adversarial.py --profile standard --plain $(PLAIN)
+adversarial-bench: setup converged-baselines
+	$(PY) -m benchmarks.adversarial --profile standard --plain $(PLAIN)
 
 # The purifier family (README "choosing a purifier"): every design that trains differently from PuVAE, with
 # PuVAE's settings (standard classifier as source and target, 5 epochs, seed 0), into $(VARIANTS)/DESIGN (the CVAE
@@ -208,7 +208,7 @@ middleware: setup
 	$(call card,make middleware,$(MIDDLEWARE),results/eval-middleware-cvae-alone.json)
 
 byo-models: setup
-	$(PY) benchmarks/byo_models.py --out $(BYO)/resnet --epochs 8
+	$(PY) -m benchmarks.byo_models --out $(BYO)/resnet --epochs 8
 	$(PY) -m purifier.cli train --data fashion-mnist $(RESNET) --out $(BYO)/resnet-puvae --epochs $(CVAE_EPOCHS) \
 		--seed 0 --sel-weight 100
 	$(PY) -m purifier.cli train --data fashion-mnist $(RESNET) --init $(BYO)/resnet-puvae --adversarial cvae \
@@ -218,5 +218,5 @@ byo-models: setup
 	$(PY) -m purifier.cli train --data fashion-mnist $(RESNET_ONNX) --init $(BYO)/resnet-onnx-puvae \
 		--adversarial cvae --epochs $(MW_EPOCHS) --seed 0 --out $(BYO)/resnet-onnx-cvae-alone
 
-byo: setup
-	$(PY) benchmarks/byo.py --profile full
+byo: setup converged-baselines
+	$(PY) -m benchmarks.byo --profile full

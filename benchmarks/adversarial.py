@@ -1,8 +1,8 @@
 """Adversarial training through the whole pipeline, measured: clean accuracy against adaptive robust accuracy at
 the headline eps for every training mode, beside plain PuVAE, PGD-AT alone and plain PuVAE in front of PGD-AT.
 
-    python benchmarks/adversarial.py --profile standard   # results/adversarial.{json,md,png}; 9-27 min per row here
-    python benchmarks/adversarial.py --profile quick      # minutes; never quoted
+    python -m benchmarks.adversarial --profile standard   # results/adversarial.{json,md,png}; 9-27 min per row here
+    python -m benchmarks.adversarial --profile quick      # minutes; never quoted
 
 Every row is measured by ``benchmarks/protocol.py`` on the same first n test images with the same attacks
 (../shared/BENCHMARK_PROTOCOL.md): oblivious PGD on the row's target classifier; the adaptive per-image worst
@@ -16,7 +16,6 @@ run resumes.
 """
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
@@ -24,13 +23,12 @@ import click
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from purifier import checkpoint  # noqa: E402
 
-from protocol import (PROFILES, Bench, Row, attack_seconds, choose_rows, converged_baselines, headline,  # noqa: E402
+from benchmarks.protocol import (PROFILES, Bench, Row, attack_seconds, choose_rows, converged_baselines, headline,  # noqa: E402
                       headline_columns, measure_rows, output_paths, publish, report_head, slug, speed_together, suite_text)
-from results import markdown_table  # noqa: E402  (benchmarks/results.py)
+from benchmarks.results import markdown_table  # noqa: E402  (benchmarks/results.py)
 
 
 def default_rows(plain: str, baselines: str, adversarial: str) -> list[Row]:

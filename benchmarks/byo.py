@@ -2,9 +2,9 @@
 beside the classifier alone and beside adversarial training of that same architecture (what a user would pick
 instead of a purifier).
 
-    python benchmarks/byo.py --profile full       # results/byo.{json,md,png}: the protocol's headline settings
-    python benchmarks/byo.py --profile standard   # results/byo-standard.*
-    python benchmarks/byo.py --profile quick      # minutes; never quoted
+    python -m benchmarks.byo --profile full       # results/byo.{json,md,png}: the protocol's headline settings
+    python -m benchmarks.byo --profile standard   # results/byo-standard.*
+    python -m benchmarks.byo --profile quick      # minutes; never quoted
 
 Two classifiers, each frozen in every purifier row (the purifier trains around it, never into it):
   A       the project's architecture A, trained plainly (models/fashion-mnist-plain/classifier);
@@ -23,7 +23,6 @@ are cached under ``--work`` by their weights' sha256 and resume where they stopp
 """
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
@@ -31,13 +30,12 @@ import click
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from purifier import checkpoint  # noqa: E402
 
-from protocol import (PROFILES, Bench, Row, attack_seconds, choose_rows, converged_baselines, measure_rows,  # noqa: E402
+from benchmarks.protocol import (PROFILES, Bench, Row, attack_seconds, choose_rows, converged_baselines, measure_rows,  # noqa: E402
                       publish, report_head, speed_together, suite_text, untargeted_adaptive)
-from results import markdown_table  # noqa: E402
+from benchmarks.results import markdown_table  # noqa: E402
 
 def default_rows(plain: str, baselines: str, byo: str, middleware: str) -> list[Row]:
     return [

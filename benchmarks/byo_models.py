@@ -3,8 +3,8 @@ a small ResNet defined only here, trained the way a user trains theirs, then sav
 one: ``weights.safetensors`` for ``--classifier-factory benchmarks/byo_models.py:small_resnet`` and ``model.onnx``
 for ``--classifier-onnx``.
 
-    python benchmarks/byo_models.py --out models/byo/resnet                       # standard training
-    python benchmarks/byo_models.py --out models/byo/resnet-pgd-at --adversarial pgd --epochs 20   # PGD-AT
+    python -m benchmarks.byo_models --out models/byo/resnet                       # standard training
+    python -m benchmarks.byo_models --out models/byo/resnet-pgd-at --adversarial pgd --epochs 20   # PGD-AT
 
 Writes OUT/classifier.safetensors (the state dict), OUT/classifier.json (the factory record every command reads:
 ``--classifier OUT/classifier``), OUT/model.onnx (the same network, exported) and OUT/train.json (its training).
@@ -84,7 +84,6 @@ def main(argv=None):
     def cmd(out, epochs, lr, seed, adversarial, adv_eps, adv_steps, threads):
         from safetensors.torch import save_file
 
-        sys.path.insert(0, str(ROOT))
         from purifier.checkpoint import write_json
         from purifier.classifier_io import ClassifierSource, write_into
         from purifier.data import load_dataset
@@ -114,7 +113,7 @@ def main(argv=None):
         record = {"model": "benchmarks/byo_models.py:small_resnet", "train": cfg.to_dict(),
                   "adversarial": adv.to_dict() if adv else None, "n_train": len(x), "n_val": len(xv),
                   "history": history, "train_seconds": seconds, "val_acc": history[-1]["val_acc"],
-                  **provenance("python " + " ".join(["benchmarks/byo_models.py", *sys.argv[1:]]))}
+                  **provenance(" ".join(["python", "-m", "benchmarks.byo_models", *sys.argv[1:]]))}
         write_json(out / "train.json", record)
         write_into(out, ClassifierSource("factory", factory=f"{Path(__file__).resolve()}:small_resnet",
                                          weights=str(out / "classifier.safetensors")), meta=record)

@@ -1,6 +1,6 @@
 """The sweep behind the default CVAE recipe: what moves validation argmin accuracy per unit of compute.
 
-    python benchmarks/calibrate_cvae.py --out results/cvae-calibration.json
+    python -m benchmarks.calibrate_cvae --out results/cvae-calibration.json
 
 Each variant trains a CVAE for ``--epochs`` epochs on the first ``--n-train`` images of the training split
 (after the same 5,000-image validation hold-out as the default model), with the shipped classifier as the
@@ -18,7 +18,6 @@ import click
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from purifier import checkpoint  # noqa: E402
 from purifier.data import load_dataset, train_val_split  # noqa: E402
@@ -27,7 +26,7 @@ from purifier.provenance import git_commit  # noqa: E402
 from purifier.models.cvae import CVAE, CVAEConfig  # noqa: E402
 from purifier.train import TrainConfig, train_cvae  # noqa: E402
 
-from results import markdown_table, write_results  # noqa: E402  (benchmarks/results.py)
+from benchmarks.results import markdown_table, write_results  # noqa: E402  (benchmarks/results.py)
 
 VARIANTS = {
     # name: (CVAE config, loss)
@@ -67,7 +66,7 @@ def main(source, n_train, n_val, epochs, seed, out):
         click.echo(f"{name}: val argmin = label {rows[-1]['val_argmin_acc']:.4f} in {rows[-1]['seconds']:.0f} s",
                    err=True)
     commit = git_commit(ROOT)
-    report = {"command": " ".join(["python", "benchmarks/calibrate_cvae.py", *sys.argv[1:]]), "commit": commit,
+    report = {"command": " ".join(["python", "-m", "benchmarks.calibrate_cvae", *sys.argv[1:]]), "commit": commit,
               "settings": {"n_train": n_train, "n_val": n_val, "epochs": epochs, "seed": seed, "source": source,
                            "data": "fashion-mnist train split minus the 5,000-image validation hold-out (seed 0)"},
               "versions": {"torch": torch.__version__, "python": platform.python_version(),

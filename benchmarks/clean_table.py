@@ -1,6 +1,6 @@
 """The clean-accuracy table of the shipped models, rendered from their ``purifier evaluate`` results files.
 
-    python benchmarks/clean_table.py --out results/clean-accuracy.json \
+    python -m benchmarks.clean_table --out results/clean-accuracy.json \
         results/eval-fashion-mnist.json results/eval-fashion-mnist-plain.json
 
 Each column is one results file (all 10,000 Fashion-MNIST test images, as ``make default-model`` and
@@ -15,11 +15,10 @@ from pathlib import Path
 import click
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from purifier.provenance import git_commit  # noqa: E402
 
-from results import markdown_table, write_results  # noqa: E402  (benchmarks/results.py)
+from benchmarks.results import markdown_table, write_results  # noqa: E402  (benchmarks/results.py)
 
 ROWS = [
     ("target classifier alone, on unpurified images", lambda e: e["classifier"]["accuracy"]),
@@ -40,7 +39,7 @@ def main(evals, out):
         columns[f"models/{Path(path).stem.removeprefix('eval-')}"] = {
             "source": path, "n": e["n"], "split": e["split"], "cvae_sha256": e["cvae_sha256"],
             "classifier_sha256": e["classifier_sha256"], "rows": {name: fn(e) for name, fn in ROWS}}
-    report = {"command": " ".join(["python", "benchmarks/clean_table.py", *sys.argv[1:]]),
+    report = {"command": " ".join(["python", "-m", "benchmarks.clean_table", *sys.argv[1:]]),
               "commit": git_commit(ROOT), "columns": columns}
     table = markdown_table(["pipeline", *(f"`{m}` (n {c['n']})" for m, c in columns.items())],
                            [[name, *(f"{100 * c['rows'][name]:.2f}%" for c in columns.values())] for name, _ in ROWS])

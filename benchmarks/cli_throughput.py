@@ -1,6 +1,6 @@
 """End-to-end throughput of `purifier purify` on the 10,000 Fashion-MNIST test images as PNG files.
 
-    python benchmarks/cli_throughput.py --out results/cli.json
+    python -m benchmarks.cli_throughput --out results/cli.json
 
 Writes the PNGs to a temporary folder, runs the command in a subprocess (a cold process, as an operator
 would), times it wall-clock, and splits the job's own time into file reading and decoding, onnxruntime, and
@@ -23,12 +23,11 @@ import onnxruntime as ort
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from purifier.data import load_dataset  # noqa: E402
 from purifier.provenance import cpu_model, git_commit  # noqa: E402
 
-from results import markdown_table, write_results  # noqa: E402  (benchmarks/results.py)
+from benchmarks.results import markdown_table, write_results  # noqa: E402  (benchmarks/results.py)
 
 
 def write_pngs(n: int, folder: Path) -> None:
@@ -60,7 +59,7 @@ def main(model, n, batch_size, device, out):
     shares = {k: sec[k] / sec["total"] for k in ("load", "onnxruntime", "write")}
     shares["other (start-up, discovery, logs)"] = 1 - sum(shares.values())
     report = {
-        "command": " ".join(["python", "benchmarks/cli_throughput.py", *sys.argv[1:]]), "commit": git_commit(ROOT),
+        "command": " ".join(["python", "-m", "benchmarks.cli_throughput", *sys.argv[1:]]), "commit": git_commit(ROOT),
         "settings": {"n": n, "batch_size": batch_size, "device": device, "model": model, "format": "png",
                      "inputs": "PNG files, 28x28 L",
                      "job": " ".join(["purifier", *cmd[3:]])},

@@ -1,7 +1,7 @@
 """Refresh the results tables quoted in README.md and docs/ from the results files they name.
 
-    python benchmarks/docs_tables.py            # rewrite every quoted table from its results file
-    python benchmarks/docs_tables.py --check    # exit 1, naming the tables, if any is not what its file holds
+    python -m benchmarks.docs_tables            # rewrite every quoted table from its results file
+    python -m benchmarks.docs_tables --check    # exit 1, naming the tables, if any is not what its file holds
 
 A quoted table sits under a ``<!-- rows from results/NAME.md -->`` mark. It keeps its rows (by their first cell, in
 its own order) and takes the header and every cell from the results table that holds those rows, so after a

@@ -1,6 +1,6 @@
 """The GPU checks in one run: speed on CUDA (fp32, and fp16), and CUDA's outputs against the CPU's.
 
-    python benchmarks/gpu_check.py --out results/gpu.json
+    python -m benchmarks.gpu_check --out results/gpu.json
 
 On a machine with onnxruntime-gpu and a CUDA GPU:
 
@@ -30,7 +30,6 @@ import numpy as np
 import onnxruntime as ort
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from serve.runtime import CUDA, OnnxPurifier, cuda_driver_gpus, resolve_model  # noqa: E402
 
@@ -100,16 +99,16 @@ def speed_report(model: Path, reps: int, tmp: Path) -> dict:
     """``benchmarks/speed.py --model MODEL --reps REPS`` as it stands; its results file's report, or ``error``
     saying why it failed (the CUDA checks above it stand either way)."""
     out = tmp / "speed.json"
-    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--model", str(model.parent),
+    r = subprocess.run([sys.executable, "-m", "benchmarks.speed", "--model", str(model.parent),
                         "--reps", str(reps), "--out", str(out)], cwd=ROOT, capture_output=True, text=True)
     if r.returncode != 0:
-        return {"error": f"benchmarks/speed.py exited {r.returncode}: {r.stderr[-2000:]}"}
+        return {"error": f"python -m benchmarks.speed exited {r.returncode}: {r.stderr[-2000:]}"}
     return json.loads(out.read_text())
 
 
 def check(model: Path, device: str, x: np.ndarray, reps: int, tmp: Path) -> dict:
     """The fp32/fp16 timings on ``device`` and the parity against the CPU (``device`` cpu: the checks' own test)."""
-    from speed import time_interleaved  # noqa: E402  (benchmarks/speed.py; imports torch)
+    from benchmarks.speed import time_interleaved  # noqa: E402  (benchmarks/speed.py; imports torch)
 
     cpu = OnnxPurifier(model, device="cpu")
     runtimes = {"fp32": OnnxPurifier(model, device=device)}
@@ -136,7 +135,7 @@ def check(model: Path, device: str, x: np.ndarray, reps: int, tmp: Path) -> dict
 
 
 def table(report: dict) -> str:
-    from results import markdown_table  # noqa: E402  (benchmarks/results.py)
+    from benchmarks.results import markdown_table  # noqa: E402  (benchmarks/results.py)
 
     c = report["cuda"]
     rows = [[f"{name} (onnxruntime {', '.join(c['providers'][name])})", b, f"{v['ms_per_image']:.4f}",
@@ -178,12 +177,12 @@ def main(model, n, reps, speed, out):
         sys.exit(EXIT_REFUSED)
     from purifier.data import load_dataset
     from purifier.provenance import cpu_model, git_commit
-    from results import write_results  # noqa: E402  (benchmarks/results.py)
+    from benchmarks.results import write_results  # noqa: E402  (benchmarks/results.py)
 
     x = load_dataset("fashion-mnist", "test").x[:n]
     with tempfile.TemporaryDirectory() as tmp:
         report = {
-            "command": " ".join(["python", "benchmarks/gpu_check.py", *sys.argv[1:]]), "commit": git_commit(ROOT),
+            "command": " ".join(["python", "-m", "benchmarks.gpu_check", *sys.argv[1:]]), "commit": git_commit(ROOT),
             "model": str(model), "settings": {"n": n, "reps": reps, "batches": BATCHES},
             "method": f"median of {reps} interleaved rounds (fp32, fp16) after a warm-up each; inputs copied from "
                       "host memory on every call, as `purifier purify` and the server do",

@@ -1,6 +1,6 @@
 """The int8 pipeline (``pipeline.int8.onnx``, ``purifier export --int8``) against its fp32 model, in one run.
 
-    python benchmarks/int8.py --model models/fashion-mnist --out results/int8.json
+    python -m benchmarks.int8 --model models/fashion-mnist --out results/int8.json
 
 Clean: accuracy of both on all 10,000 Fashion-MNIST test images, the fraction where int8 predicts the class fp32
 predicts and chooses the reconstruction fp32 chooses, and the clean rejection rate. Speed: fp32 and int8 sessions
@@ -27,7 +27,6 @@ import onnxruntime as ort
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from purifier import __version__, checkpoint  # noqa: E402
 from purifier.attacks import PGD  # noqa: E402
@@ -38,8 +37,8 @@ from purifier.robust import (Attack, chunked, pgd_attack, purifier_attacks, puri
                              runner_up, targeted_objectives, worst_case)
 from serve.runtime import OnnxPurifier  # noqa: E402
 
-from results import cached, markdown_table, write_results  # noqa: E402  (benchmarks/results.py)
-from speed import BATCHES, time_interleaved  # noqa: E402  (benchmarks/speed.py)
+from benchmarks.results import cached, markdown_table, write_results  # noqa: E402  (benchmarks/results.py)
+from benchmarks.speed import BATCHES, time_interleaved  # noqa: E402  (benchmarks/speed.py)
 
 
 def predictions(rt: OnnxPurifier, x: np.ndarray, batch: int = 500) -> dict[str, np.ndarray]:
@@ -157,7 +156,7 @@ def main(model_dir, n, clean_n, eps, steps, restarts, targeted, seed, reps, batc
     work = Path(work or Path(out).parent / f".{Path(out).stem}-work")
     say = lambda msg: click.echo(msg, err=True)  # noqa: E731
     report = {
-        "command": " ".join(["python", "benchmarks/int8.py", *sys.argv[1:]]), "commit": git_commit(ROOT),
+        "command": " ".join(["python", "-m", "benchmarks.int8", *sys.argv[1:]]), "commit": git_commit(ROOT),
         "model": str(model_dir), "fp32_model": fp32.path.name, "int8_model": int8.path.name,
         "quantization": int8.metadata["quantization"],
         "machine": {"cpu": cpu_model(), "cores": __import__("os").cpu_count(), "provider": int8.providers,

@@ -1,7 +1,7 @@
 """What moves the pipeline's throughput on onnxruntime's CPU provider: session options, threads, precision and
 a graph rewrite, each timed against the shipped defaults in the same run.
 
-    python benchmarks/ort_tuning.py --model models/fashion-mnist --out results/ort-tuning.json
+    python -m benchmarks.ort_tuning --model models/fashion-mnist --out results/ort-tuning.json
 
 Variants (all on the CPU provider): the default session (graph optimisation ORT_ENABLE_ALL, intra-op threads =
 physical cores, spinning on); 1 intra-op thread; optimisation levels BASIC and EXTENDED; intra-op spinning off;
@@ -24,15 +24,14 @@ import onnx
 import onnxruntime as ort
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from export.optimize import convtranspose_as_conv  # noqa: E402
 from purifier import __version__  # noqa: E402
 from purifier.data import load_dataset  # noqa: E402
 from purifier.provenance import cpu_model, git_commit  # noqa: E402
 
-from results import markdown_table, write_results  # noqa: E402  (benchmarks/results.py)
-from speed import cpu_flags, time_interleaved  # noqa: E402  (benchmarks/speed.py)
+from benchmarks.results import markdown_table, write_results  # noqa: E402  (benchmarks/results.py)
+from benchmarks.speed import cpu_flags, time_interleaved  # noqa: E402  (benchmarks/speed.py)
 
 BATCHES = {1: 64, 256: 1024}
 LEVELS = {"BASIC": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -95,7 +94,7 @@ def main(model_dir, reps, out):
         fns = {name: (lambda a, s=s: s.run(["logits"], {"x": a})) for name, s in sessions.items()}
         timing = {str(b): time_interleaved(fns, x[:n], b, reps) for b, n in BATCHES.items()}
     report = {
-        "command": " ".join(["python", "benchmarks/ort_tuning.py", *sys.argv[1:]]), "commit": git_commit(ROOT),
+        "command": " ".join(["python", "-m", "benchmarks.ort_tuning", *sys.argv[1:]]), "commit": git_commit(ROOT),
         "model": str(model_dir), "agreement_images": 1000,
         "machine": {"cpu": cpu_model(), "cpu_flags": cpu_flags(), "cores": os.cpu_count(),
                     "load_average_at_end": os.getloadavg()},

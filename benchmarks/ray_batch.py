@@ -1,6 +1,6 @@
 """`purifier purify --engine ray` against `purifier purify` on the same Fashion-MNIST test images as PNG files.
 
-    python benchmarks/ray_batch.py --out results/ray-batch.json
+    python -m benchmarks.ray_batch --out results/ray-batch.json
 
 Writes the PNGs once to a temporary folder, then runs both commands as cold processes, alternating (local, ray,
 local, ray, ... ``--reps`` rounds), so drift in the machine's load falls on both alike. Without ``--ray-address``
@@ -27,12 +27,11 @@ import numpy as np
 import onnxruntime as ort
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from purifier.provenance import cpu_model, git_commit  # noqa: E402
 
-from cli_throughput import write_pngs  # noqa: E402  (benchmarks/cli_throughput.py)
-from results import markdown_table, write_results  # noqa: E402  (benchmarks/results.py)
+from benchmarks.cli_throughput import write_pngs  # noqa: E402  (benchmarks/cli_throughput.py)
+from benchmarks.results import markdown_table, write_results  # noqa: E402  (benchmarks/results.py)
 
 
 def run_job(args: list[str], out: Path) -> dict:
@@ -102,7 +101,7 @@ def main(model, n, batch_size, actors, ray_address, device, reps, note, out):
             "providers": last["providers"], "done": last["done"], "failed": last["failed"],
             "ray": last.get("ray"), "actors": last.get("actors"), "runs": summaries}
     report = {
-        "command": shlex.join(["python", "benchmarks/ray_batch.py", *sys.argv[1:]]), "commit": git_commit(ROOT),
+        "command": shlex.join(["python", "-m", "benchmarks.ray_batch", *sys.argv[1:]]), "commit": git_commit(ROOT),
         "settings": {"n": n, "batch_size": batch_size, "actors": actors, "ray_address": ray_address,
                      "device": device, "reps": reps, "model": model, "format": "png",
                      "inputs": "Fashion-MNIST test images as PNG files, 28x28 L", "order": "alternating rounds"},

@@ -1,7 +1,7 @@
 """Robust accuracy of the purifier beside real baselines, under every threat model of the benchmark protocol.
 
-    python benchmarks/robust.py --profile full     # results/robust-full.{json,md} + plots, under 2 hours on 2 cores
-    python benchmarks/robust.py --profile quick    # minutes; for development, never quoted
+    python -m benchmarks.robust --profile full     # results/robust-full.{json,md} + plots, under 2 hours on 2 cores
+    python -m benchmarks.robust --profile quick    # minutes; for development, never quoted
 
 Defenses, on the same test images in the same run: no defense (the target classifier), PGD adversarial
 training (Madry), the FGSM adversarial loss (Goodfellow, alpha 0.5), a Defense-GAN-style purifier (Adam in an
@@ -35,7 +35,6 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from purifier import __version__, checkpoint  # noqa: E402
 from purifier.attacks import PGD, RejectOption, ce_objective  # noqa: E402
@@ -48,9 +47,9 @@ from purifier.robust import (Attack, chunked, latent_attack_report, pgd_attack, 
 from serve.png import image_grid, write_png  # noqa: E402
 from serve.runtime import OnnxPurifier  # noqa: E402
 
-from protocol import art_attacks, gradient_checks, se  # noqa: E402  (benchmarks/protocol.py)
-from results import cached, markdown_table, write_results  # noqa: E402  (benchmarks/results.py)
-from speed import time_it  # noqa: E402  (benchmarks/speed.py)
+from benchmarks.protocol import art_attacks, gradient_checks, se  # noqa: E402  (benchmarks/protocol.py)
+from benchmarks.results import cached, markdown_table, write_results  # noqa: E402  (benchmarks/results.py)
+from benchmarks.speed import time_it  # noqa: E402  (benchmarks/speed.py)
 
 
 @dataclass(frozen=True)
@@ -522,7 +521,7 @@ def main(profile_name, model_dir, baselines, n, out, work, threads):
     recorded.write_text(json.dumps(settings))
     start = time.perf_counter()
     bench = Bench(profile, Path(model_dir), Path(baselines), work, lambda m: click.echo(m, err=True))
-    report = {"command": shlex.join(["python", "benchmarks/robust.py", *sys.argv[1:]]), "commit": git_commit(ROOT),
+    report = {"command": shlex.join(["python", "-m", "benchmarks.robust", *sys.argv[1:]]), "commit": git_commit(ROOT),
               "version": __version__, "profile_name": profile_name, "profile": asdict(profile),
               "threat_model_notes": {
                   "classifier rows": "no purifier: none, oblivious and adaptive are all white-box PGD on the model",

@@ -1,6 +1,6 @@
 """Load on the HTTP servers over loopback, side by side: the embedded server and Triton Inference Server.
 
-    python benchmarks/serve_load.py --model models/fashion-mnist --duration 60 --concurrency 1,16,64
+    python -m benchmarks.serve_load --model models/fashion-mnist --duration 60 --concurrency 1,16,64
 
 Each engine runs as its own process, as deployed: ``python -m serve`` (embedded) and ``python -m serve --engine
 triton`` (tritonserver with the Python backend running the same OnnxPurifier; ``--engines triton:2`` adds a run with two
@@ -30,13 +30,12 @@ import click
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from purifier import __version__  # noqa: E402
 from purifier.data import load_dataset  # noqa: E402
 from purifier.provenance import cpu_model, git_commit  # noqa: E402
 
-from results import markdown_table, write_results  # noqa: E402  (benchmarks/results.py)
+from benchmarks.results import markdown_table, write_results  # noqa: E402  (benchmarks/results.py)
 
 
 def start_server(model: str, args: list[str]) -> tuple[subprocess.Popen, str, str]:
@@ -242,7 +241,7 @@ def main(model, engines, duration, concurrency, max_batch_size, max_wait_ms, max
     levels_by_engine = run_engines(model, args, bodies, levels, duration)
     runs = {e: {"server_command": f"python -m serve --model MODEL --port 0 {' '.join(args[e])}",
                 "levels": levels_by_engine[e]} for e in names}
-    report = {"command": "python benchmarks/serve_load.py " + " ".join(sys.argv[1:]), "commit": git_commit(ROOT),
+    report = {"command": "python -m benchmarks.serve_load " + " ".join(sys.argv[1:]), "commit": git_commit(ROOT),
               "version": __version__, "model": model,
               "settings": {"max_batch_size": max_batch_size, "max_wait_ms": max_wait_ms, "max_queue": max_queue,
                            "device": "cpu", "duration_s_per_level": duration, "concurrency": levels,

@@ -1,6 +1,6 @@
 """Throughput and latency of the classifier alone, the purified pipeline in torch eager, and in onnxruntime.
 
-    python benchmarks/speed.py --model models/fashion-mnist --out results/speed.json
+    python -m benchmarks.speed --model models/fashion-mnist --out results/speed.json
 
 Per configuration and batch size (1, 64 and 256): one warm-up pass, then ``--reps`` timed repetitions over the
 same real test images; the median is reported as ms/image and images/s, with ratios beside them. The machine
@@ -28,7 +28,6 @@ import onnxruntime as ort
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from purifier import __version__, checkpoint  # noqa: E402
 from purifier.data import load_dataset  # noqa: E402
@@ -37,8 +36,8 @@ from purifier.provenance import cpu_model, git_commit  # noqa: E402
 from export.graph_cost import node_costs  # noqa: E402
 from serve.runtime import OnnxPurifier  # noqa: E402
 
-from gemm_limit import SQUARE, limit, peak  # noqa: E402  (benchmarks/gemm_limit.py)
-from results import markdown_table, write_results  # noqa: E402  (benchmarks/results.py)
+from benchmarks.gemm_limit import SQUARE, limit, peak  # noqa: E402  (benchmarks/gemm_limit.py)
+from benchmarks.results import markdown_table, write_results  # noqa: E402  (benchmarks/results.py)
 
 BATCHES = {1: 64, 64: 1024, 256: 1024}  # batch size -> images per repetition
 FP32_GEMM, INT8_GEMM = ("numpy", "onnxruntime"), ("onnxruntime-int8",)
@@ -123,7 +122,7 @@ def main(model_dir, reps, out):
     limits = gemm_limits(model_dir, results, int8 is not None, reps)
     commit = git_commit(ROOT)
     report = {
-        "command": " ".join(["python", "benchmarks/speed.py", *sys.argv[1:]]), "commit": commit,
+        "command": " ".join(["python", "-m", "benchmarks.speed", *sys.argv[1:]]), "commit": commit,
         "model": str(model_dir), "data": "fashion-mnist test images (first N per batch size)",
         "machine": {"cpu": cpu_model(), "cpu_flags": cpu_flags(), "load_average_at_end": os.getloadavg(),
                     "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),

@@ -1,6 +1,6 @@
 """Training steps per second on this CPU: the same step under each speed setting, so what each one gives is measured.
 
-    python benchmarks/train_speed.py --out results/train_speed.json
+    python -m benchmarks.train_speed --out results/train_speed.json
 
 Workloads (batch 128 of real Fashion-MNIST training images, one Adam step each):
   classifier   cross-entropy step of classifier A
@@ -17,7 +17,6 @@ seeded per step): a first look at whether a setting moves results.
 """
 from __future__ import annotations
 
-import copy
 import statistics
 import sys
 import time
@@ -29,7 +28,6 @@ import torch
 from torch.nn import functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from purifier import designs  # noqa: E402
 from purifier.attacks import PGD  # noqa: E402
@@ -38,7 +36,7 @@ from purifier.losses import PuVAELoss  # noqa: E402
 from purifier.models.classifiers import Classifier, ClassifierConfig  # noqa: E402
 from purifier.provenance import cpu_model, git_commit  # noqa: E402
 
-from results import markdown_table, write_results  # noqa: E402  (benchmarks/results.py)
+from benchmarks.results import markdown_table, write_results  # noqa: E402  (benchmarks/results.py)
 
 SETTINGS = ("fp32", "channels_last", "bf16", "channels_last+bf16", "compile", "threads=1")
 
@@ -134,7 +132,7 @@ def main(out, steps, reps, warmup):
         n = max(2, steps // 5) if name == "pgd-at" else steps
         click.echo(f"{name} ...", err=True)
         results[name] = measure(name, x, y, n, reps, warmup)
-    report = {"command": " ".join(["python", "benchmarks/train_speed.py", *sys.argv[1:]]), "commit": git_commit(ROOT),
+    report = {"command": " ".join(["python", "-m", "benchmarks.train_speed", *sys.argv[1:]]), "commit": git_commit(ROOT),
               "cpu": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
               "threads": torch.get_num_threads(), "torch": torch.__version__, "batch_size": 128,
               "steps": steps, "reps": reps, "warmup": warmup, "results": results}

@@ -1,8 +1,8 @@
 """The purifier family side by side: every design of ``purifier.designs`` beside plain PuVAE, the shipped
 default and PGD-AT, attacked by the same adaptive attacks on the same images with the same settings.
 
-    python benchmarks/variants.py --profile standard   # results/variants.{json,md,png}
-    python benchmarks/variants.py --profile quick      # minutes; never quoted
+    python -m benchmarks.variants --profile standard   # results/variants.{json,md,png}
+    python -m benchmarks.variants --profile quick      # minutes; never quoted
 
 Per row, the attacks of ``benchmarks/protocol.py`` (oblivious; adaptive worst case over selection, full
 gradient, BPDA and softmin, then the targeted attacks toward the runner-up classes, analysis by synthesis
@@ -17,7 +17,6 @@ Then every design again after the adversarial-training mode (``make variants-adv
 """
 from __future__ import annotations
 
-import sys
 import tempfile
 import time
 from dataclasses import asdict
@@ -27,16 +26,15 @@ import click
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from export.onnx_export import export_onnx, not_exportable  # noqa: E402
 from purifier import checkpoint, designs  # noqa: E402
 from purifier.robust import latent_attack_report  # noqa: E402
 
-from protocol import (PROFILES, Bench, Row, attack_seconds, choose_rows, headline, headline_columns,  # noqa: E402
+from benchmarks.protocol import (PROFILES, Bench, Row, attack_seconds, choose_rows, headline, headline_columns,  # noqa: E402
                       measure_rows, output_paths, publish, report_head, slug, speed_together, suite_text)
-from results import markdown_table  # noqa: E402
-from speed import time_it  # noqa: E402
+from benchmarks.results import markdown_table  # noqa: E402
+from benchmarks.speed import time_it  # noqa: E402
 
 LATENT = {"full": (1000, 200), "standard": (200, 200), "quick": (50, 100), "tiny": (3, 3)}  # profile -> (n, steps)
 

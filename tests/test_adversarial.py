@@ -103,9 +103,8 @@ def test_cli_writes_a_complete_model_directory(tmp_path):
 
 def _plant_partial(work: Path, section: str, row_name: str, parts: dict) -> None:
     """Write work/partial-SECTION.json as a tiny-profile run of ROW_NAME cut off after PARTS would leave it."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from adversarial import default_rows
-    from protocol import PROFILES, checkpoints_of
+    from benchmarks.adversarial import default_rows
+    from benchmarks.protocol import PROFILES, checkpoints_of
 
     row = next(r for r in default_rows("models/fashion-mnist-plain", "models/baselines", "models/adversarial")
                if r.name == row_name)
@@ -124,9 +123,9 @@ def test_benchmark_tiny_profile_end_to_end(tmp_path):
                    {"state": {"robust": [False] * 5 + [True], "broken_by": ["selection (penalty 0)"] * 5 + [None],
                               "steps": [cut]}})
     out = tmp_path / "adv-tiny.json"
-    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "adversarial.py"), "--profile", "tiny",
+    r = subprocess.run([sys.executable, "-m", "benchmarks.adversarial", "--profile", "tiny",
                         "--row", "PGD-AT", "--row", "plain PuVAE + PGD-AT", "--out", str(out), "--work", str(work)],
-                       capture_output=True, text=True, timeout=600)
+                       capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads(out.read_text())
     rows = report["rows"]
@@ -149,8 +148,8 @@ def test_benchmark_tiny_profile_end_to_end(tmp_path):
     assert not (work / "partial-reject-plain-puvae---pgd-at.json").exists()
     assert (tmp_path / report["plot"]).stat().st_size > 0
     assert "| defense | clean |" in out.with_suffix(".md").read_text()
-    bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "adversarial.py"), "--profile", "tiny",
-                          "--row", "nonsense", "--out", str(out)], capture_output=True, text=True, timeout=120)
+    bad = subprocess.run([sys.executable, "-m", "benchmarks.adversarial", "--profile", "tiny",
+                          "--row", "nonsense", "--out", str(out)], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert bad.returncode != 0 and "nonsense" in bad.stderr
 
 
@@ -161,8 +160,8 @@ def test_benchmark_row_resumes_from_its_partial_file(tmp_path):
     _plant_partial(work, "pgd-at", "PGD-AT",
                    {"clean_and_oblivious": {"clean": 0.123, "clean_n": 50, "oblivious": 0.456}})
     out = tmp_path / "adv-tiny.json"
-    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "adversarial.py"), "--profile", "tiny", "--row",
-                        "PGD-AT", "--out", str(out), "--work", str(work)], capture_output=True, text=True, timeout=600)
+    r = subprocess.run([sys.executable, "-m", "benchmarks.adversarial", "--profile", "tiny", "--row",
+                        "PGD-AT", "--out", str(out), "--work", str(work)], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     got = json.loads(out.read_text())["rows"]["PGD-AT"]
     assert (got["clean"], got["oblivious"]) == (0.123, 0.456)  # taken from the partial file, not measured

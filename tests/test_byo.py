@@ -315,7 +315,7 @@ def test_byo_benchmark_tiny_profile_end_to_end(tmp_path):
     """benchmarks/byo.py on a handful of images (numbers mean nothing): the classifier row and the plain PuVAE
     row in front of the frozen standard classifier, with the targeted attacks in the worst case."""
     out = tmp_path / "byo-tiny.json"
-    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "byo.py"), "--profile", "tiny", "--row",
+    r = subprocess.run([sys.executable, "-m", "benchmarks.byo", "--profile", "tiny", "--row",
                         "A: no defense", "--row", "A: plain PuVAE", "--out", str(out), "--work", str(tmp_path / "w")],
                        capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -218,8 +218,8 @@ def test_variants_benchmark_tiny_profile_end_to_end(tmp_path):
     import sys
 
     out = tmp_path / "variants-tiny.json"
-    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "variants.py"), "--profile", "tiny", "--row", "iwae",
-                        "--row", "abs", "--out", str(out)], capture_output=True, text=True, timeout=900)
+    r = subprocess.run([sys.executable, "-m", "benchmarks.variants", "--profile", "tiny", "--row", "iwae",
+                        "--row", "abs", "--out", str(out)], capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads(out.read_text())
     assert set(report["rows"]) == {"iwae", "abs"}

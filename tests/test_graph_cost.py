@@ -47,7 +47,7 @@ def test_convtranspose_rewrite_keeps_the_outputs_to_fp32_rounding(fmnist_test):
 
 def test_int8_benchmark_smoke(tmp_path):
     out = tmp_path / "int8.json"
-    r = subprocess.run([sys.executable, "benchmarks/int8.py", "--n", "4", "--clean-n", "100", "--steps", "1",
+    r = subprocess.run([sys.executable, "-m", "benchmarks.int8", "--n", "4", "--clean-n", "100", "--steps", "1",
                         "--targeted", "1", "--reps", "1", "--out", str(out)], cwd=ROOT, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -151,7 +151,7 @@ def test_sigterm_to_a_job_joined_by_address_exits_130_and_a_rerun_gives_each_inp
 
 def test_the_benchmark_runs_both_engines_and_finds_them_agreeing(cluster, tmp_path):
     out = tmp_path / "ray-batch.json"
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ray_batch.py"), "--n", "64", "--reps", "1",
+    subprocess.run([sys.executable, "-m", "benchmarks.ray_batch", "--n", "64", "--reps", "1",
                     "--batch-size", "16", "--ray-address", cluster.get_runtime_context().gcs_address,
                     "--out", str(out)], cwd=ROOT, check=True, capture_output=True)
     report = json.loads(out.read_text())

@@ -27,9 +27,9 @@ def test_readme_and_docs_tables_are_what_their_results_files_render():
     marks = docs_tables().MARK
     assert marks.search(texts["README.md"]), "README lost the mark on its results table"
     assert sum(len(marks.findall(t)) for t in texts.values()) >= 8, "the documents lost marks on their tables"
-    r = subprocess.run([sys.executable, "benchmarks/docs_tables.py", "--check"], cwd=ROOT, capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "benchmarks.docs_tables", "--check"], cwd=ROOT, capture_output=True,
                        text=True, timeout=120)
-    assert r.returncode == 0, f"tables differ from their results files; run python benchmarks/docs_tables.py: " \
+    assert r.returncode == 0, f"tables differ from their results files; run python -m benchmarks.docs_tables: " \
                               f"{r.stderr}"
 
 

@@ -190,8 +190,8 @@ def test_adversarial_training_records_adversarial_accuracy(fmnist_test, small_cl
 def test_benchmark_tiny_profile_end_to_end(tmp_path):
     """Every section of benchmarks/robust.py on a handful of images (the numbers mean nothing)."""
     out = tmp_path / "robust-tiny.json"
-    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "robust.py"), "--profile", "tiny", "--out", str(out)],
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run([sys.executable, "-m", "benchmarks.robust", "--profile", "tiny", "--out", str(out)],
+                       capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads(out.read_text())
     for key in ("clean", "grids", "reject", "art", "cw", "latent", "sanity", "speed", "commit", "software"):

@@ -194,7 +194,7 @@ def test_engine_options_of_the_other_engine_are_refused():
 
 def test_serve_load_measures_both_engines_side_by_side(install, tmp_path):
     out = tmp_path / "serve.json"
-    r = subprocess.run([sys.executable, "benchmarks/serve_load.py", "--duration", "0.3", "--concurrency", "2",
+    r = subprocess.run([sys.executable, "-m", "benchmarks.serve_load", "--duration", "0.3", "--concurrency", "2",
                         "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     import json
