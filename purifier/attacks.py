@@ -209,3 +209,36 @@ def selection_loss(purifier: nn.Module):
         return _selection_margin(purifier(adv)["recon_error"], y).sum()
 
     return loss
+
+
+def candidate_exclusion_objective(classifier: nn.Module, purifier: nn.Module,
+                                  reject: RejectOption | None = None) -> Objective:
+    """Against a candidate purifier (``Purifier(candidates=k, ranker=...)``): push the true class out of the k
+    classes the ranker picks. Maximise the k-th highest other logit minus the true class's logit, in the ranker's
+    logits on the raw input: positive once k other classes outrank y, so y's reconstruction is never made and the
+    purifier must hand the classifier another class's. Judged by the pipeline's real prediction.
+
+    The ranking itself passes no gradient through the purifier (a discrete choice); this objective's gradient is
+    the ranker's own. Needs k < K (with k = K every class is reconstructed and none can be pushed out).
+    """
+    k, num_classes = purifier.candidates, purifier.num_classes
+    if k is None or k >= num_classes:
+        raise ValueError(f"the candidate-exclusion attack needs a purifier with candidates k < {num_classes} "
+                         f"(the model's classes), got candidates={k}")
+
+    def objective(adv, y):
+        z = purifier.ranker(adv)
+        true = z.gather(1, y[:, None]).squeeze(1)
+        kth_other = z.scatter(1, y[:, None], float("-inf")).topk(k, dim=1).values[:, -1]
+        value = (kth_other - true).sum()
+        if reject is None:
+            with torch.no_grad():
+                out = purifier(adv)
+                wrong = classifier(out["purified"]).argmax(1) != y
+            return value, wrong
+        out = purifier(adv)
+        with torch.no_grad():
+            wrong = classifier(out["purified"]).argmax(1) != y
+        return value - reject.cost(out["recon_error"]), reject.broken(wrong, out["recon_error"].detach())
+
+    return objective

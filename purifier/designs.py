@@ -77,18 +77,22 @@ def build_model(design: Design, dataset: str, image_shape, num_classes: int, **o
     return HCVAE(replace(base, image_shape=tuple(image_shape), num_classes=num_classes, **settings))
 
 
-def purifier_from_spec(model, spec: dict | None = None):
-    """The purifier ``spec`` (a design's ``purifier`` dict, as stored in checkpoints) describes, around ``model``."""
+def purifier_from_spec(model, spec: dict | None = None, ranker=None):
+    """The purifier ``spec`` (a design's ``purifier`` dict, as stored in checkpoints) describes, around ``model``;
+    ``ranker``: the classifier that picks the classes of a spec with ``candidates`` (see ``Purifier``)."""
     from .abs import LatentOptPurifier
     from .pipeline import Purifier
 
     spec = dict(spec or {"selection": "mse"})
     kind = spec.pop("kind", "puvae")
     if kind == "abs":
+        if spec.get("candidates") is not None:
+            raise ValueError(f"candidates={spec['candidates']}: the candidate mode is an option of PuVAE's one-pass "
+                             f"purifier, not of analysis by synthesis")
         return LatentOptPurifier(model, **spec)
     if kind != "puvae":
         raise ValueError(f"unknown purifier kind {kind!r} in spec; known: puvae, abs")
-    return Purifier(model, **spec)
+    return Purifier(model, **spec, ranker=ranker)
 
 
 def load_purifier(path: str | os.PathLike, spec: dict | None = None):

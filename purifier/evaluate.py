@@ -17,26 +17,32 @@ def _rate(a: torch.Tensor) -> float:
 
 
 def evaluate(classifier: nn.Module, cvae: CVAE, x: torch.Tensor, y: torch.Tensor,
-             selections=("mse", "likelihood"), class_names=None, batch_size: int = 500) -> dict:
+             selections=("mse", "likelihood"), class_names=None, batch_size: int = 500,
+             candidates: int | None = None) -> dict:
     """Accuracy of ``classifier`` on x, and of classifier(purifier(x)) for each selection rule.
 
     A rule is ``mse``, ``likelihood``, ``iwae`` or ``design``: the purifier the model's checkpoint records
     (analysis by synthesis, say). For each rule: ``accuracy`` (purified prediction = label), ``argmin_acc`` (chosen class = label),
     ``pred_eq_argmin`` (purified prediction = chosen class), all per class too, and seconds taken.
+    ``candidates`` = k: every purifier reconstructs only the k classes ``classifier`` ranks highest on the raw
+    input (``Purifier(candidates=k)``).
     """
     classifier.eval()
     cvae.eval()
     names = list(class_names) if class_names is not None else [str(i) for i in range(cvae.cfg.num_classes)]
     start = time.perf_counter()
     clean_pred = predict(classifier, x)
-    report = {"n": len(y), "classifier": {"accuracy": _rate(clean_pred == y),
+    report = {"n": len(y), "candidates": candidates, "classifier": {"accuracy": _rate(clean_pred == y),
                                           "seconds": time.perf_counter() - start}, "selections": {}}
     for selection in selections:
         start = time.perf_counter()
         if selection == "design":
-            purifier = purifier_from_spec(cvae, getattr(cvae, "meta", {}).get("purifier"))
+            spec = dict(getattr(cvae, "meta", {}).get("purifier") or {"selection": "mse"})
+            if candidates is not None:
+                spec["candidates"] = candidates
+            purifier = purifier_from_spec(cvae, spec, ranker=classifier)
         else:
-            purifier = Purifier(cvae, selection)
+            purifier = Purifier(cvae, selection, candidates=candidates, ranker=classifier)
         out = purify(purifier, x, batch_size)
         pred = predict(classifier, out["purified"])
         chosen = out["chosen_class"]

@@ -8,6 +8,10 @@ libraries can attack the whole pipeline; its ``grad`` says how gradients cross t
   ``full``     the argmin is held fixed; gradients flow through the encoder and decoder of the chosen class
   ``softmin``  forward as ``full``; backward through softmax(-score / tau) over the K reconstructions
   ``none``     the purifier is a constant for the gradient (the input gradient is zero)
+
+Candidate mode (``candidates=k``): only the k classes a ranking classifier scores highest on the raw input are
+reconstructed, so the purifier's cost grows with k instead of K. The ranking is a discrete choice made without
+gradient; an attacker can push the true class out of it (``attacks.candidate_exclusion_objective``).
 """
 from __future__ import annotations
 
@@ -75,6 +79,24 @@ def iwae_scores(cvae: CVAE, x: torch.Tensor, out: dict[str, torch.Tensor], noise
     return -(top.squeeze(2) + torch.log(torch.exp(log_w - top).sum(2)) - math.log(s))
 
 
+def check_candidates(candidates: int | None, num_classes: int) -> int | None:
+    """``candidates`` must be None (every class) or an integer k with 1 <= k <= num_classes; returns it."""
+    if candidates is None:
+        return None
+    if isinstance(candidates, bool) or not isinstance(candidates, int) or not 1 <= candidates <= num_classes:
+        raise ValueError(f"candidates must be an integer k with 1 <= k <= {num_classes} (the model's classes), "
+                         f"got {candidates!r}")
+    return candidates
+
+
+def rank_candidates(ranker: nn.Module, x: torch.Tensor, k: int) -> torch.Tensor:
+    """The k classes ``ranker`` scores highest on x, B x k, in ascending class order (so k = K is ``arange(K)`` per
+    image, the full purifier's batch, and ties in the scores break toward the lower class as the full argmin does).
+    No gradient: the choice is discrete."""
+    with torch.no_grad():
+        return ranker(x).topk(k, dim=1).indices.sort(dim=1).values
+
+
 def select(recon: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """recon: B x K x C x H x W, scores: B x K -> (chosen reconstruction B x C x H x W, chosen class B)."""
     chosen = scores.argmin(dim=1)
@@ -88,10 +110,23 @@ class Purifier(nn.Module):
     forward(x: B x C x H x W in [0, 1]) -> dict:
       ``purified`` B x C x H x W, ``chosen_class`` B (int64), ``recon_error`` B x K (the selection scores),
       ``recon`` B x K x C x H x W (every class's reconstruction).
+
+    ``candidates`` = k (with ``ranker``, a classifier B x C x H x W -> logits B x K, usually the target classifier):
+    reconstruct only the k classes ``ranker`` scores highest on x. The other classes' scores are +inf and their
+    reconstructions zero, so every output keeps its B x K shape and class indexing; ``candidates`` B x k (int64)
+    is added. k = K gives the full purifier's outputs exactly.
     """
 
-    def __init__(self, cvae: CVAE, selection: str = "mse", samples: int = 8, noise_seed: int = 0):
+    def __init__(self, cvae: CVAE, selection: str = "mse", samples: int = 8, noise_seed: int = 0,
+                 candidates: int | None = None, ranker: nn.Module | None = None):
         super().__init__()
+        self.candidates = check_candidates(candidates, cvae.cfg.num_classes)
+        if self.candidates is not None and ranker is None:
+            raise ValueError(f"candidates={candidates} needs a ranker: the classifier whose logits on the raw input "
+                             f"pick the classes to reconstruct (usually the target classifier)")
+        if self.candidates is not None and selection == "iwae":
+            raise ValueError("candidates: the iwae rule scores every class; use selection 'mse' or 'likelihood'")
+        self.ranker = ranker
         if selection not in SELECTIONS:
             raise ValueError(f"unknown selection {selection!r}; choose from {SELECTIONS}")
         if samples < 1:
@@ -114,6 +149,8 @@ class Purifier(nn.Module):
         out = {"selection": self.selection}
         if self.selection == "iwae":
             out.update(samples=self.samples, noise_seed=self.noise_seed)
+        if self.candidates is not None:
+            out["candidates"] = self.candidates
         return out
 
     @property
@@ -126,6 +163,8 @@ class Purifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         check_images(x, self.image_shape)
+        if self.candidates is not None:
+            return self._forward_candidates(x)
         out = self.cvae.reconstruct_all(x)
         if self.selection == "iwae":
             scores = iwae_scores(self.cvae, x, out, self.noise)
@@ -133,6 +172,19 @@ class Purifier(nn.Module):
             scores = class_scores(x, out, self.selection)
         purified, chosen = select(out["recon"], scores)
         return {"purified": purified, "chosen_class": chosen, "recon_error": scores, "recon": out["recon"]}
+
+    def _forward_candidates(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        classes = rank_candidates(self.ranker, x, self.candidates)          # B x k
+        out = self.cvae.reconstruct_all(x, classes=classes)
+        scores_k = class_scores(x, out, self.selection)                     # B x k
+        purified, pick = select(out["recon"], scores_k)
+        b, k = x.shape[0], self.num_classes
+        # scattered back to B x K: indexing by class stays as in the full purifier; excluded classes never win
+        scores = scores_k.new_full((b, k), float("inf")).scatter(1, classes, scores_k)
+        index = classes.view(b, -1, 1, 1, 1).expand(-1, -1, *out["recon"].shape[2:])
+        recon = out["recon"].new_zeros((b, k, *out["recon"].shape[2:])).scatter(1, index, out["recon"])
+        return {"purified": purified, "chosen_class": classes.gather(1, pick[:, None]).squeeze(1),
+                "recon_error": scores, "recon": recon, "candidates": classes}
 
 
 @torch.no_grad()

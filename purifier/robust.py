@@ -14,7 +14,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .attacks import PGD, Objective, RejectOption, pipeline_objective, selection_objective
+from .attacks import (PGD, Objective, RejectOption, candidate_exclusion_objective, pipeline_objective,
+                      selection_objective)
 
 # holds(adv, y) -> B bools: does each image still count (classified correctly, or defended)?
 Holds = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -41,9 +42,13 @@ def pgd_attack(name: str, pgd: PGD, objective: Objective, restarts: int = 1) -> 
 def purifier_objectives(classifier: nn.Module, purifier: nn.Module,
                         reject: RejectOption | None = None) -> dict[str, Objective]:
     """The adaptive objectives on classifier(purifier(x)) of the benchmark protocol, by name, strongest first:
-    selection attack, full gradient, BPDA, softmin."""
+    selection attack, full gradient, BPDA, softmin; a purifier that reconstructs only k < K candidate classes is
+    attacked first through its ranking (``candidate exclusion``: push the true class out of the candidates)."""
     c, p = classifier, purifier
-    return {"selection": selection_objective(c, p, reject),
+    first = {}
+    if getattr(p, "candidates", None) is not None and p.candidates < p.num_classes:
+        first["candidate exclusion"] = candidate_exclusion_objective(c, p, reject)
+    return {**first, "selection": selection_objective(c, p, reject),
             "full gradient": pipeline_objective(c, p, "full", reject=reject),
             "BPDA": pipeline_objective(c, p, "bpda", reject=reject),
             "softmin": pipeline_objective(c, p, "softmin", reject=reject)}
