@@ -101,3 +101,33 @@ def test_evaluate_cli_takes_candidates_and_names_a_bad_value(tmp_path):
     assert r.exit_code == 0, r.output
     report = json.loads(out.read_text())
     assert report["candidates"] == 3 and report["selections"]["mse"]["accuracy"] > 0.6
+
+
+def test_scaling_benchmark_smoke(tmp_path):
+    from benchmarks import scaling
+
+    out = tmp_path / "scaling.json"
+    r = CliRunner().invoke(scaling.main, ["--grid", "28x28x1=12", "--batches", "4", "--reps", "1",
+                                          "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    report = json.loads(out.read_text())
+    assert [row["num_classes"] for row in report["rows"]] == [12]
+    assert set(report["rows"][0]["parts"]) == {"purifier", "pipeline"}
+    machine = report["machine"]
+    assert machine["provider"] == ["CPUExecutionProvider"] and len(machine["load_average_at_end"]) == 3
+    assert out.with_suffix(".md").is_file() and out.with_suffix(".png").is_file()
+    r = CliRunner().invoke(scaling.main, ["--grid", "28x28x2=10", "--out", str(out)])
+    assert r.exit_code == 2 and "28x28x2" in r.output
+
+
+def test_candidates_benchmark_robust_section_smoke(tmp_path):
+    from benchmarks import candidates
+
+    r = CliRunner().invoke(candidates.main, ["--ks", "2,10", "--n", "4", "--steps", "1", "--targeted", "1",
+                                             "--section", "robust", "--work", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    robust = json.loads(next(tmp_path.glob("robust-*.json")).read_text())
+    assert robust["k"]["2"]["attacks"][0] == "candidate exclusion"
+    assert "candidate exclusion" not in robust["k"]["10"]["attacks"]
+    r = CliRunner().invoke(candidates.main, ["--ks", "2,11", "--section", "clean", "--work", str(tmp_path)])
+    assert r.exit_code == 2 and "got 11" in r.output
