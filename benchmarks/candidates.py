@@ -116,7 +116,8 @@ def tables(report: dict) -> str:
     c, r, s = report["clean"], report["robust"], report["speed"]
     num_classes = report["num_classes"]
     head = ["k (classes reconstructed)", f"clean accuracy ({c['n']:,} test images)", "true class in candidates",
-            f"adaptive robust accuracy (first {r['n']}, eps {r['eps']})", "broken by candidate exclusion",
+            f"adaptive robust accuracy (first {r['n']}, eps {r['eps']})",
+            f"images broken by candidate exclusion (of {r['n']})",
             "torch images/s (batch 256)", "onnxruntime images/s (batch 256)", "onnxruntime images/s (batch 1)",
             "onnxruntime speed-up vs k = K (batch 256)"]
     full_ort = s["batches"]["256"]["onnxruntime"][str(num_classes)]["images_per_s"]
@@ -131,7 +132,8 @@ def tables(report: dict) -> str:
                      f"{s['batches']['256']['torch'][kk]['images_per_s']:.0f}", f"{ort256:.0f}",
                      f"{s['batches']['1']['onnxruntime'][kk]['images_per_s']:.0f}", f"{ort256 / full_ort:.2f}x"])
     load = ", ".join(f"{v:.2f}" for v in s["load_average_at_end"])
-    return (f"Classifier alone: {100 * c['classifier_alone']:.2f}% clean. Robust: L-inf eps {r['eps']}, PGD-{r['steps']} "
+    return (f"Classifier alone: {100 * c['classifier_alone']:.2f}% clean. Robust: L-inf eps {r['eps']}, "
+            f"PGD-{r['steps']} "
             f"(step {r['alpha']:.4f}, random start, {r['restarts']} restart, seed {r['seed']}); attacks, per-example "
             f"worst case with early exit: {', '.join(r['k'][str(report['ks'][0])]['attacks'])} (candidate exclusion "
             f"only for k < {num_classes}). Speed: {s['provider'][0]}, default threads, torch {s['torch_threads']} "
@@ -181,7 +183,8 @@ def main(model_dir, ks, n, clean_n, eps, steps, restarts, targeted, seed, reps, 
         return
     report = {
         "command": shlex.join(["python", "-m", "benchmarks.candidates", *sys.argv[1:]]), "commit": git_commit(ROOT),
-        "model": str(model_dir), "num_classes": num_classes, "ks": ks, "ranker": "the target classifier (MODEL/classifier)",
+        "model": str(model_dir), "num_classes": num_classes, "ks": ks,
+        "ranker": "the target classifier (MODEL/classifier)",
         "settings": {"reps": reps, "speed_images_per_rep": SPEED_BATCHES, "attack_batch_size": batch_size},
         "machine": {"cpu": cpu_model(), "cores": os.cpu_count()},
         "versions": {"purifier": __version__, "torch": torch.__version__, "onnxruntime": ort.__version__,

@@ -152,7 +152,8 @@ def plot(report: dict, out: Path, batch: str) -> str:
 
 @click.command()
 @click.option("--grid", "grid_spec", default=GRID, show_default=True,
-              help=f"Image sizes (from {list(SHAPES)}) and the K values at each (the larger sizes run at fewer K: their "
+              help=f"Image sizes (from {list(SHAPES)}) and the K values at each (the larger sizes run at fewer K: "
+                   f"their "
                    f"batches of 256 x K reconstructions are the slow end of the grid).")
 @click.option("--batches", default="256,1", show_default=True)
 @click.option("--reps", default=5, show_default=True)
@@ -174,7 +175,8 @@ def main(grid_spec, batches, reps, seed, out):
         "command": shlex.join(["python", "-m", "benchmarks.scaling", *sys.argv[1:]]), "commit": git_commit(ROOT),
         "settings": {"grid": grid, "classes": classes, "shapes": list(grid), "batches": batches, "reps": reps,
                      "seed": seed, "batch1_calls_per_rep": BATCH1_CALLS,
-                     "weights": "random init (seeded), not trained: timing only; the decoder first layer's label columns drawn N(0, 1) so the K scores do not tie",
+                     "weights": "random init (seeded), not trained: timing only; the decoder first layer's label "
+                                "columns drawn N(0, 1) so the K scores do not tie",
                      "data": "synthetic uniform [0, 1] images of each size",
                      "method": "export_onnx to a temporary file (parity-checked), one warm-up call, then median of "
                                "reps timed repetitions"},

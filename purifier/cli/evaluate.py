@@ -70,8 +70,8 @@ def evaluate_cmd(model_dir, cvae, classifier_source, data, split, n, selections,
                    "cvae_sha256": checkpoint.read_record(cvae_path)["weights_sha256"],
                    "classifier_sha256": classifier_source.sha256(),
                    "torch": torch.__version__, "threads": torch.get_num_threads()})
-    click.echo(f"{ds.name} {split}, {len(y)} images"
-               + (f"; purifier reconstructs the {candidates} classes the classifier ranks highest" if candidates else ""))
+    ranked = f"; purifier reconstructs the {candidates} classes the classifier ranks highest" if candidates else ""
+    click.echo(f"{ds.name} {split}, {len(y)} images{ranked}")
     click.echo(_table(report))
     if out:
         write_json(out, report)
