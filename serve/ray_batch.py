@@ -207,13 +207,17 @@ def purify_files_ray(inputs: list[str], model: str | os.PathLike, out_dir: str |
                                            "threads": math.ceil(cpus_per_actor), "resize": resize,
                                            "out_dir": str(job.out_dir.resolve()), "fmt": fmt, "run": job.run,
                                            "cwd": os.getcwd()})
-                with _quiet_data_context(ray):
-                    for block in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                        _record_block(job, block, seen, by_actor)
-                        if on_batch is not None:
-                            on_batch(len(seen), len(todo))
-                        if stop():
-                            break
+                with _quiet_data_context(ray), _joined_threads():
+                    blocks = iter(ds.iter_batches(batch_size=None, batch_format="numpy"))
+                    try:
+                        for block in blocks:
+                            _record_block(job, block, seen, by_actor)
+                            if on_batch is not None:
+                                on_batch(len(seen), len(todo))
+                            if stop():
+                                break
+                    finally:
+                        blocks.close()  # shuts the streaming executor down now, not at garbage collection
         except BaseException:  # the logs hold what was recorded; summary.json says what was not
             job.close()
             stats.interrupted, stats.remaining = True, len(todo) - len(seen)
@@ -222,6 +226,25 @@ def purify_files_ray(inputs: list[str], model: str | os.PathLike, out_dir: str |
             raise
         extra = _extra(ray, by_actor, actors, cpus_per_actor, gpus_per_actor, ray_start)
         return job.finish(len(seen), model_path, extra.pop("providers"), fmt, merge=False, **extra)
+
+
+@contextlib.contextmanager
+def _joined_threads(timeout: float = 30.0):
+    """The threads started inside the block are waited for (up to ``timeout`` seconds in all) when it ends. Ray
+    Data's iterator leaves worker threads that may still be fetching a block after the loop stops early; one that
+    reaches Ray after ``ray.shutdown`` makes the core worker end the whole process with exit status 1. Its block
+    prefetcher's thread (named ``Prefetcher``) is not waited for: it lives as long as the iterator and, with no
+    blocks handed to it, sleeps on a condition without touching Ray."""
+    import threading
+
+    before = set(threading.enumerate())
+    try:
+        yield
+    finally:
+        deadline = time.monotonic() + timeout
+        for thread in set(threading.enumerate()) - before:
+            if thread.name != "Prefetcher":
+                thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def _record_block(job: Job, block: dict, seen: set, by_actor: dict) -> None:
