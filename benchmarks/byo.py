@@ -33,8 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 from purifier import checkpoint  # noqa: E402
 
-from benchmarks.protocol import (PROFILES, Bench, Row, attack_seconds, choose_rows, converged_baselines, measure_rows,  # noqa: E402
-                      publish, report_head, speed_together, suite_text, untargeted_adaptive)
+from benchmarks.protocol import (PROFILES, Bench, Row, adaptive_cells, attack_seconds, choose_rows, converged_baselines,  # noqa: E402
+                      measure_rows, publish, report_head, speed_together, suite_text)
 from benchmarks.results import markdown_table  # noqa: E402
 
 def default_rows(plain: str, baselines: str, byo: str, middleware: str) -> list[Row]:
@@ -43,7 +43,6 @@ def default_rows(plain: str, baselines: str, byo: str, middleware: str) -> list[
         Row("A: plain PuVAE", f"{plain}/classifier", f"{plain}/cvae", "CVAE trained with A as CE source"),
         Row("A: PuVAE + adv. training of the CVAE alone", f"{middleware}/classifier", f"{middleware}/cvae",
             "from plain PuVAE; A frozen"),
-        Row("A: PGD-AT", f"{baselines}/pgd-at", note="eps 0.1, PGD-5, 3 epochs: shorter than convergence"),
         *converged_baselines(baselines, "A: "),
         Row("ResNet (factory): no defense", f"{byo}/resnet/classifier", note="standard training (train.json)"),
         Row("ResNet (factory): plain PuVAE", f"{byo}/resnet-puvae/classifier", f"{byo}/resnet-puvae/cvae",
@@ -86,9 +85,7 @@ def render(report: dict) -> str:
     for r in report["rows"].values():
         fails = [k for k, v in r["sanity"].items() if isinstance(v, dict) and not v["pass"]]
         t = report["training"].get(r["name"]) or {}
-        plain = untargeted_adaptive(r)
-        rows.append([r["name"], f"{r['clean']:.4f}", f"{r['oblivious']:.3f}",
-                     f"{plain:.3f}" if plain is not None and r["cvae"] else "-", f"**{r['adaptive']:.3f}**",
+        rows.append([r["name"], f"{r['clean']:.4f}", f"{r['oblivious']:.3f}", *adaptive_cells(r, p.get("targeted", 0)),
                      f"{r['art']['square']:.3f}", f"{r['art']['autoattack']:.3f}", f"{r['worst_of_all']:.3f}",
                      f"{report['speed'][r['name']]['batch 256']['images_per_s']:.0f}",
                      f"{t['seconds']:.0f}" if t.get("seconds") else "-",
@@ -114,7 +111,9 @@ def render(report: dict) -> str:
 @click.option("--byo", default="models/byo", show_default=True, help="Directory of the ResNet's runs.")
 @click.option("--middleware", default="models/middleware/cvae-alone", show_default=True,
               help="The CVAE adversarially trained alone in front of A.")
-@click.option("--row", "rows", multiple=True, help="A row to run, by name; repeat for more (default: every row).")
+@click.option("--row", "rows", multiple=True,
+              help="A row to measure, by name; repeat for more (default: every row). The table also holds the "
+                   "other rows already measured with unchanged weights, from their caches.")
 @click.option("--out", help="Results file (default results/byo.json for the full profile, byo-PROFILE otherwise).")
 @click.option("--work", help="Cache of finished rows (default: results/.OUT-work).")
 @click.option("--threads", type=int, help="torch threads (default: torch's).")
@@ -125,12 +124,14 @@ def main(profile_name, plain, baselines, byo, middleware, rows, out, work, threa
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(work or out.parent / f".{out.stem}-work")
     work.mkdir(parents=True, exist_ok=True)
-    all_rows = choose_rows(default_rows(plain, baselines, byo, middleware), rows,
-                           "train them first: make byo-models converged-baselines (docs/bring-your-own-classifier.md)")
+    table = default_rows(plain, baselines, byo, middleware)
+    chosen = choose_rows(table, rows,
+                         "train them first: make byo-models converged-baselines (docs/bring-your-own-classifier.md)")
     start = time.perf_counter()
     bench = Bench(PROFILES[profile_name], work, lambda m: click.echo(m, err=True))
     report = report_head("byo.py", profile_name)
-    report["rows"] = measure_rows(bench, all_rows)
+    report["rows"] = measure_rows(bench, chosen, table)
+    all_rows = [r for r in table if r.name in report["rows"]]
     report["training"] = {r.name: training(r) for r in all_rows}
     report["attack_seconds"] = {k: attack_seconds(v) for k, v in report["rows"].items()}
     report["speed"] = speed_together(bench, all_rows)

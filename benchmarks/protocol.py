@@ -404,10 +404,7 @@ def headline(rows: dict, speed: dict, targeted: int = 0) -> list[list]:
     out = []
     for r in rows.values():
         fails = [k for k, v in r["sanity"].items() if isinstance(v, dict) and not v["pass"]]
-        adaptive = [f"**{r['adaptive']:.3f}**"]
-        if targeted:
-            plain = untargeted_adaptive(r)
-            adaptive.insert(0, f"{plain:.3f}" if plain is not None and r["cvae"] else "-")
+        adaptive = adaptive_cells(r, targeted) if targeted else [f"**{r['adaptive']:.3f}**"]
         out.append([r["name"], f"{r['clean']:.4f}", f"{r['oblivious']:.3f}", *adaptive,
                     f"{r['art']['square']:.3f}", f"{r['art']['autoattack']:.3f}", f"{r['worst_of_all']:.3f}",
                     f"{speed[r['name']]['batch 256']['images_per_s']:.0f}",
@@ -488,24 +485,50 @@ def report_head(script: str, profile_name: str) -> dict:
             "machine": {"cpu": cpu_model(), "torch_threads": torch.get_num_threads()}}
 
 
-def measure_rows(bench: Bench, rows: list[Row]) -> dict:
-    """Every row through ``bench.row``, cached; a cached row whose weights, purifier spec or attack suite
-    (targeted runner-up classes) changed is measured again."""
+def measure_rows(bench: Bench, rows: list[Row], table: list[Row] | None = None) -> dict:
+    """Every row of ``rows`` through ``bench.row``, cached; a cached row whose weights, purifier spec or attack
+    suite (targeted runner-up classes) changed is measured again. The other rows of ``table`` (the benchmark's
+    whole list, in its order) enter the results from their caches while their weights are unchanged, as they
+    were measured: a table shows ``older_suite`` on those measured before the targeted attacks."""
+    chosen = {r.name for r in rows}
     results = {}
-    for r in rows:
+    for r in table or rows:
         key = f"row-{slug(r.name)}"
         stale = bench.work / f"{key}.json"
-        if stale.is_file():
+        if r.name not in chosen:
+            if not stale.is_file() or not (ROOT / f"{r.classifier}.json").is_file() or \
+                    (r.cvae and not (ROOT / f"{r.cvae}.json").is_file()):
+                continue
             old = json.loads(stale.read_text())
-            suite = bench.p.targeted if r.cvae else 0
-            if old["checkpoints"] != checkpoints_of(r) or targeted_of(old) != suite:
-                stale.unlink()  # its weights or the attack suite changed since it was measured: measure again
-        results[r.name] = bench.cached(key, lambda r=r: bench.row(r))
-        (bench.work / f"partial-{slug(r.name)}.json").unlink(missing_ok=True)  # the whole row is cached now
+            if old["checkpoints"] != checkpoints_of(r):
+                continue  # its weights changed since: not this table's row until it is measured again
+            results[r.name] = old
+        else:
+            if stale.is_file():
+                old = json.loads(stale.read_text())
+                suite = bench.p.targeted if r.cvae else 0
+                if old["checkpoints"] != checkpoints_of(r) or targeted_of(old) != suite:
+                    stale.unlink()  # its weights or the attack suite changed since it was measured: measure again
+            results[r.name] = bench.cached(key, lambda r=r: bench.row(r))
+            (bench.work / f"partial-{slug(r.name)}.json").unlink(missing_ok=True)  # the whole row is cached now
         # the weights are the ones measured (same sha256); record where they live now
         results[r.name].update(classifier=r.classifier, cvae=r.cvae)
         results[r.name].pop("speed", None)  # rows cached by an earlier version timed themselves while sharing cores
     return results
+
+
+def older_suite(row: dict, targeted: int) -> bool:
+    """A purifier row measured before the suite's targeted attacks (fewer runner-up classes than ``targeted``)."""
+    return bool(row["cvae"]) and targeted_of(row) < targeted
+
+
+def adaptive_cells(row: dict, targeted: int) -> list[str]:
+    """The adaptive figure without and with the targeted attacks; a row measured with an older suite shows its
+    figure as untargeted and says the targeted attacks have not run on it."""
+    plain = untargeted_adaptive(row)
+    if older_suite(row, targeted):
+        return [f"{row['adaptive']:.3f}", "not run (older suite)"]
+    return [f"{plain:.3f}" if plain is not None and row["cvae"] else "-", f"**{row['adaptive']:.3f}**"]
 
 
 def speed_together(bench: Bench, rows: list[Row]) -> dict:

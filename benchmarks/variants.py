@@ -31,8 +31,9 @@ from export.onnx_export import export_onnx, not_exportable  # noqa: E402
 from purifier import checkpoint, designs  # noqa: E402
 from purifier.robust import latent_attack_report  # noqa: E402
 
-from benchmarks.protocol import (PROFILES, Bench, Row, attack_seconds, choose_rows, headline, headline_columns,  # noqa: E402
-                      measure_rows, output_paths, publish, report_head, slug, speed_together, suite_text)
+from benchmarks.protocol import (PROFILES, Bench, Row, attack_seconds, choose_rows, converged_baselines,  # noqa: E402
+                      headline, headline_columns, measure_rows, output_paths, publish, report_head, slug,
+                      speed_together, suite_text)
 from benchmarks.results import markdown_table  # noqa: E402
 from benchmarks.speed import time_it  # noqa: E402
 
@@ -48,7 +49,7 @@ def default_rows(plain: str, default: str, baselines: str, variants: str, advers
     Inference-only designs run on PuVAE's weights: plain ones, then the alternating run's. Analysis by synthesis
     gets no adversarially trained row: its unrolled attack alone costs hours a row here."""
     alt = f"{adversarial}/alternating"
-    rows = [Row("PGD-AT", f"{baselines}/pgd-at", note="Madry, eps 0.1, PGD-5, 3 epochs"),
+    rows = [*converged_baselines(baselines),
             Row("plain PuVAE", f"{plain}/classifier", f"{plain}/cvae", "design puvae"),
             Row("shipped default", f"{default}/classifier", f"{default}/cvae", "puvae + joint adversarial training")]
     trained = []
@@ -159,7 +160,9 @@ def _export_cells(ex: dict) -> list[str]:
               help="Directory of `make variants`'s runs (one subdirectory per design).")
 @click.option("--adversarial", "adv_dir", default="models/adversarial", show_default=True,
               help="Directory of PuVAE's adversarial-training runs (its alternating run is a row).")
-@click.option("--row", "rows", multiple=True, help="A row to run, by name; repeat for more (default: every row).")
+@click.option("--row", "rows", multiple=True,
+              help="A row to measure, by name; repeat for more (default: every row). The table also holds the "
+                   "other rows already measured with unchanged weights, from their caches.")
 @click.option("--out", help="Results file (default results/variants.json; other profiles variants-PROFILE).")
 @click.option("--work", help="Cache of finished rows (default: results/.OUT-work).")
 @click.option("--threads", type=int, help="torch threads (default: torch's).")
@@ -167,15 +170,16 @@ def main(profile_name, plain, default, baselines, variants_dir, adv_dir, rows, o
     if threads:
         torch.set_num_threads(threads)
     out, work = output_paths("variants", profile_name, out, work)
-    all_rows = choose_rows(default_rows(plain, default, baselines, variants_dir, adv_dir), rows,
-                           "run `make variants variants-adversarial` first")
+    table = default_rows(plain, default, baselines, variants_dir, adv_dir)
+    chosen = choose_rows(table, rows, "run `make variants variants-adversarial` first")
     start = time.perf_counter()
     bench = VariantsBench(profile_name, work, lambda m: click.echo(m, err=True))
     report = report_head("variants.py", profile_name)
     report["latent"] = dict(zip(("n", "steps"), LATENT[profile_name]))
     report["designs"] = {k: {**asdict(d), "trained_on_plain_weights": d.inference_only}
                          for k, d in designs.DESIGNS.items()}
-    report["rows"] = measure_rows(bench, all_rows)
+    report["rows"] = measure_rows(bench, chosen, table)
+    all_rows = [r for r in table if r.name in report["rows"]]
     report["attack_seconds"] = {k: attack_seconds(v) for k, v in report["rows"].items()}
     report["export"] = {r.name: bench.cached(f"export-{slug(r.name)}", lambda r=r: bench.export(r)) for r in all_rows}
     report["speed"] = speed_together(bench, all_rows)

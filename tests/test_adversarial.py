@@ -123,13 +123,13 @@ def test_benchmark_tiny_profile_end_to_end(tmp_path):
                    {"state": {"robust": [False] * 5 + [True], "broken_by": ["selection (penalty 0)"] * 5 + [None],
                               "steps": [cut]}})
     out = tmp_path / "adv-tiny.json"
-    r = subprocess.run([sys.executable, "-m", "benchmarks.adversarial", "--profile", "tiny",
-                        "--row", "PGD-AT", "--row", "plain PuVAE + PGD-AT", "--out", str(out), "--work", str(work)],
+    r = subprocess.run([sys.executable, "-m", "benchmarks.adversarial", "--profile", "tiny", "--row",
+                        "PGD-AT (converged)", "--row", "plain PuVAE + PGD-AT", "--out", str(out), "--work", str(work)],
                        capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads(out.read_text())
     rows = report["rows"]
-    assert set(rows) == {"PGD-AT", "plain PuVAE + PGD-AT"}
+    assert set(rows) == {"PGD-AT (converged)", "plain PuVAE + PGD-AT"}
     pu = rows["plain PuVAE + PGD-AT"]
     # the tiny profile's suite: the untargeted attacks, then the targeted ones toward 1 runner-up class
     assert [s["attack"] for s in pu["steps"]] == ["selection", "full gradient", "BPDA", "softmin",
@@ -148,6 +148,20 @@ def test_benchmark_tiny_profile_end_to_end(tmp_path):
     assert not (work / "partial-reject-plain-puvae---pgd-at.json").exists()
     assert (tmp_path / report["plot"]).stat().st_size > 0
     assert "| defense | clean |" in out.with_suffix(".md").read_text()
+    # a row measured with an older suite (no targeted attacks) stays in the table from its cache, marked, while
+    # another row is measured; a row not asked for and never measured stays out
+    cache = work / "row-plain-puvae---pgd-at.json"
+    older = json.loads(cache.read_text())
+    older["steps"] = [s for s in older["steps"] if not s["attack"].startswith("targeted")]
+    cache.write_text(json.dumps(older))
+    again = subprocess.run([sys.executable, "-m", "benchmarks.adversarial", "--profile", "tiny", "--no-reject",
+                            "--row", "PGD-AT (converged)", "--out", str(out), "--work", str(work)],
+                           capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert list(json.loads(out.read_text())["rows"]) == ["PGD-AT (converged)", "plain PuVAE + PGD-AT"]
+    table = out.with_suffix(".md").read_text()
+    assert [line for line in table.splitlines() if line.startswith("| plain PuVAE + PGD-AT |")][0].count(
+        "not run (older suite)") == 1
     bad = subprocess.run([sys.executable, "-m", "benchmarks.adversarial", "--profile", "tiny",
                           "--row", "nonsense", "--out", str(out)], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert bad.returncode != 0 and "nonsense" in bad.stderr
@@ -157,15 +171,16 @@ def test_benchmark_row_resumes_from_its_partial_file(tmp_path):
     """A row cut off mid-way (a session's end) resumes: parts in work/partial-ROW.json are not measured again."""
     work = tmp_path / "work"
     work.mkdir()
-    _plant_partial(work, "pgd-at", "PGD-AT",
+    _plant_partial(work, "pgd-at--converged", "PGD-AT (converged)",
                    {"clean_and_oblivious": {"clean": 0.123, "clean_n": 50, "oblivious": 0.456}})
     out = tmp_path / "adv-tiny.json"
     r = subprocess.run([sys.executable, "-m", "benchmarks.adversarial", "--profile", "tiny", "--row",
-                        "PGD-AT", "--out", str(out), "--work", str(work)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+                        "PGD-AT (converged)", "--out", str(out), "--work", str(work)], capture_output=True, text=True,
+                       timeout=600, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
-    got = json.loads(out.read_text())["rows"]["PGD-AT"]
+    got = json.loads(out.read_text())["rows"]["PGD-AT (converged)"]
     assert (got["clean"], got["oblivious"]) == (0.123, 0.456)  # taken from the partial file, not measured
-    assert not (work / "partial-pgd-at.json").exists() and (work / "row-pgd-at.json").is_file()
+    assert not (work / "partial-pgd-at--converged.json").exists() and (work / "row-pgd-at--converged.json").is_file()
 
 
 
