@@ -10,7 +10,7 @@ On a machine with onnxruntime-gpu and a CUDA GPU:
    on CUDA beside the fp32 pipeline, interleaved, at batch 1, 256 and 1024; if the tool or the fp16 session is
    not available, the results say why and the fp32 parts stand;
 3. parity on ``--n`` test images: the CUDA fp32 (and fp16) pipeline against the CPU one: max abs difference of
-   logits, purified images and reconstruction errors, the fraction with the same predicted and chosen class.
+   logits, purified images and scores, the fraction with the same predicted and chosen class.
 
 Writes ``results/gpu.{json,md}`` with the GPU named by nvidia-smi. Without a CUDA provider that starts on a GPU it
 refuses (exit 2) and writes nothing.
@@ -79,14 +79,14 @@ def fp16_copy(src: Path, dst: Path) -> str | None:
 
 def run_all(rt: OnnxPurifier, x: np.ndarray, batch: int = 256) -> dict:
     outs = [rt(x[i:i + batch]) for i in range(0, len(x), batch)]
-    return {k: np.concatenate([o[k] for o in outs]) for k in ("logits", "purified", "recon_error",
+    return {k: np.concatenate([o[k] for o in outs]) for k in ("logits", "purified", "scores",
                                                                "predicted_class", "chosen_class")}
 
 
 def parity(reference: dict, other: dict) -> dict:
     """How far ``other``'s outputs are from ``reference``'s (both from ``run_all`` on the same images)."""
     diff = {f"max_abs_diff_{k}": float(np.abs(other[k] - reference[k]).max())
-            for k in ("logits", "purified", "recon_error")}
+            for k in ("logits", "purified", "scores")}
     same = {f"same_{k}": float(np.mean(other[k] == reference[k])) for k in ("predicted_class", "chosen_class")}
     # where another class's reconstruction was kept the logits differ by a whole image; apart from those:
     agree = other["chosen_class"] == reference["chosen_class"]
@@ -142,12 +142,12 @@ def table(report: dict) -> str:
              f"{v['images_per_s']:.0f}"] for name, r in c["timings"].items() for b, v in r.items()]
     text = markdown_table(["pipeline", "batch", "ms/image", "images/s"], rows)
     rows = [[name, f"{p['max_abs_diff_logits']:.2e}", f"{p['max_abs_diff_logits_same_chosen']:.2e}",
-             f"{p['max_abs_diff_purified']:.2e}", f"{p['max_abs_diff_recon_error']:.2e}",
+             f"{p['max_abs_diff_purified']:.2e}", f"{p['max_abs_diff_scores']:.2e}",
              f"{100 * p['same_predicted_class']:.2f}%", f"{100 * p['same_chosen_class']:.2f}%"]
             for name, p in c["parity_vs_cpu"].items()]
     text += "\n\nAgainst the CPU provider (fp32) on the same images:\n\n" + markdown_table(
         ["pipeline", "max abs logits diff", "the same, where the chosen class agrees", "max abs purified diff",
-         "max abs recon error diff", "same predicted class", "same chosen class"], rows)
+         "max abs scores diff", "same predicted class", "same chosen class"], rows)
     if not c["fp16"]["available"]:
         text += f"\n\nfp16: not measured: {c['fp16']['reason']}."
     speed = report.get("speed")

@@ -169,7 +169,9 @@ def main(model_dir: str, report_path: str, *bench_paths: str, made_by: str | Non
             import onnx
 
             props = {p.key: p.value for p in onnx.load(str(model_dir / name), load_external_data=False).metadata_props}
-            lines.append(f"| `{name}` | ONNX ({', '.join(json.loads(props['outputs']))}); selection "
+            deprecated = json.loads(props.get("deprecated_outputs", "{}"))  # recon_error, an alias of scores
+            outputs = ", ".join(n for n in json.loads(props["outputs"]) if n not in deprecated)
+            lines.append(f"| `{name}` | ONNX ({outputs}); selection "
                          f"{props['selection']}, rejection threshold {float(props['rejection_threshold']):.5f} "
                          f"({json.loads(props['rejection_calibration'])['percentile']}th percentile of clean "
                          f"validation error) | `{sha256(model_dir / name)[:16]}…` |")

@@ -75,7 +75,7 @@ def agreement(sessions: dict, x: np.ndarray) -> dict:
     for name, s in sessions.items():
         got = dict(zip(names, s.run(names, {"x": x})))
         out[name] = {"max_abs_diff": {k: float(np.abs(got[k].astype(np.float64) - ref[k]).max())
-                                      for k in ("purified", "recon_error", "logits")},
+                                      for k in ("purified", "scores", "logits")},
                      "same_chosen_class": float((got["chosen_class"] == ref["chosen_class"]).mean()),
                      "same_predicted_class": float((got["logits"].argmax(1) == ref["logits"].argmax(1)).mean())}
     return out

@@ -359,12 +359,12 @@ class Bench:
 
         def best_error(x):
             with torch.no_grad():
-                return chunked(lambda a, b: pur(a)["recon_error"].min(1).values, x, x[:, 0, 0, 0], 500)
+                return chunked(lambda a, b: pur(a)["scores"].min(1).values, x, x[:, 0, 0, 0], 500)
 
         def defended(a, b):
             with torch.no_grad():
                 out = pur(a)
-                return (clf(out["purified"]).argmax(1) == b) | (out["recon_error"].min(1).values > thr)
+                return (clf(out["purified"]).argmax(1) == b) | (out["scores"].min(1).values > thr)
 
         attacks = []
         for penalty in (0.0, p.reject_penalty):

@@ -140,7 +140,7 @@ class Bench:
     def best_error(self, x: torch.Tensor) -> torch.Tensor:
         """The purifier's best reconstruction error per image (what the reject option thresholds)."""
         with torch.no_grad():
-            return torch.cat([self.purifier(x[i:i + 500])["recon_error"].min(1).values for i in range(0, len(x), 500)])
+            return torch.cat([self.purifier(x[i:i + 500])["scores"].min(1).values for i in range(0, len(x), 500)])
 
     def holds(self, defense: str):
         return lambda x, y: self.logits(defense, x).argmax(1) == y
@@ -217,7 +217,7 @@ class Bench:
             with torch.no_grad():
                 out = self.purifier(a)
                 ok = self.clf(out["purified"]).argmax(1) == b
-                return ok | (out["recon_error"].min(1).values > self.threshold)
+                return ok | (out["scores"].min(1).values > self.threshold)
 
         attacks = []
         for penalty in (0.0, self.p.reject_penalty):

@@ -1,10 +1,12 @@
 """``pipeline.onnx`` = the project's ``purifier.onnx`` followed by the user's own ``classifier.onnx``.
 
-One graph, input ``x`` (N x C x H x W float32 in [0, 1]) -> ``purified``, ``chosen_class``, ``recon_error``,
-``logits``, in that order, so the torch-free runtime serves a user's classifier exactly like the project's
-fused pipeline. Between the two graphs sit what the classifier expects and the purifier does not give: a
-Transpose to N x H x W x C (``layout="nhwc"``) and the per-channel normalisation ``(x - mean) / std``. The
-result is checked in onnxruntime against the two files run one after the other; a failure writes nothing.
+One graph, input ``x`` (N x C x H x W float32 in [0, 1]) -> ``purified``, ``chosen_class``, ``scores``,
+``logits`` and ``recon_error`` (the deprecated alias of ``scores``, ``export.outputs``), in that order, so the
+torch-free runtime serves a user's classifier exactly like the project's fused pipeline; a ``purifier.onnx`` of an
+earlier release (``recon_error`` without ``scores``) is taken too. Between the two graphs sit what the classifier
+expects and the purifier does not give: a Transpose to N x H x W x C (``layout="nhwc"``) and the per-channel
+normalisation ``(x - mean) / std``. The result is checked in onnxruntime against the two files run one after the
+other; a failure writes nothing.
 """
 from __future__ import annotations
 
@@ -20,11 +22,10 @@ import onnx.version_converter
 from onnx import helper, numpy_helper
 
 from export.onnx_classifier import LAYOUTS, OnnxClassifierError, inspect_classifier
+from export.outputs import ALIAS, PIPELINE_OUTPUTS, PURIFIER_OUTPUTS, SCORES, alias_scores
 from purifier.checkpoint import sha256_file
 from purifier.classifier_io import ClassifierError
 
-PURIFIER_OUTPUTS = ("purified", "chosen_class", "recon_error")
-PIPELINE_OUTPUTS = (*PURIFIER_OUTPUTS, "logits")
 PARITY_ATOL = 1e-4  # per output: absolute below 1, relative above
 PREFIX = "classifier/"
 
@@ -40,9 +41,10 @@ def _opset(model: onnx.ModelProto) -> int:
 def _purifier_shape(model: onnx.ModelProto, path: Path) -> tuple[int, int, int]:
     inputs = {i.name: i for i in model.graph.input}
     outputs = [o.name for o in model.graph.output]
-    if "x" not in inputs or outputs != list(PURIFIER_OUTPUTS):
+    accepted = ([*PURIFIER_OUTPUTS, ALIAS], [*PURIFIER_OUTPUTS[:-1], ALIAS])  # this release's, an earlier one's
+    if "x" not in inputs or outputs not in accepted:
         raise ComposeError(f"{path}: inputs {list(inputs)} and outputs {outputs}; expected input 'x' and outputs "
-                           f"{list(PURIFIER_OUTPUTS)}. Pass a purifier.onnx written by `purifier export`.")
+                           f"{accepted[0]}. Pass a purifier.onnx written by `purifier export`.")
     dims = [d.dim_value if d.HasField("dim_value") else None for d in inputs["x"].type.tensor_type.shape.dim]
     if len(dims) != 4 or None in dims[1:]:
         raise ComposeError(f"{path}: input 'x' has dims {dims}; expected N x C x H x W with fixed C, H, W")
@@ -150,19 +152,23 @@ def _align(purifier: onnx.ModelProto, classifier: onnx.ModelProto, paths) -> tup
 
 
 def _session(model_or_path):
+    """An onnxruntime CPU session on a path or a serialised model (bytes)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    return ort.InferenceSession(str(model_or_path), opts, providers=["CPUExecutionProvider"])
+    model = model_or_path if isinstance(model_or_path, bytes) else str(model_or_path)
+    return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
 
 
-def _parity(composed: Path, purifier_onnx: Path, classifier_onnx: Path, input_name: str, layout: str, norm,
+def _parity(composed: Path, purifier: bytes, classifier_onnx: Path, input_name: str, layout: str, norm,
             x: np.ndarray, atol: float) -> dict:
-    purifier_out = _session(purifier_onnx).run(list(PURIFIER_OUTPUTS), {"x": x})
+    purifier_out = _session(purifier).run(list(PURIFIER_OUTPUTS), {"x": x})
     logits = _session(classifier_onnx).run(None, {input_name: _preprocess(purifier_out[0], layout, norm)})[0]
     expected = dict(zip(PIPELINE_OUTPUTS, [*purifier_out, logits]))
-    got = dict(zip(PIPELINE_OUTPUTS, _session(composed).run(list(PIPELINE_OUTPUTS), {"x": x})))
+    got = dict(zip([*PIPELINE_OUTPUTS, ALIAS], _session(composed).run([*PIPELINE_OUTPUTS, ALIAS], {"x": x})))
+    if not np.array_equal(got[ALIAS], got[SCORES], equal_nan=True):
+        raise ComposeError(f"composed output {ALIAS!r} is not equal to {SCORES!r}")
     report = {}
     for name in PIPELINE_OUTPUTS:
         e, g = expected[name], got[name]
@@ -215,6 +221,8 @@ def compose_pipeline(purifier_onnx: str | os.PathLike, classifier_onnx: str | os
         raise ComposeError(f"x_check has shape {list(x_check.shape)}; the purifier takes "
                            f"N x {' x '.join(map(str, chw))}")
 
+    alias_scores(purifier)  # an earlier release's recon_error is renamed scores
+    purifier_bytes = purifier.SerializeToString()  # the purifier the parity check runs
     classifier = onnx.load(str(classifier_onnx))
     del classifier.metadata_props[:]  # merge_models refuses differing values; the pipeline's are set below
     purifier, classifier = _align(purifier, classifier, (purifier_onnx, classifier_onnx))
@@ -243,9 +251,10 @@ def compose_pipeline(purifier_onnx: str | os.PathLike, classifier_onnx: str | os
         "mean": None if norm is None else np.asarray(mean, dtype=float).reshape(-1).tolist(),
         "std": None if norm is None else np.asarray(std, dtype=float).reshape(-1).tolist()})
     props.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()})
-    props["outputs"] = json.dumps(list(PIPELINE_OUTPUTS))
     del model.metadata_props[:]
     helper.set_model_props(model, props)
+    alias_scores(model)  # the purifier's alias node is written again, last; metadata_props outputs follow
+    props = {p.key: p.value for p in model.metadata_props}
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".compose-") as tmp:
@@ -255,7 +264,7 @@ def compose_pipeline(purifier_onnx: str | os.PathLike, classifier_onnx: str | os
             onnx.checker.check_model(str(tmp_path))
         except onnx.checker.ValidationError as e:
             raise ComposeError(f"the composed model fails onnx.checker: {e}") from e
-        parity = _parity(tmp_path, purifier_onnx, classifier_onnx, info["input_name"], layout, norm, x_check, atol)
+        parity = _parity(tmp_path, purifier_bytes, classifier_onnx, info["input_name"], layout, norm, x_check, atol)
         os.replace(tmp_path, out_path)
     return {"path": out_path, "parity": parity, "metadata": props}
 

@@ -1,8 +1,11 @@
 """Export a trained purifier (and, fused, purifier + target classifier) to ONNX with the dynamo exporter.
 
 Two artifacts, both with a dynamic batch axis and the K classes batched inside the graph (B*K):
-  ``purifier.onnx``  x -> purified, chosen_class, recon_error (N x K)
-  ``pipeline.onnx``  x -> purified, chosen_class, recon_error, logits
+  ``purifier.onnx``  x -> purified, chosen_class, scores (N x K), recon_error
+  ``pipeline.onnx``  x -> purified, chosen_class, scores, logits, recon_error
+
+``scores`` is the selection rule's per-class score (lower = better fit, ``chosen_class`` its argmin);
+``recon_error`` is a deprecated alias of it (an ``Identity`` node, ``export.outputs``), removed in the next release.
 
 Each carries ``metadata_props`` that the torch-free runtime reads (dataset, class names, input shape, value
 range, selection rule, rejection threshold, versions, sha256 of the weights), so serving needs no Python
@@ -31,8 +34,7 @@ from purifier.models.cvae import CVAE
 from purifier.designs import load_purifier
 from purifier.pipeline import Purifier
 
-PURIFIER_OUTPUTS = ("purified", "chosen_class", "recon_error")
-PIPELINE_OUTPUTS = (*PURIFIER_OUTPUTS, "logits")
+from .outputs import ALIAS, PIPELINE_OUTPUTS, PURIFIER_OUTPUTS, SCORES, alias_scores
 PARITY_ATOL = 1e-4  # per output: max |onnx - torch| / max(1, |torch|)
 PARITY_BATCHES = (1, 64)
 
@@ -66,7 +68,7 @@ class _Graph(nn.Module):
 
     def forward(self, x: torch.Tensor):
         out = self.purifier(x)
-        outputs = (out["purified"], out["chosen_class"], out["recon_error"])
+        outputs = (out["purified"], out["chosen_class"], out["scores"])
         if self.classifier is not None:
             outputs += (self.classifier(out["purified"]),)
         return outputs
@@ -115,7 +117,9 @@ def _check_parity(path: Path, graph: _Graph, names, image_shape, seed: int = 0) 
         x = torch.rand(b, *image_shape, generator=gen)
         with torch.no_grad():
             expected = graph(x)
-        got = session.run(list(names), {"x": x.numpy()})
+        got = session.run([*names, ALIAS], {"x": x.numpy()})
+        if not np.array_equal(got[-1], got[names.index(SCORES)], equal_nan=True):
+            raise ParityError(f"{path.name}: output {ALIAS!r} is not equal to {SCORES!r} at batch {b}")
         diffs = {}
         for name, e, g in zip(names, expected, got):
             if name == "chosen_class":
@@ -161,8 +165,9 @@ def export_onnx(path: str | os.PathLike, cvae: CVAE | Purifier, classifier: nn.M
         program.save(str(tmp_path))
         model = onnx.load(str(tmp_path))
         props = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
-        props["outputs"] = json.dumps(list(names))
         onnx.helper.set_model_props(model, props)
+        alias_scores(model)  # + recon_error, metadata_props outputs and deprecated_outputs
+        props = {p.key: p.value for p in model.metadata_props}
         model.producer_name, model.producer_version = "purifier", __version__
         onnx.checker.check_model(model)
         onnx.save(model, str(tmp_path))

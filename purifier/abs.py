@@ -22,14 +22,15 @@ from __future__ import annotations
 import copy
 
 import torch
-from .pipeline import Purifier, bernoulli_nll, select
+from .pipeline import Purifier, bernoulli_nll, select, with_alias
 from .validation import check_images
 
 SCORES = ("mse", "likelihood")
 
 
 class LatentOptPurifier(Purifier):
-    """forward(x) -> the same dict as ``Purifier`` (purified, chosen_class, recon_error, recon)."""
+    """forward(x) -> the same dict as ``Purifier`` (purified, chosen_class, scores, recon; recon_error, the
+    deprecated alias of scores)."""
 
     def __init__(self, cvae, selection: str = "mse", steps: int = 10, lr: float = 0.002, unrolled: bool = False):
         if selection not in SCORES:
@@ -82,4 +83,4 @@ class LatentOptPurifier(Purifier):
         else:
             scores = energy.view(b, k)
         purified, chosen = select(recon, scores)
-        return {"purified": purified, "chosen_class": chosen, "recon_error": scores, "recon": recon}
+        return with_alias({"purified": purified, "chosen_class": chosen, "scores": scores, "recon": recon})

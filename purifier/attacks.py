@@ -173,7 +173,7 @@ def pipeline_objective(classifier: nn.Module, purifier: nn.Module, grad: str, ta
         value, wrong = F.cross_entropy(logits, y, reduction="sum"), logits.argmax(1) != y
         if reject is None:
             return value, wrong
-        return value - reject.cost(out["recon_error"]), reject.broken(wrong, out["recon_error"].detach())
+        return value - reject.cost(out["scores"]), reject.broken(wrong, out["scores"].detach())
 
     return objective
 
@@ -182,12 +182,12 @@ def selection_objective(classifier: nn.Module, purifier: nn.Module, reject: Reje
     """The selection attack (see ``selection_loss``), judged by the pipeline's real prediction."""
     def objective(adv, y):
         out = purifier(adv)
-        value = _selection_margin(out["recon_error"], y).sum()
+        value = _selection_margin(out["scores"], y).sum()
         with torch.no_grad():
             wrong = classifier(out["purified"]).argmax(1) != y
         if reject is None:
             return value, wrong
-        return value - reject.cost(out["recon_error"]), reject.broken(wrong, out["recon_error"].detach())
+        return value - reject.cost(out["scores"]), reject.broken(wrong, out["scores"].detach())
 
     return objective
 
@@ -206,7 +206,7 @@ def selection_loss(purifier: nn.Module):
     classifier this way). Gradients flow through every class's encoder and decoder.
     """
     def loss(adv: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return _selection_margin(purifier(adv)["recon_error"], y).sum()
+        return _selection_margin(purifier(adv)["scores"], y).sum()
 
     return loss
 
@@ -239,6 +239,6 @@ def candidate_exclusion_objective(classifier: nn.Module, purifier: nn.Module,
         out = purifier(adv)
         with torch.no_grad():
             wrong = classifier(out["purified"]).argmax(1) != y
-        return value - reject.cost(out["recon_error"]), reject.broken(wrong, out["recon_error"].detach())
+        return value - reject.cost(out["scores"]), reject.broken(wrong, out["scores"].detach())
 
     return objective

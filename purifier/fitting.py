@@ -116,7 +116,7 @@ def provenance(command: str | None = None) -> dict:
 
 def rejection_threshold(purifier, x_val: torch.Tensor, percentile: float = 99.0, source: str = "") -> dict:
     """The ``percentile`` of the chosen class's score over clean held-out images: above it, an input is flagged."""
-    best = purify(purifier, x_val)["recon_error"].min(1).values.numpy()
+    best = purify(purifier, x_val)["scores"].min(1).values.numpy()
     return {"threshold": float(np.percentile(best, percentile)), "percentile": percentile, "n": len(best),
             "source": source}
 

@@ -104,12 +104,22 @@ def select(recon: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, tor
     return torch.gather(recon, 1, index).squeeze(1), chosen
 
 
+def with_alias(out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``out`` with ``recon_error``: the same tensor as ``out["scores"]``, the deprecated name of the purifier's
+    per-class scores, kept for one release (removed in the next)."""
+    out["recon_error"] = out["scores"]
+    return out
+
+
 class Purifier(nn.Module):
     """PuVAE purifier around a trained CVAE.
 
     forward(x: B x C x H x W in [0, 1]) -> dict:
-      ``purified`` B x C x H x W, ``chosen_class`` B (int64), ``recon_error`` B x K (the selection scores),
-      ``recon`` B x K x C x H x W (every class's reconstruction).
+      ``purified`` B x C x H x W, ``chosen_class`` B (int64), ``scores`` B x K (the selection rule's score per
+      class, lower = better fit, ``chosen_class`` is the argmin: MSE reconstruction errors under ``mse``, negative
+      ELBO or IWAE bounds under ``likelihood`` and ``iwae``), ``recon`` B x K x C x H x W (every class's
+      reconstruction), and ``recon_error``: the ``scores`` tensor again, a deprecated alias removed in the next
+      release.
 
     ``candidates`` = k (with ``ranker``, a classifier B x C x H x W -> logits B x K, usually the target classifier):
     reconstruct only the k classes ``ranker`` scores highest on x. The other classes' scores are +inf and their
@@ -171,7 +181,7 @@ class Purifier(nn.Module):
         else:
             scores = class_scores(x, out, self.selection)
         purified, chosen = select(out["recon"], scores)
-        return {"purified": purified, "chosen_class": chosen, "recon_error": scores, "recon": out["recon"]}
+        return with_alias({"purified": purified, "chosen_class": chosen, "scores": scores, "recon": out["recon"]})
 
     def _forward_candidates(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         classes = rank_candidates(self.ranker, x, self.candidates)          # B x k
@@ -183,13 +193,14 @@ class Purifier(nn.Module):
         scores = scores_k.new_full((b, k), float("inf")).scatter(1, classes, scores_k)
         index = classes.view(b, -1, 1, 1, 1).expand(-1, -1, *out["recon"].shape[2:])
         recon = out["recon"].new_zeros((b, k, *out["recon"].shape[2:])).scatter(1, index, out["recon"])
-        return {"purified": purified, "chosen_class": classes.gather(1, pick[:, None]).squeeze(1),
-                "recon_error": scores, "recon": recon, "candidates": classes}
+        return with_alias({"purified": purified, "chosen_class": classes.gather(1, pick[:, None]).squeeze(1),
+                           "scores": scores, "recon": recon, "candidates": classes})
 
 
 @torch.no_grad()
 def purify(purifier: Purifier, x: torch.Tensor, batch_size: int = 512) -> dict[str, torch.Tensor]:
-    """Purify a batch of any size in eval mode, chunked; returns ``purified``, ``chosen_class``, ``recon_error``.
+    """Purify a batch of any size in eval mode, chunked; returns ``purified``, ``chosen_class``, ``scores`` (and
+    ``recon_error``, its deprecated alias).
 
     Every submodule gets back the mode it had (a freshly wrapped ``Purifier(cvae)`` is in training mode while
     its CVAE may not be; restoring the wrapper's flag alone would switch the CVAE to sampling).
@@ -201,10 +212,10 @@ def purify(purifier: Purifier, x: torch.Tensor, batch_size: int = 512) -> dict[s
     finally:
         for m, mode in modes:
             m.training = mode
-    keys = ("purified", "chosen_class", "recon_error")
+    keys = ("purified", "chosen_class", "scores")
     if not parts:
         check_images(x, purifier.image_shape)
-    return {k: torch.cat([p[k] for p in parts]) if parts else x.new_zeros(0) for k in keys}
+    return with_alias({k: torch.cat([p[k] for p in parts]) if parts else x.new_zeros(0) for k in keys})
 
 
 class PurifiedClassifier(nn.Module):
@@ -228,7 +239,7 @@ class PurifiedClassifier(nn.Module):
     def purify_with_scores(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(purified batch carrying this mode's gradient, the purifier's output dict) in one pass.
 
-        Attacks on the reject option use the dict's ``recon_error``; it carries gradient except in
+        Attacks on the reject option use the dict's ``scores``; they carry gradient except in
         ``bpda`` and ``none`` modes.
         """
         if self.grad in ("none", "bpda"):
@@ -239,7 +250,7 @@ class PurifiedClassifier(nn.Module):
         out = self.purifier(x)
         if self.grad == "full":
             return out["purified"], out
-        weights = torch.softmax(-out["recon_error"] / self.tau, dim=1)
+        weights = torch.softmax(-out["scores"] / self.tau, dim=1)
         soft = (weights.view(*weights.shape, 1, 1, 1) * out["recon"]).sum(1)
         return soft + (out["purified"] - soft).detach(), out
 

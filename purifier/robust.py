@@ -68,7 +68,7 @@ def purifier_attacks(classifier: nn.Module, purifier: nn.Module, pgd: PGD, resta
 def runner_up(purifier: nn.Module, x: torch.Tensor, y: torch.Tensor, rank: int) -> torch.Tensor:
     """Per image, the wrong class whose reconstruction fits the clean input ``rank``-th best (1 = closest)."""
     with torch.no_grad():
-        scores = purifier(x)["recon_error"].scatter(1, y[:, None], float("inf"))
+        scores = purifier(x)["scores"].scatter(1, y[:, None], float("inf"))
     return scores.argsort(1)[:, rank - 1]
 
 
@@ -91,7 +91,7 @@ def targeted_objectives(classifier: nn.Module, purifier: nn.Module, k: int) -> d
     def selection(adv, yt):
         y, t = unpack(yt)
         out = purifier(adv)
-        s = out["recon_error"]
+        s = out["scores"]
         value = (s.gather(1, y[:, None]) - s.gather(1, t[:, None])).sum()
         with torch.no_grad():
             wrong = classifier(out["purified"]).argmax(1) != y

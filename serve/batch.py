@@ -383,6 +383,7 @@ def write_outputs(out_dir: Path, items: list[Item], out: dict, names: list[str],
         for rel, img in zip(outputs, purified):
             atomic_write_bytes(out_dir / rel, encode_png(img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0)))
     records = []
+    best = out["scores"].min(1).tolist()  # the chosen class's score
     for k, item in enumerate(items):
         chosen = int(out["chosen_class"][k])
         pred = int(out["predicted_class"][k]) if "predicted_class" in out else None
@@ -390,8 +391,8 @@ def write_outputs(out_dir: Path, items: list[Item], out: dict, names: list[str],
             "source": item.source, "index": item.index, "output": outputs[k],
             "predicted_class": pred, "predicted_name": names[pred] if pred is not None else None,
             "chosen_class": chosen, "chosen_name": names[chosen],
-            "recon_error": float(out["recon_error"][k].min()), "margin": float(out["margin"][k]),
-            "rejected": bool(out["rejected"][k]),
+            "scores": best[k], "margin": float(out["margin"][k]), "rejected": bool(out["rejected"][k]),
+            "recon_error": best[k],  # the deprecated alias of scores
         })
     return records
 

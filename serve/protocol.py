@@ -11,7 +11,7 @@ import numpy as np
 from fastapi import Request
 from pydantic import BaseModel, Field
 
-from .runtime import OnnxPurifier
+from .runtime import ALIASES, OnnxPurifier
 
 
 # KServe v2 datatype <-> numpy
@@ -55,14 +55,18 @@ def served_name(runtime: OnnxPurifier, configured: str | None = None) -> str:
 
 
 def _outputs_meta(runtime: OnnxPurifier) -> list[dict]:
+    """The outputs the server gives, in order: the graph's, ``predicted_class`` (pipelines), ``margin``,
+    ``rejected``, then the deprecated aliases (``recon_error``, the same values as ``scores``)."""
     k = len(runtime.class_names)
     shape = [-1, *runtime.image_shape]
-    metas = {"purified": ("FP32", shape), "chosen_class": ("INT64", [-1]), "recon_error": ("FP32", [-1, k]),
+    metas = {"purified": ("FP32", shape), "chosen_class": ("INT64", [-1]), "scores": ("FP32", [-1, k]),
              "logits": ("FP32", [-1, k]), "predicted_class": ("INT64", [-1]), "margin": ("FP32", [-1]),
              "rejected": ("BOOL", [-1])}
-    names = [n for n in runtime.outputs if n in metas] + ["margin", "rejected"]
+    metas.update({alias: metas[of] for alias, of in ALIASES.items()})
+    names = [n for n in runtime.outputs if n in metas and n not in ALIASES] + ["margin", "rejected"]
     if "logits" in runtime.outputs:
         names.insert(names.index("margin"), "predicted_class")
+    names += [n for n in runtime.outputs if n in ALIASES]
     return [{"name": n, "datatype": metas[n][0], "shape": metas[n][1]} for n in names]
 
 

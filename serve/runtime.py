@@ -19,6 +19,9 @@ CPU = "CPUExecutionProvider"
 
 
 PRECISIONS = ("fp32", "int8")
+SCORES = "scores"
+# deprecated output -> the output it repeats; kept for one release, removed in the next
+ALIASES = {"recon_error": SCORES}
 
 
 def check_precision(precision: str | None) -> str | None:
@@ -129,9 +132,11 @@ class OnnxPurifier:
     """Run an exported ``purifier.onnx`` or ``pipeline.onnx``.
 
     ``__call__(x)`` takes N x C x H x W (or N x H x W for one channel), float32 in [0, 1] or uint8, and
-    returns a dict of numpy arrays: ``purified``, ``chosen_class``, ``recon_error`` (N x K), ``logits`` and
-    ``predicted_class`` (pipeline models only), ``margin`` (runner-up minus best error) and ``rejected``
-    (best error above the model's calibrated threshold).
+    returns a dict of numpy arrays: ``purified``, ``chosen_class``, ``scores`` (N x K, the selection rule's score
+    per class, lower = better fit), ``logits`` and ``predicted_class`` (pipeline models only), ``margin`` (runner-up
+    minus best score) and ``rejected`` (best score above the model's calibrated threshold), and ``recon_error``:
+    the ``scores`` array again, a deprecated alias removed in the next release. A model exported by an earlier
+    release (``recon_error`` without ``scores``) gives the same dict.
 
     ``precision``: ``"fp32"`` or ``"int8"`` (a model directory's ``pipeline.int8.onnx``, from
     ``purifier export --int8``); None takes a directory's fp32 model, or a file as its metadata says.
@@ -150,7 +155,12 @@ class OnnxPurifier:
         self.image_shape = tuple(int(d) for d in self.metadata["input_shape"][1:])
         self.class_names = list(self.metadata["class_names"])
         self.threshold = float(self.metadata["rejection_threshold"])
-        self.outputs = [o.name for o in self.session.get_outputs()]
+        graph = [o.name for o in self.session.get_outputs()]
+        # run every graph output but an alias of another; a graph of an earlier release (recon_error, no scores)
+        # has its recon_error run and named scores
+        self._run = [n for n in graph if ALIASES.get(n) not in graph]
+        self._names = [SCORES if n in ALIASES else n for n in self._run]
+        self.outputs = [*self._names, *(a for a, of in ALIASES.items() if of in self._names)]
 
     @property
     def providers(self) -> list[str]:
@@ -184,10 +194,11 @@ class OnnxPurifier:
 
     def __call__(self, x) -> dict[str, np.ndarray]:
         x = self.validate(x)
-        out = dict(zip(self.outputs, self.session.run(self.outputs, {"x": x})))
-        errors = np.sort(out["recon_error"], axis=1)
-        out["margin"] = errors[:, 1] - errors[:, 0]
-        out["rejected"] = errors[:, 0] > self.threshold
+        out = dict(zip(self._names, self.session.run(self._run, {"x": x})))
+        out.update({alias: out[of] for alias, of in ALIASES.items() if of in out})
+        ranked = np.sort(out[SCORES], axis=1)
+        out["margin"] = ranked[:, 1] - ranked[:, 0]
+        out["rejected"] = ranked[:, 0] > self.threshold
         if "logits" in out:
             out["predicted_class"] = out["logits"].argmax(1)
         return out

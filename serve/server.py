@@ -335,11 +335,11 @@ def create_app(model: str | os.PathLike, cfg: ServerConfig | None = None, device
         out = await batcher.submit(x)
         metrics.images.inc(1)
         metrics.rejections.inc(int(out["rejected"].sum()))
-        best = float(out["recon_error"][0].min())
+        best = float(out["scores"][0].min())
         doc = {"filename": file.filename, "chosen_class": int(out["chosen_class"][0]),
                "chosen_class_name": runtime.class_names[int(out["chosen_class"][0])],
-               "recon_error": best, "margin": float(out["margin"][0]), "rejected": bool(out["rejected"][0]),
-               "rejection_threshold": runtime.threshold}
+               "scores": best, "margin": float(out["margin"][0]), "rejected": bool(out["rejected"][0]),
+               "rejection_threshold": runtime.threshold, "recon_error": best}  # recon_error: deprecated alias
         if "predicted_class" in out:
             k = int(out["predicted_class"][0])
             doc.update({"predicted_class": k, "class_name": runtime.class_names[k]})

@@ -6,8 +6,9 @@
     serve_triton("models/fashion-mnist", http_port=8000)    # both in one: purifier serve --engine triton
 
 The Python-backend model (``serve.triton_model``) answers with every output ``purifier serve`` gives: the graph's
-(``purified``, ``chosen_class``, ``recon_error``, ``logits``) and ``predicted_class``, ``margin``, ``rejected``, all
-computed by ``OnnxPurifier`` itself. Triton's dynamic batcher gathers requests into one onnxruntime call.
+(``purified``, ``chosen_class``, ``scores``, ``logits``) and ``predicted_class``, ``margin``, ``rejected``, then
+``recon_error`` (the deprecated alias of ``scores``, the same values), all computed by ``OnnxPurifier`` itself.
+Triton's dynamic batcher gathers requests into one onnxruntime call.
 
 The binary is the one the ``nvidia-pytriton`` wheel ships (``pytriton/tritonserver``: ``bin/tritonserver``, the
 Python backend, one backend stub per Python version; CPU only), or any Triton installation given as a folder with

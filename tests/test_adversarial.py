@@ -48,8 +48,8 @@ def test_training_attacks_stay_in_the_ball_and_each_slice_gets_its_attack(data):
     assert (xa - x).abs().max() <= 0.1 + 1e-6 and xa.min() >= 0 and xa.max() <= 1
     assert not torch.equal(xa, x)
     with torch.no_grad():
-        before = _selection_margin(pur(x[:8])["recon_error"], y[:8])
-        after = _selection_margin(pur(xa[:8])["recon_error"], y[:8])
+        before = _selection_margin(pur(x[:8])["scores"], y[:8])
+        after = _selection_margin(pur(xa[:8])["scores"], y[:8])
     # the first half was attacked on the selection margin: it must have risen on average
     assert after.mean() > before.mean()
 

@@ -235,7 +235,7 @@ def test_onnx_classifier_journey_composes_their_graph(user, tmp_path):
     assert report["classifier"]["accuracy"] == pytest.approx(user["acc"], abs=1 / 300 + 1e-6)
     # pipeline.onnx holds their graph as it is (prefixed), not a re-export of a converted module
     pipe = onnx.load(str(run / "pipeline.onnx"))
-    assert [o.name for o in pipe.graph.output] == ["purified", "chosen_class", "recon_error", "logits"]
+    assert [o.name for o in pipe.graph.output] == ["purified", "chosen_class", "scores", "logits", "recon_error"]
     props = {p.key: p.value for p in pipe.metadata_props}
     assert props["classifier_source"] == "onnx" and props["kind"] == "pipeline"
     assert props["classifier_sha256"] == hashlib.sha256((d / "model.onnx").read_bytes()).hexdigest()

@@ -18,7 +18,7 @@ MODEL = ROOT / "models" / "fashion-mnist"
 def test_k_equal_to_the_number_of_classes_is_the_full_purifier_exactly(small_cvae, small_classifier, batch):
     full = Purifier(small_cvae).eval()(batch)
     cand = Purifier(small_cvae, candidates=10, ranker=small_classifier).eval()(batch)
-    for key in ("purified", "chosen_class", "recon_error", "recon"):
+    for key in ("purified", "chosen_class", "scores", "recon_error", "recon"):
         assert torch.equal(full[key], cand[key]), key
     assert torch.equal(cand["candidates"], torch.arange(10).expand(len(batch), 10))
 
@@ -29,14 +29,14 @@ def test_k_1_purifies_to_the_ranking_classifiers_top_class(small_cvae, small_cla
     assert torch.equal(out["chosen_class"], top)
     full = small_cvae.reconstruct_all(batch)["recon"]
     assert torch.allclose(out["purified"], full[torch.arange(len(batch)), top], atol=1e-6)
-    assert torch.isinf(out["recon_error"]).sum(1).eq(9).all()  # the other classes are never reconstructed
+    assert torch.isinf(out["scores"]).sum(1).eq(9).all()  # the other classes are never reconstructed
 
 
 def test_k_3_chooses_the_best_fitting_of_the_ranked_three(small_cvae, small_classifier, batch):
     out = Purifier(small_cvae, candidates=3, ranker=small_classifier).eval()(batch)
     ranked = small_classifier(batch).topk(3, dim=1).indices
     assert all(int(c) in r.tolist() for c, r in zip(out["chosen_class"], ranked))
-    full = Purifier(small_cvae).eval()(batch)["recon_error"]
+    full = Purifier(small_cvae).eval()(batch)["scores"]
     best = full.gather(1, ranked).argmin(1)
     assert torch.equal(out["chosen_class"], ranked.gather(1, best[:, None]).squeeze(1))
 

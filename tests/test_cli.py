@@ -45,7 +45,7 @@ def test_train_and_evaluate_on_an_npz_of_another_size_and_class_count(tmp_path, 
     assert rt.image_shape == (1, 32, 32) and rt.class_names == [f"band{k}" for k in range(5)]
     test = np.load(tiny_npz)
     out = rt(test["x_test"])
-    assert out["recon_error"].shape == (100, 5)
+    assert out["scores"].shape == (100, 5)
     assert (out["predicted_class"] == test["y_test"]).mean() == pytest.approx(
         report["selections"]["mse"]["accuracy"], abs=0.011)
 

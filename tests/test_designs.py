@@ -74,20 +74,20 @@ def test_every_design_trains_a_step_and_purifies(name, small_classifier):
     with torch.no_grad():
         out = purifier(x[:4])
         again = purifier(x[:4])
-    assert out["recon_error"].shape == (4, 10) and out["purified"].shape == (4, 1, 28, 28)
+    assert out["scores"].shape == (4, 10) and out["purified"].shape == (4, 1, 28, 28)
     assert torch.equal(out["purified"], again["purified"])  # deterministic: no EOT needed
-    assert torch.equal(out["chosen_class"], out["recon_error"].argmin(1))
+    assert torch.equal(out["chosen_class"], out["scores"].argmin(1))
 
 
 def test_iwae_bound_is_below_its_single_sample_bounds(small_cvae, batch):
     iwae = Purifier(small_cvae, "iwae", samples=6).eval()
     with torch.no_grad():
-        together = iwae(batch)["recon_error"]
+        together = iwae(batch)["scores"]
         singles = []
         for s in range(6):
             one = Purifier(small_cvae, "iwae", samples=1).eval()
             one.noise = iwae.noise[s:s + 1]
-            singles.append(one(batch)["recon_error"])
+            singles.append(one(batch)["scores"])
     assert (together <= torch.stack(singles).mean(0) + 1e-4).all()
     assert not (together == torch.stack(singles).mean(0)).all()
 
@@ -106,8 +106,8 @@ def test_iwae_and_hierarchical_designs_export_with_parity(tmp_path, small_cvae, 
             ref = purifier.eval()(torch.from_numpy(x))
         got = OnnxPurifier(result.path, device="cpu")(x)
         assert np.array_equal(got["chosen_class"], ref["chosen_class"].numpy())
-        assert np.isfinite(got["recon_error"]).all()
-        assert np.allclose(got["recon_error"], ref["recon_error"].numpy(), rtol=1e-4)
+        assert np.isfinite(got["scores"]).all()
+        assert np.allclose(got["scores"], ref["scores"].numpy(), rtol=1e-4)
 
 
 @pytest.mark.parametrize("rule", ["likelihood", "iwae"])
@@ -124,8 +124,8 @@ def test_likelihood_rules_on_the_plain_model_match_onnxruntime_on_real_images(tm
         "value_range": [0.0, 1.0], "rejection_threshold": 1e9})
     x = fmnist_test.x[:64]
     with torch.no_grad():
-        ref = purifier(torch.from_numpy(x))["recon_error"].numpy()
-    got = OnnxPurifier(result.path, device="cpu")(x)["recon_error"]
+        ref = purifier(torch.from_numpy(x))["scores"].numpy()
+    got = OnnxPurifier(result.path, device="cpu")(x)["scores"]
     assert np.isfinite(got).all() and np.allclose(got, ref, rtol=1e-4)
 
 
@@ -153,8 +153,8 @@ def test_analysis_by_synthesis_masks_gradients_unless_unrolled(small_cvae, batch
         assert torch.allclose(zero_steps(batch)["purified"], plain(batch)["purified"], atol=1e-6)
     abs_ = LatentOptPurifier(small_cvae, steps=3, lr=0.01).eval()
     with torch.no_grad():
-        moved = abs_(batch)["recon_error"].min(1).values
-        assert (moved <= plain(batch)["recon_error"].min(1).values + 1e-6).float().mean() > 0.5
+        moved = abs_(batch)["scores"].min(1).values
+        assert (moved <= plain(batch)["scores"].min(1).values + 1e-6).float().mean() > 0.5
     x = batch.clone().requires_grad_(True)
     masked, = torch.autograd.grad(abs_(x)["purified"].sum(), x, allow_unused=True)
     assert masked is None or float(masked.abs().sum()) == 0.0

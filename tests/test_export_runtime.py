@@ -6,10 +6,12 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 
 from export.onnx_export import export_onnx
+from export.outputs import upgrade_files
 from purifier import checkpoint
 from purifier.pipeline import Purifier
 from serve.runtime import OnnxPurifier, choose_providers
@@ -38,7 +40,7 @@ def test_committed_pipeline_matches_torch_on_real_images(default_torch, default_
         logits = clf(ref["purified"])
     assert np.array_equal(got["chosen_class"], ref["chosen_class"].numpy())
     assert np.abs(got["purified"] - ref["purified"].numpy()).max() <= 1e-4
-    assert np.abs(got["recon_error"] - ref["recon_error"].numpy()).max() <= 1e-4
+    assert np.abs(got["scores"] - ref["scores"].numpy()).max() <= 1e-4
     assert np.abs(got["logits"] - logits.numpy()).max() <= 1e-4
 
 
@@ -51,6 +53,40 @@ def test_committed_models_describe_themselves(default_onnx):
     assert meta["classifier_sha256"] == checkpoint.read_record(MODEL / "classifier")["weights_sha256"]
     purifier_only = OnnxPurifier(MODEL / "purifier.onnx", device="cpu")
     assert "logits" not in purifier_only.outputs and purifier_only.metadata["kind"] == "purifier"
+
+
+@pytest.mark.parametrize("name", ["pipeline.onnx", "purifier.int8.onnx"])
+def test_committed_models_give_recon_error_as_the_alias_of_scores(fmnist_test, name):
+    session = ort.InferenceSession(str(MODEL / name), providers=["CPUExecutionProvider"])
+    scores, alias = session.run(["scores", "recon_error"], {"x": fmnist_test.x[:32]})
+    assert np.array_equal(alias, scores) and scores.shape == (32, 10)
+    props = session.get_modelmeta().custom_metadata_map
+    assert json.loads(props["outputs"])[-1] == "recon_error" == [o.name for o in session.get_outputs()][-1]
+    assert json.loads(props["deprecated_outputs"])["recon_error"]["alias_of"] == "scores"
+
+
+def test_a_model_of_the_earlier_release_is_served_and_upgraded_with_the_same_numbers(tmp_path, fmnist_test):
+    """A graph that computes recon_error and has no scores (how earlier releases exported): the runtime gives both
+    names, and ``upgrade_files`` renames it to scores and adds the alias, changing no number."""
+    model = onnx.load(str(MODEL / "purifier.onnx"))
+    graph = model.graph
+    kept = [n for n in graph.node if list(n.output) != ["recon_error"]]
+    del graph.node[:], graph.output[-1]
+    graph.node.extend(kept)
+    for node in graph.node:
+        node.input[:] = ["recon_error" if n == "scores" else n for n in node.input]
+        node.output[:] = ["recon_error" if n == "scores" else n for n in node.output]
+    graph.output[-1].name = "recon_error"
+    onnx.save(model, str(tmp_path / "purifier.onnx"))
+    x = fmnist_test.x[:16]
+    legacy = OnnxPurifier(tmp_path / "purifier.onnx", device="cpu")
+    assert legacy.outputs == ["purified", "chosen_class", "scores", "recon_error"]
+    before = legacy(x)
+    assert before["recon_error"] is before["scores"]
+    (old, new), = upgrade_files([tmp_path / "purifier.onnx"]).values()
+    assert old != new and (tmp_path / "purifier.onnx").read_bytes() == (MODEL / "purifier.onnx").read_bytes()
+    after = OnnxPurifier(tmp_path / "purifier.onnx", device="cpu")(x)
+    assert set(after) == set(before) and all(np.array_equal(after[k], before[k]) for k in before)
 
 
 def test_runtime_flags_what_the_threshold_rejects(default_onnx, fmnist_test):
@@ -88,7 +124,9 @@ def test_export_of_a_fresh_model_carries_metadata_and_parity(tmp_path, small_cva
                                    "rejection_threshold": 0.5})
     assert set(result.parity) == {1, 64} and max(result.parity[64].values()) <= 1e-4
     props = {p.key: p.value for p in onnx.load(str(result.path)).metadata_props}
-    assert json.loads(props["outputs"]) == ["purified", "chosen_class", "recon_error", "logits"]
+    assert json.loads(props["outputs"]) == ["purified", "chosen_class", "scores", "logits", "recon_error"]
+    assert json.loads(props["deprecated_outputs"]) == {"recon_error": {"alias_of": "scores",
+                                                                       "removed_in": "the next release"}}
     graph_ops = {n.op_type for n in onnx.load(str(result.path)).graph.node}
     assert {"ArgMin", "GatherElements"} <= graph_ops and "RandomNormalLike" not in graph_ops
     rt = OnnxPurifier(result.path, device="cpu")

@@ -42,7 +42,7 @@ def test_export_int8_writes_a_quantised_twin_that_the_runtime_loads_without_torc
         f"rt = OnnxPurifier({str(out)!r}, device='cpu', precision='int8')\n"
         "assert rt.path.name == 'purifier.int8.onnx' and rt.precision == 'int8', (rt.path, rt.precision)\n"
         "out = rt(np.random.default_rng(0).random((4, 1, 28, 28), dtype=np.float32))\n"
-        "assert out['recon_error'].shape == (4, 10) and out['purified'].shape == (4, 1, 28, 28)\n"
+        "assert out['scores'].shape == (4, 10) and out['purified'].shape == (4, 1, 28, 28)\n"
         "bad = [m for m in ('torch', 'purifier', 'export', 'onnx') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )

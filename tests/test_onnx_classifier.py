@@ -154,23 +154,23 @@ def test_nhwc_classifier_is_detected_converted_and_composed(tmp_path, purifier_g
 
     out = tmp_path / "pipeline.onnx"
     report = compose_pipeline(purifier_gray, path, out, layout="nhwc", metadata={"note": {"by": "test"}})
-    assert report["path"] == out and set(report["parity"]) == {"purified", "chosen_class", "recon_error", "logits"}
+    assert report["path"] == out and set(report["parity"]) == {"purified", "chosen_class", "scores", "logits"}
     model = onnx.load(str(out))
-    assert [o.name for o in model.graph.output] == ["purified", "chosen_class", "recon_error", "logits"]
+    assert [o.name for o in model.graph.output] == ["purified", "chosen_class", "scores", "logits", "recon_error"]
     meta = {p.key: p.value for p in model.metadata_props}
-    assert json.loads(meta["outputs"]) == ["purified", "chosen_class", "recon_error", "logits"]
+    assert json.loads(meta["outputs"]) == ["purified", "chosen_class", "scores", "logits", "recon_error"]
     assert meta["kind"] == "pipeline" and json.loads(meta["note"]) == {"by": "test"}
     assert json.loads(meta["class_names"]) == PURIFIER_META["class_names"]  # copied from purifier.onnx
     assert json.loads(meta["classifier"])["layout"] == "nhwc"
 
     # the oracle: purifier.onnx, then the transposed purified images through classifier.onnx
     images = fmnist_test.x[300:364]
-    purified, chosen, errors = ort_run(purifier_gray, {"x": images}, ["purified", "chosen_class", "recon_error"])
+    purified, chosen, errors = ort_run(purifier_gray, {"x": images}, ["purified", "chosen_class", "scores"])
     logits = ort_run(path, {"image": np.ascontiguousarray(purified.transpose(0, 2, 3, 1))})[0]
     got = OnnxPurifier(out, device="cpu")(images)  # the torch-free runtime serves it like a fused pipeline
     assert np.array_equal(got["chosen_class"], chosen)
     assert np.abs(got["purified"] - purified).max() <= 1e-5
-    assert np.abs(got["recon_error"] - errors).max() <= 1e-4
+    assert np.abs(got["scores"] - errors).max() <= 1e-4
     assert np.abs(got["logits"] - logits).max() <= 1e-4
     assert np.array_equal(got["predicted_class"], logits.argmax(1))
 

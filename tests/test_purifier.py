@@ -29,7 +29,7 @@ def test_oracle_picks_the_class_whose_template_fits(selection):
     out = Purifier(cvae, selection)(x)
     assert out["chosen_class"].tolist() == y.tolist()
     assert torch.allclose(out["purified"], cvae.templates[y], atol=1e-6)
-    assert out["recon_error"].shape == (8, 4)
+    assert out["scores"].shape == (8, 4)
 
 
 def test_oracle_between_two_templates_chooses_the_closer():
@@ -47,7 +47,7 @@ def test_batched_k_way_equals_per_class_loop(small_cvae, batch):
         recon = small_cvae.decode(mu, y)
         assert torch.allclose(out["recon"][:, k], recon, atol=1e-6)
         assert torch.allclose(out["mu"][:, k], mu, atol=1e-6)
-    scores = Purifier(small_cvae)(batch)["recon_error"]
+    scores = Purifier(small_cvae)(batch)["scores"]
     loop = torch.stack([(out["recon"][:, k] - batch).pow(2).flatten(1).mean(1) for k in range(10)], 1)
     assert torch.allclose(scores, loop, atol=1e-7)
 
@@ -55,9 +55,18 @@ def test_batched_k_way_equals_per_class_loop(small_cvae, batch):
 def test_eval_mode_is_deterministic_and_training_mode_samples(small_cvae, batch):
     p = Purifier(small_cvae)
     a, b = p(batch), p(batch)
-    assert torch.equal(a["purified"], b["purified"]) and torch.equal(a["recon_error"], b["recon_error"])
+    assert torch.equal(a["purified"], b["purified"]) and torch.equal(a["scores"], b["scores"])
     small_cvae.train()
     assert not torch.equal(small_cvae.reconstruct_all(batch)["recon"], small_cvae.reconstruct_all(batch)["recon"])
+
+
+@pytest.mark.parametrize("selection", ["mse", "likelihood", "iwae"])
+def test_recon_error_is_the_deprecated_alias_of_scores(small_cvae, batch, selection):
+    pur = Purifier(small_cvae, selection, samples=2).eval()
+    with torch.no_grad():
+        out, chunked = pur(batch), purify(pur, batch, batch_size=4)
+    assert out["recon_error"] is out["scores"] and torch.equal(out["chosen_class"], out["scores"].argmin(1))
+    assert torch.equal(chunked["recon_error"], chunked["scores"]) and torch.equal(chunked["scores"], out["scores"])
 
 
 def test_purify_chunks_and_restores_mode(small_cvae, batch):

@@ -73,7 +73,8 @@ def test_health_and_metadata_through_tritonclient(client, runtime):
     meta = client.get_model_metadata(NAME)
     assert meta["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, 1, 28, 28]}]
     names = [o["name"] for o in meta["outputs"]]
-    assert names[:4] == ["purified", "chosen_class", "recon_error", "logits"]
+    assert names[:4] == ["purified", "chosen_class", "scores", "logits"]
+    assert names[-1] == "recon_error"  # the deprecated alias of scores, after the outputs the server adds
     assert {"predicted_class", "margin", "rejected"} <= set(names)
     assert meta["parameters"]["class_names"] == runtime.class_names
 
@@ -84,11 +85,12 @@ def test_inference_equals_the_runtime(client, runtime, images, binary):
     inp = tritonclient_http.InferInput("x", list(x.shape), "FP32")
     inp.set_data_from_numpy(x, binary_data=binary)
     outs = [tritonclient_http.InferRequestedOutput(n, binary_data=binary)
-            for n in ("purified", "recon_error", "predicted_class", "rejected")]
+            for n in ("purified", "scores", "recon_error", "predicted_class", "rejected")]
     r = client.infer(NAME, [inp], outputs=outs)
     direct = runtime(x)
     np.testing.assert_allclose(r.as_numpy("purified"), direct["purified"], atol=1e-6)
-    np.testing.assert_allclose(r.as_numpy("recon_error"), direct["recon_error"], atol=1e-6)
+    np.testing.assert_allclose(r.as_numpy("scores"), direct["scores"], atol=1e-6)
+    np.testing.assert_array_equal(r.as_numpy("recon_error"), r.as_numpy("scores"))
     np.testing.assert_array_equal(r.as_numpy("predicted_class"), direct["predicted_class"])
     np.testing.assert_array_equal(r.as_numpy("rejected"), direct["rejected"])
     assert r.as_numpy("logits") is None  # only the outputs asked for come back
@@ -209,7 +211,7 @@ def test_purify_upload_returns_the_class_and_the_png(server, runtime, images):
     assert doc["predicted_class"] == int(direct["predicted_class"][0])
     assert doc["class_name"] == runtime.class_names[doc["predicted_class"]]
     assert doc["rejected"] == bool(direct["rejected"][0])
-    assert abs(doc["recon_error"] - float(direct["recon_error"][0].min())) < 1e-6
+    assert abs(doc["scores"] - float(direct["scores"][0].min())) < 1e-6 and doc["recon_error"] == doc["scores"]
     png = Image.open(io.BytesIO(base64.b64decode(doc["purified_png"])))
     assert png.size == (28, 28)
 

@@ -25,7 +25,7 @@ from serve.triton import TritonServer, find_tritonserver  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "models" / "fashion-mnist"
 NAME = "fashion-mnist-python"  # the Python-backend model of `purifier export --triton REPO --triton-name fashion-mnist`
-FLOATS = ("purified", "recon_error", "logits", "margin")
+FLOATS = ("purified", "scores", "logits", "margin", "recon_error")
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +168,7 @@ def test_engine_triton_serves_the_shipped_model(install, runtime, images):
             assert c.get_model_config("fashion-mnist").config.max_batch_size == 8
             inp = grpc.InferInput("x", list(x.shape), "FP32")
             inp.set_data_from_numpy(x)
-            assert_same(c.infer("fashion-mnist", [inp]), runtime(x), ["predicted_class", "rejected", "recon_error"])
+            assert_same(c.infer("fashion-mnist", [inp]), runtime(x), ["predicted_class", "rejected", "scores"])
         finally:
             c.close()
         with urllib.request.urlopen(metrics_url, timeout=10) as r:

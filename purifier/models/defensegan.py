@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..pipeline import with_alias
 from ..validation import check_images
 
 
@@ -74,9 +75,10 @@ def vae_loss(vae: VAE, x: torch.Tensor) -> dict[str, torch.Tensor]:
 class DefenseGAN(nn.Module):
     """Projection onto a decoder's range: ``steps`` (L) Adam steps on z from each of ``restarts`` (R) starts.
 
-    forward(x: B x C x H x W in [0, 1]) -> dict: ``purified`` B x C x H x W (G(z*)), ``recon_error`` B x 1 (the
-    MSE of the best restart), ``z`` B x latent_dim. Runs its own optimisation with gradients enabled whatever the
-    caller's grad mode; the output carries no gradient to x (attack it with BPDA, as Athalye et al. 2018 did).
+    forward(x: B x C x H x W in [0, 1]) -> dict: ``purified`` B x C x H x W (G(z*)), ``scores`` B x 1 (the
+    MSE of the best restart; ``recon_error``, the same tensor, is its deprecated alias), ``z`` B x latent_dim.
+    Runs its own optimisation with gradients enabled whatever the caller's grad mode; the output carries no
+    gradient to x (attack it with BPDA, as Athalye et al. 2018 did).
     """
 
     def __init__(self, vae: VAE, steps: int = 200, restarts: int = 10, lr: float = 0.05, seed: int = 0):
@@ -115,5 +117,5 @@ class DefenseGAN(nn.Module):
             err = (recon.flatten(1) - target).pow(2).mean(1).view(b, r)
             best = err.argmin(1)
             pick = torch.arange(b) * r + best
-            return {"purified": recon[pick], "recon_error": err.gather(1, best[:, None]),
-                    "z": z.detach()[pick]}
+            return with_alias({"purified": recon[pick], "scores": err.gather(1, best[:, None]),
+                               "z": z.detach()[pick]})
