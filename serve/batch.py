@@ -391,8 +391,8 @@ def write_outputs(out_dir: Path, items: list[Item], out: dict, names: list[str],
             "source": item.source, "index": item.index, "output": outputs[k],
             "predicted_class": pred, "predicted_name": names[pred] if pred is not None else None,
             "chosen_class": chosen, "chosen_name": names[chosen],
-            "scores": best[k], "margin": float(out["margin"][k]), "rejected": bool(out["rejected"][k]),
-            "recon_error": best[k],  # the deprecated alias of scores
+            "score": best[k], "margin": float(out["margin"][k]), "rejected": bool(out["rejected"][k]),
+            "recon_error": best[k],  # the deprecated alias of score
         })
     return records
 

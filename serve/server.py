@@ -338,8 +338,8 @@ def create_app(model: str | os.PathLike, cfg: ServerConfig | None = None, device
         best = float(out["scores"][0].min())
         doc = {"filename": file.filename, "chosen_class": int(out["chosen_class"][0]),
                "chosen_class_name": runtime.class_names[int(out["chosen_class"][0])],
-               "scores": best, "margin": float(out["margin"][0]), "rejected": bool(out["rejected"][0]),
-               "rejection_threshold": runtime.threshold, "recon_error": best}  # recon_error: deprecated alias
+               "score": best, "margin": float(out["margin"][0]), "rejected": bool(out["rejected"][0]),
+               "rejection_threshold": runtime.threshold, "recon_error": best}  # recon_error: deprecated alias of score
         if "predicted_class" in out:
             k = int(out["predicted_class"][0])
             doc.update({"predicted_class": k, "class_name": runtime.class_names[k]})

@@ -65,7 +65,7 @@ def test_messy_folder_good_items_purified_bad_ones_logged(messy, tmp_path):
         img.load()
         assert img.size == (28, 28) and img.mode == "L"
         assert m["predicted_name"] and isinstance(m["rejected"], bool) and m["margin"] >= 0
-        assert m["scores"] > 0 and m["recon_error"] == m["scores"]  # the chosen class's score; the deprecated alias
+        assert m["score"] > 0 and m["recon_error"] == m["score"]  # the chosen class's score; the deprecated alias
     assert (out / "other" / "ünïcode 名前.png").exists()
     assert sorted(m["index"] for m in manifest if m["index"] is not None) == [0, 1, 2]
     summary = json.loads((out / "summary.json").read_text())

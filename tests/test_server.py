@@ -211,7 +211,7 @@ def test_purify_upload_returns_the_class_and_the_png(server, runtime, images):
     assert doc["predicted_class"] == int(direct["predicted_class"][0])
     assert doc["class_name"] == runtime.class_names[doc["predicted_class"]]
     assert doc["rejected"] == bool(direct["rejected"][0])
-    assert abs(doc["scores"] - float(direct["scores"][0].min())) < 1e-6 and doc["recon_error"] == doc["scores"]
+    assert abs(doc["score"] - float(direct["scores"][0].min())) < 1e-6 and doc["recon_error"] == doc["score"]
     png = Image.open(io.BytesIO(base64.b64decode(doc["purified_png"])))
     assert png.size == (28, 28)
 
