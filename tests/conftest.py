@@ -1,3 +1,7 @@
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -52,3 +56,20 @@ def write_bands(path):
 @pytest.fixture
 def tiny_npz(tmp_path):
     return write_bands(tmp_path / "bands.npz")
+
+
+def run_torch_free(code: str, forbidden: tuple = ("torch",), cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter (in ``cwd``, default the repository root), then check that it imported
+    none of the modules ``forbidden``; returns the finished process for checks of its output."""
+    check = (f"\nimport sys as _sys\n_bad = [m for m in {tuple(forbidden)!r} if m in _sys.modules]\n"
+             "assert not _bad, f'imported: {_bad}'\n")
+    r = subprocess.run([sys.executable, "-c", code + check], cwd=cwd or Path(__file__).resolve().parents[1],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r
+
+
+@pytest.fixture
+def torch_free():
+    """``run_torch_free``: code that must run without importing torch (or the other modules named)."""
+    return run_torch_free

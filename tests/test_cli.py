@@ -1,7 +1,5 @@
 """The CLI through click's runner on real files, and the torch-free import path in a clean subprocess."""
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -66,17 +64,15 @@ def test_cli_usage_errors_name_the_problem(tmp_path, tiny_npz):
     assert r.exit_code == 2 and "16,x" in r.output
 
 
-def test_package_import_and_cli_help_do_not_import_torch():
-    code = ("import sys, purifier, purifier.cli, purifier.data; "
-            "from click.testing import CliRunner; r = CliRunner().invoke(purifier.cli.main, ['--help']); "
-            "assert r.exit_code == 0, r.output; assert 'torch' not in sys.modules, 'torch was imported'")
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+def test_package_import_and_cli_help_do_not_import_torch(torch_free):
+    torch_free("import purifier, purifier.cli, purifier.data; "
+               "from click.testing import CliRunner; r = CliRunner().invoke(purifier.cli.main, ['--help']); "
+               "assert r.exit_code == 0, r.output")
 
 
-def test_shipped_model_names_resolve_from_any_folder_without_torch(tmp_path):
-    code = ("import sys; from purifier.registry import resolve; print(resolve('fashion-mnist')); "
-            "print(resolve('fashion-mnist-plain')); assert 'torch' not in sys.modules, 'torch imported'")
-    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True, capture_output=True, text=True)
+def test_shipped_model_names_resolve_from_any_folder_without_torch(tmp_path, torch_free):
+    r = torch_free("from purifier.registry import resolve; print(resolve('fashion-mnist')); "
+                   "print(resolve('fashion-mnist-plain'))", cwd=tmp_path)
     assert r.stdout.split() == [str(ROOT / "models" / "fashion-mnist"), str(ROOT / "models" / "fashion-mnist-plain")]
 
 
