@@ -5,7 +5,7 @@ work on the base install.
 """
 
 from .common import main
-from . import demo, evaluate, fit, purify, train  # noqa: E402,F401  (each registers its commands on main)
+from . import demo, evaluate, exporting, fit, purify, train  # noqa: E402,F401  (each registers its commands on main)
 
 
 def _add_serve():

@@ -1,80 +1,16 @@
 """``purifier purify``: files in batch through onnxruntime (torch-free), with the exit codes of the README."""
 from __future__ import annotations
 
-import contextlib
 import sys
 from pathlib import Path
 
 import click
 
 from .common import _model, _shipped_names, main
+from .jobs import ray_line, stop_on_signals, summary_line
 
 # `purifier purify` exit codes (its --help and README say the same)
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-
-
-@contextlib.contextmanager
-def _stop_on_signals(notice):
-    """SIGINT and SIGTERM ask the job to stop (yields the ``should_stop`` callable); a second one stops at once
-    (KeyboardInterrupt). The old handlers come back afterwards. Outside the main thread, signals are left alone."""
-    import signal
-    import threading
-
-    requested = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield requested.is_set
-        return
-
-    def on_signal(signum, frame):
-        if requested.is_set():
-            raise KeyboardInterrupt
-        requested.set()
-        notice(signum)
-
-    old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield requested.is_set
-    finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
-
-
-def _purify_line(stats, out_dir: Path) -> str:
-    """The one-line summary on stderr."""
-    rate = stats.done / stats.seconds["total"] if stats.seconds["total"] else 0.0
-    failed = f"failed {stats.failed}"
-    if stats.failed_earlier:
-        failed += f" ({stats.failed_earlier} recorded by an earlier run; --no-resume retries them)"
-    parts = [f"done {stats.done}", failed, f"rejected {stats.rejected}", f"resumed {stats.skipped}"]
-    if stats.skipped_files:
-        names = ", ".join(Path(f["path"]).name for f in stats.skipped_files[:3])
-        more = f" and {len(stats.skipped_files) - 3} more" if len(stats.skipped_files) > 3 else ""
-        parts.append(f"skipped {len(stats.skipped_files)} non-image file{'s' * (len(stats.skipped_files) != 1)} "
-                     f"({names}{more}; listed in summary.json)")
-    line = ", ".join(parts) + f"; {rate:.0f} images/s; manifest: {out_dir / 'manifest.jsonl'}"
-    if stats.failed:
-        line += f", errors: {out_dir / 'errors.jsonl'}"
-    if stats.interrupted:
-        line = (f"interrupted with {stats.remaining} input{'s' * (stats.remaining != 1)} left (rerun the same "
-                f"command to resume): {line}")
-    return line
-
-
-def _ray_line(out_dir: Path) -> str:
-    """The Ray engine's part of the summary line, from summary.json."""
-    import json
-
-    summary = json.loads((out_dir / "summary.json").read_text(encoding="utf-8"))
-    r = summary["ray"]
-    return (f"; ray: {r['actors']} actor{'s' * (r['actors'] != 1)} on {r['nodes']} node{'s' * (r['nodes'] != 1)}, "
-            f"{_providers(summary['providers'])}, {r['start_seconds']:.1f} s to start")
-
-
-def _providers(providers: list) -> str:
-    """onnxruntime providers as words; the Ray engine's list of distinct lists (actors that disagree) as A / B."""
-    if providers and isinstance(providers[0], list):
-        return " / ".join(_providers(p) for p in providers)
-    return ", ".join(providers)
 
 
 @main.command("purify")
@@ -157,7 +93,7 @@ def purify_cmd(inputs, model, out_dir, batch_size, resize, fmt, resume, device, 
         from serve.runtime import select_model
 
         model = str(select_model(model, precision))
-        with _stop_on_signals(notice) as should_stop:
+        with stop_on_signals(notice) as should_stop:
             progress = on_batch if bar is not None else None
             if engine == "ray":
                 from serve.ray_batch import purify_files_ray
@@ -177,6 +113,6 @@ def purify_cmd(inputs, model, out_dir, batch_size, resize, fmt, resume, device, 
         if bar is not None:
             bar.render_finish()
     if not quiet:
-        click.echo(_purify_line(stats, Path(out_dir)) + (_ray_line(Path(out_dir)) if engine == "ray" else ""),
+        click.echo(summary_line(stats, Path(out_dir)) + (ray_line(Path(out_dir)) if engine == "ray" else ""),
                    err=True)
     sys.exit(EXIT_INTERRUPTED if stats.interrupted else EXIT_FAILED if stats.failed else EXIT_OK)
