@@ -511,8 +511,8 @@ def measure_rows(bench: Bench, rows: list[Row], table: list[Row] | None = None) 
                     stale.unlink()  # its weights or the attack suite changed since it was measured: measure again
             results[r.name] = bench.cached(key, lambda r=r: bench.row(r))
             (bench.work / f"partial-{slug(r.name)}.json").unlink(missing_ok=True)  # the whole row is cached now
-        # the weights are the ones measured (same sha256); record where they live now
-        results[r.name].update(classifier=r.classifier, cvae=r.cvae)
+        # the weights are the ones measured (same sha256); record where they live now and how the table describes them
+        results[r.name].update(classifier=r.classifier, cvae=r.cvae, note=r.note)
         results[r.name].pop("speed", None)  # rows cached by an earlier version timed themselves while sharing cores
     return results
 
