@@ -50,13 +50,13 @@ def run_job(args: list[str], out: Path) -> dict:
 
 
 def agreement(a: dict, b: dict) -> dict:
-    """How far two manifests (by input) agree: same inputs, same predicted and chosen classes, scores."""
+    """How far two manifests (by input) agree: same inputs, same predicted and chosen classes, same scores."""
     common = a.keys() & b.keys()
-    diff = max((abs(a[k]["scores"] - b[k]["scores"]) for k in common), default=0.0)
+    diff = max((abs(a[k]["score"] - b[k]["score"]) for k in common), default=0.0)
     return {"same_inputs": a.keys() == b.keys(), "inputs": len(common),
             "same_predicted_class": sum(a[k]["predicted_class"] == b[k]["predicted_class"] for k in common),
             "same_chosen_class": sum(a[k]["chosen_class"] == b[k]["chosen_class"] for k in common),
-            "max_abs_scores_diff": diff}
+            "max_abs_score_diff": diff}
 
 
 @click.command()
@@ -120,7 +120,7 @@ def main(model, n, batch_size, actors, ray_address, device, reps, note, out):
               f"node(s), {ray_info['start_seconds']:.1f} s to start Ray (in the wall-clock, not in the job figure). "
               f"Manifests agree on {parity['same_predicted_class']}/{parity['inputs']} predicted and "
               f"{parity['same_chosen_class']}/{parity['inputs']} chosen classes (max score difference "
-              f"{parity['max_abs_scores_diff']:.2g}). Load average before/after: "
+              f"{parity['max_abs_score_diff']:.2g}). Load average before/after: "
               f"{load_before[0]:.1f}/{load_after[0]:.1f}." + (f" {note}" if note else ""))
     write_results(out, report, f"`purifier purify` on one process and on Ray, {n} Fashion-MNIST PNGs "
                                f"({cpu_model()}, {os.cpu_count()} cores, batch {batch_size}, median of {reps})",

@@ -156,7 +156,7 @@ def test_the_benchmark_runs_both_engines_and_finds_them_agreeing(cluster, tmp_pa
                     "--out", str(out)], cwd=ROOT, check=True, capture_output=True)
     report = json.loads(out.read_text())
     assert report["parity"] == {"same_inputs": True, "inputs": 64, "same_predicted_class": 64,
-                                "same_chosen_class": 64, "max_abs_scores_diff": 0.0}
+                                "same_chosen_class": 64, "max_abs_score_diff": 0.0}
     assert report["engines"]["ray"]["providers"] == report["engines"]["local"]["providers"] == ["CPUExecutionProvider"]
     assert "| ray | CPUExecutionProvider |" in out.with_suffix(".md").read_text()
 
