@@ -15,6 +15,8 @@ from pathlib import Path
 
 import click
 
+from benchmarks.results import sync_texts
+
 ROOT = Path(__file__).resolve().parents[1]
 MARK = re.compile(r"<!-- rows from (results/[\w./-]+\.md) -->")
 
@@ -84,16 +86,8 @@ def refresh(text: str) -> str:
 @click.command()
 @click.option("--check", is_flag=True, help="Change nothing; exit 1 if a quoted table differs from its file.")
 def main(check):
-    stale = []
-    for doc in documents():
-        text = doc.read_text()
-        new = refresh(text)
-        if new != text:
-            stale.append(doc.relative_to(ROOT).as_posix())
-            if not check:
-                tmp = doc.with_name(f".{doc.name}.tmp")
-                tmp.write_text(new)
-                tmp.replace(doc)
+    texts = {doc: doc.read_text() for doc in documents()}
+    stale = sync_texts(((doc, text, refresh(text)) for doc, text in texts.items()), check, ROOT)
     if stale:
         click.echo(("stale: " if check else "refreshed: ") + ", ".join(stale), err=True)
     sys.exit(1 if check and stale else 0)

@@ -34,3 +34,15 @@ def cached(work: Path, name: str, fn, say) -> dict:
     write_json(path, value)
     say(f"{name}: {value['seconds']:.0f} s")
     return value
+
+
+def sync_texts(items, check: bool, root: Path) -> list[str]:
+    """For each ``(path, text now, text it should hold)``: the paths (relative to ``root``) that differ, each
+    rewritten atomically unless ``check``."""
+    stale = []
+    for path, now, new in items:
+        if now != new:
+            stale.append(Path(path).relative_to(root).as_posix())
+            if not check:
+                atomic_write_bytes(path, new.encode())
+    return stale
