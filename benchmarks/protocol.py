@@ -459,6 +459,11 @@ def output_paths(stem: str, profile_name: str, out: str | None, work: str | None
     return out, work
 
 
+def has_checkpoints(row: Row) -> bool:
+    """Whether the row's classifier (and CVAE) checkpoints are on disk."""
+    return (ROOT / f"{row.classifier}.json").is_file() and (not row.cvae or (ROOT / f"{row.cvae}.json").is_file())
+
+
 def choose_rows(all_rows: list[Row], wanted, hint: str) -> list[Row]:
     """The rows named in ``wanted`` (all when empty), each with its checkpoints on disk; ``hint`` says how to
     train what is missing."""
@@ -469,8 +474,7 @@ def choose_rows(all_rows: list[Row], wanted, hint: str) -> list[Row]:
             raise click.BadParameter(f"unknown rows {unknown}; known: {[r.name for r in all_rows]}",
                                      param_hint="--row")
         all_rows = [r for r in all_rows if r.name in wanted]
-    missing = [r.name for r in all_rows if not (ROOT / f"{r.classifier}.json").is_file()
-               or (r.cvae and not (ROOT / f"{r.cvae}.json").is_file())]
+    missing = [r.name for r in all_rows if not has_checkpoints(r)]
     if missing:
         raise click.UsageError(f"rows without checkpoints ({hint}): {missing}")
     return all_rows
@@ -496,8 +500,7 @@ def measure_rows(bench: Bench, rows: list[Row], table: list[Row] | None = None) 
         key = f"row-{slug(r.name)}"
         stale = bench.work / f"{key}.json"
         if r.name not in chosen:
-            if not stale.is_file() or not (ROOT / f"{r.classifier}.json").is_file() or \
-                    (r.cvae and not (ROOT / f"{r.cvae}.json").is_file()):
+            if not stale.is_file() or not has_checkpoints(r):
                 continue
             old = json.loads(stale.read_text())
             if old["checkpoints"] != checkpoints_of(r):

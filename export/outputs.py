@@ -21,8 +21,9 @@ from pathlib import Path
 import onnx
 from onnx import helper
 
-SCORES = "scores"
-ALIAS = "recon_error"
+from serve.runtime import ALIASES, SCORES
+
+ALIAS = next(a for a, of in ALIASES.items() if of == SCORES)  # "recon_error"
 PURIFIER_OUTPUTS = ("purified", "chosen_class", SCORES)
 PIPELINE_OUTPUTS = (*PURIFIER_OUTPUTS, "logits")
 # metadata_props "deprecated_outputs": output -> what it is and when it goes
