@@ -37,7 +37,7 @@ from .models.cvae import CVAE
 from .pipeline import Purifier, class_scores, purify
 from .resume import Checkpointer, Snapshots
 from .config import MODES, TRAIN_ATTACKS, PipelineAdversarial  # noqa: F401  (re-exported)
-from .train import StepCallback, TrainConfig, predict, seed_everything
+from .train import StepCallback, TrainConfig, predict, seed_everything, step_precision
 
 def _objective(name: str, classifier: nn.Module, purifier: Purifier):
     if name == "selection":
@@ -157,14 +157,8 @@ def train_pipeline_adversarial(cvae: CVAE, target: nn.Module, source: nn.Module,
                 "record_seconds": before + time.perf_counter() - start,
                 "seconds": loop["seconds"] + time.perf_counter() - sitting}
 
-    for step in range(first, total):
-        epoch, i = divmod(step, steps_per_epoch)
-        if i == 0 or perm is None:
-            perm = torch.randperm(len(x), generator=gen)
-        idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-        xb, yb = x[idx], y[idx]
-        # which parts step now: alternating takes turns, CVAE first
-        turn = ("cvae" if step % 2 == 0 else "classifier") if adv.mode == "alternating" else adv.mode
+    def adversarial_step(turn: str, xb: torch.Tensor, yb: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """One batch's attack and loss for the parts whose turn it is (the total loss and its named terms)."""
         cvae.eval()
         target.eval()
         xa = attack_batch(target, purifier, xb, yb, pgd, adv.attacks, gen)
@@ -188,6 +182,18 @@ def train_pipeline_adversarial(cvae: CVAE, target: nn.Module, source: nn.Module,
             total_loss = total_loss + clf
             terms.update({"clf_loss": clf, "clf_clean_acc": (logits_clean.argmax(1) == yb).float().mean(),
                           "clf_adv_acc": (logits_adv.argmax(1) == yb).float().mean()})
+        return total_loss, terms
+
+    for step in range(first, total):
+        epoch, i = divmod(step, steps_per_epoch)
+        if i == 0 or perm is None:
+            perm = torch.randperm(len(x), generator=gen)
+        idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+        xb, yb = x[idx], y[idx]
+        # which parts step now: alternating takes turns, CVAE first
+        turn = ("cvae" if step % 2 == 0 else "classifier") if adv.mode == "alternating" else adv.mode
+        with step_precision(cfg.precision):
+            total_loss, terms = adversarial_step(turn, xb, yb)
         opt, sched = groups[turn]
         opt.zero_grad(set_to_none=True)
         total_loss.backward()

@@ -6,6 +6,14 @@ from dataclasses import asdict, dataclass, field
 
 from . import designs
 
+PRECISIONS = ("fp32", "bf16")
+
+
+def check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 10
@@ -14,6 +22,10 @@ class TrainConfig:
     seed: int = 0
     lr_decay: bool = True  # cosine to zero over the run
     augment: bool = False  # classifiers: random horizontal flips and shifts of up to 2 pixels
+    precision: str = "fp32"  # bf16: each step's forward passes under torch.autocast(bfloat16); validation in fp32
+
+    def __post_init__(self):
+        check_precision(self.precision)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -124,6 +136,7 @@ class FitConfig:
     adversarial: object | None = None           # a PipelineAdversarial
     adversarial_epochs: float = 0.0
     percentile: float = 99.0                    # rejection threshold: this percentile of clean validation scores
+    precision: str = "fp32"                     # training steps in fp32 or under bf16 autocast (TrainConfig)
 
     def __post_init__(self):
         if self.epochs < 0 or self.epochs != int(self.epochs):
@@ -135,6 +148,7 @@ class FitConfig:
         if not 0 < self.percentile <= 100:
             raise ValueError(f"percentile must be in (0, 100], got {self.percentile!r}")
         designs.get(self.design)
+        check_precision(self.precision)
 
     def to_dict(self) -> dict:
         d = asdict(self)

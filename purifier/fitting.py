@@ -205,7 +205,8 @@ def fit(classifier, data, out, config: FitConfig = FitConfig(), *, target=None, 
 
     stages = {}
     if config.epochs:
-        cfg = TrainConfig(epochs=int(config.epochs), batch_size=config.batch_size, lr=config.lr, seed=config.seed)
+        cfg = TrainConfig(epochs=int(config.epochs), batch_size=config.batch_size, lr=config.lr, seed=config.seed,
+                          precision=config.precision)
         snaps = snapshots("puvae")
         history = train_cvae(cvae, source, x, y, xv, yv, cfg, loss, on_step, snaps)
         stages["puvae"] = {"train": cfg.to_dict(), "history": history, "train_seconds": snaps.seconds,
@@ -223,7 +224,7 @@ def fit(classifier, data, out, config: FitConfig = FitConfig(), *, target=None, 
             tgt = copy.deepcopy(source)  # the CE source stays frozen; the target that trains is a copy
         digest_target = state_digest(tgt)
         cfg = TrainConfig(epochs=config.adversarial_epochs, batch_size=config.batch_size, lr=config.lr,
-                          seed=config.seed)
+                          seed=config.seed, precision=config.precision)
         snaps = snapshots("adversarial")
         history = train_pipeline_adversarial(cvae, tgt, source, x, y, xv, yv, cfg, loss, adv,
                                              config.adversarial_epochs, on_step, snaps)

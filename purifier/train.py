@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import time
+from contextlib import nullcontext
 from typing import Callable
 
 import numpy as np
@@ -21,6 +22,24 @@ from .resume import Checkpointer, Snapshots
 
 # on_step(epoch, step, steps_per_epoch, stats)
 StepCallback = Callable[[int, int, int, dict], None]
+
+
+def step_precision(precision: str):
+    """The context a training step's forward passes run in: none for fp32; ``torch.autocast`` to bfloat16 on the
+    CPU for bf16 (matmuls and convolutions in bf16, losses and reductions in fp32; backward runs outside it). bf16
+    pays only where the CPU computes it natively (AVX512-BF16, AMX: ``native_bf16()``); elsewhere it is emulated
+    and about ten times slower (results/train_speed.md)."""
+    return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+
+
+def native_bf16() -> bool:
+    """Whether this CPU has bfloat16 instructions (the avx512_bf16 or amx_bf16 flag of /proc/cpuinfo)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def seed_everything(seed: int) -> None:
@@ -72,7 +91,8 @@ def fit(model: nn.Module, step: Callable[[torch.Tensor, torch.Tensor], dict], x:
             perm, sums, before = loop["perm"], loop["sums"], loop["epoch_seconds"]
         for i in range(first, steps_per_epoch):
             idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-            terms = step(x[idx], y[idx])
+            with step_precision(cfg.precision):
+                terms = step(x[idx], y[idx])
             opt.zero_grad(set_to_none=True)
             terms["loss"].backward()
             opt.step()

@@ -75,3 +75,21 @@ def test_hard_negative_selection_uses_the_sources_likeliest_wrong_classes(small_
     assert torch.isfinite(terms["sel"]) and terms["sel"] > 0
     with pytest.raises(ValueError, match="source"):
         PuVAELoss(ce_weight=0.0, sel_weight=1.0, sel_negatives=3)(small_cvae, None, batch, y)
+
+
+def test_bf16_runs_the_training_steps_under_autocast_and_validation_in_fp32(batch):
+    """precision="bf16": the steps' forward passes compute in bfloat16; the per-epoch validation stays float32."""
+    torch.manual_seed(0)
+    clf = Classifier(ClassifierConfig("a"))
+    dtypes = []
+    clf.register_forward_hook(lambda module, inputs, out: dtypes.append((module.training, out.dtype)))
+    x, y = torch.rand(256, 1, 28, 28), torch.randint(0, 10, (256,))
+    hist = train_classifier(clf, x, y, x[:64], y[:64], TrainConfig(epochs=1, precision="bf16"))
+    assert {d for training, d in dtypes if training} == {torch.bfloat16}
+    assert {d for training, d in dtypes if not training} == {torch.float32}
+    assert hist[0]["loss"] == hist[0]["loss"] and TrainConfig(precision="bf16").to_dict()["precision"] == "bf16"
+
+
+def test_an_unknown_precision_is_refused_by_name():
+    with pytest.raises(ValueError, match="'fp16'"):
+        TrainConfig(precision="fp16")

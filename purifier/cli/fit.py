@@ -9,9 +9,8 @@ import click
 
 from ..designs import DESIGNS as DESIGN_NAMES
 from .classifier import classifier_options, load_classifier
-from ..config import PipelineAdversarial
-from ..config import FitConfig
-from .common import (DATA_HELP, _classifier_path, _dataset, _load, _val_size, config_option, main, progress,
+from ..config import PRECISIONS, FitConfig, PipelineAdversarial
+from .common import (DATA_HELP, PRECISION_HELP, _classifier_path, _dataset, _load, _val_size, config_option, main, progress,
                      resume_options)
 
 
@@ -25,6 +24,7 @@ from .common import (DATA_HELP, _classifier_path, _dataset, _load, _val_size, co
 @config_option(FitConfig, "batch_size", type=click.IntRange(min=1))
 @config_option(FitConfig, "lr")
 @config_option(FitConfig, "seed")
+@config_option(FitConfig, "precision", type=click.Choice(PRECISIONS), help=PRECISION_HELP)
 @click.option("--val-size", default="auto", show_default=True,
               help="Held-out validation count or fraction; auto: 5000 or a tenth of the data, whichever is less.")
 @click.option("--latent-dim", type=int, help="Latent size (default: the dataset preset's).")
@@ -63,7 +63,7 @@ from .common import (DATA_HELP, _classifier_path, _dataset, _load, _val_size, co
 @config_option(PipelineAdversarial, "clf_mix", "--adv-clf-mix", help="Classifier loss: weight of the clean term.")
 @resume_options
 @click.option("--quiet", is_flag=True)
-def train_cmd(data, classifier_source, out, epochs, batch_size, lr, seed, val_size, latent_dim, channels,
+def train_cmd(data, classifier_source, out, epochs, batch_size, lr, seed, precision, val_size, latent_dim, channels,
               conditioning, arch, beta, ce_weight, sel_weight, sel_tau, sel_negatives, tc_weight, ks_weight,
               cv_weight, couple_alpha, adversarial, init_dir, target, adv_eps, adv_steps, adv_attacks,
               adv_sel_weight, adv_pipe_weight, adv_clf_mix, resume, save_every, quiet):
@@ -107,8 +107,8 @@ def train_cmd(data, classifier_source, out, epochs, batch_size, lr, seed, val_si
                                       attacks=tuple(a.strip() for a in adv_attacks.split(",") if a.strip()),
                                       sel_weight=adv_sel_weight, pipe_weight=adv_pipe_weight, clf_mix=adv_clf_mix)
         config = FitConfig(epochs=0 if adv else int(epochs), batch_size=batch_size, lr=lr, seed=seed,
-                           val_size=_val_size(val_size), design=arch, loss=loss, model=model, adversarial=adv,
-                           adversarial_epochs=epochs if adv else 0.0)
+                           precision=precision, val_size=_val_size(val_size), design=arch, loss=loss, model=model,
+                           adversarial=adv, adversarial_epochs=epochs if adv else 0.0)
         PuVAELoss(**{**designs.get(arch).loss, **loss})  # a bad loss setting fails here, before any work
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc

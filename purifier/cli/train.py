@@ -7,8 +7,8 @@ from pathlib import Path
 
 import click
 
-from ..config import AdversarialTraining, TrainConfig
-from .common import DATA_HELP, _provenance, _split, _val_size, config_option, main, progress, resume_options
+from ..config import PRECISIONS, AdversarialTraining, TrainConfig
+from .common import DATA_HELP, PRECISION_HELP, _provenance, _split, _val_size, config_option, main, progress, resume_options
 
 
 @main.command("train-classifier")
@@ -23,6 +23,7 @@ from .common import DATA_HELP, _provenance, _split, _val_size, config_option, ma
 @click.option("--val-size", default="auto", show_default=True,
               help="Held-out validation count or fraction; auto: 5000 or a tenth of the data, whichever is less.")
 @config_option(TrainConfig, "augment", "--augment/--no-augment", help="Random horizontal flips and 2-pixel shifts.")
+@config_option(TrainConfig, "precision", type=click.Choice(PRECISIONS), help=PRECISION_HELP)
 @click.option("--adversarial", type=click.Choice(["none", "pgd", "trades", "fgsm"]), default="none",
               show_default=True, help="pgd: Madry PGD adversarial training; trades: TRADES (Zhang et al. 2019); "
                                       "fgsm: Goodfellow's FGSM adversarial loss.")
@@ -37,8 +38,8 @@ from .common import DATA_HELP, _provenance, _split, _val_size, config_option, ma
               help="Adversarial: stop after this many epochs without a better validation robust accuracy.")
 @resume_options
 @click.option("--quiet", is_flag=True)
-def train_classifier_cmd(data, arch, out, epochs, batch_size, lr, seed, val_size, augment, adversarial, adv_eps,
-                         adv_steps, adv_mix, adv_beta, val_robust_n, patience, resume, save_every, quiet):
+def train_classifier_cmd(data, arch, out, epochs, batch_size, lr, seed, val_size, augment, precision, adversarial,
+                         adv_eps, adv_steps, adv_mix, adv_beta, val_robust_n, patience, resume, save_every, quiet):
     """Train a reference classifier (the source or the target), plainly or adversarially."""
     from .. import checkpoint
     from ..models.classifiers import Classifier, ClassifierConfig
@@ -55,7 +56,7 @@ def train_classifier_cmd(data, arch, out, epochs, batch_size, lr, seed, val_size
         raise click.UsageError(f"{state} holds the saved state of an unfinished run: pass --resume to continue it, "
                                f"or delete it to start afresh")
     ds, x, y, xv, yv = _split(data, _val_size(val_size), seed)
-    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, augment=augment)
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, augment=augment, precision=precision)
     seed_everything(seed)
     model = Classifier(ClassifierConfig(arch=arch, image_shape=ds.image_shape, num_classes=ds.num_classes))
     snaps = Snapshots(state, save_every, resume, {"arch": arch, "train": cfg.to_dict(),
