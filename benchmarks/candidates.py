@@ -40,6 +40,7 @@ from purifier.pipeline import PurifiedClassifier, Purifier, purify  # noqa: E402
 from purifier.provenance import cpu_model, git_commit  # noqa: E402
 from purifier.robust import chunked, purifier_attacks, worst_case  # noqa: E402
 
+from serve.models import MODELS  # noqa: E402
 from benchmarks.results import cached, markdown_table, write_results  # noqa: E402  (benchmarks/results.py)
 from benchmarks.scaling import parse_ints, session  # noqa: E402  (benchmarks/scaling.py)
 from benchmarks.speed import time_interleaved  # noqa: E402  (benchmarks/speed.py)
@@ -142,7 +143,7 @@ def tables(report: dict) -> str:
 
 
 @click.command()
-@click.option("--model", "model_dir", default=str(ROOT / "models" / "fashion-mnist"), show_default=True)
+@click.option("--model", "model_dir", default=str(MODELS["fashion-mnist"].path), show_default=True)
 @click.option("--ks", default="2,3,5,10", show_default=True, help="Candidate counts k (k = K: the full purifier).")
 @click.option("--n", default=200, show_default=True, help="Robust accuracy on the first N test images.")
 @click.option("--clean-n", default=10_000, show_default=True, help="Clean accuracy on the first N test images.")

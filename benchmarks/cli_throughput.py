@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 from purifier.data import load_dataset  # noqa: E402
 from purifier.provenance import cpu_model, git_commit  # noqa: E402
 
+from serve.models import MODELS  # noqa: E402
 from benchmarks.results import markdown_table, write_results  # noqa: E402  (benchmarks/results.py)
 
 
@@ -39,7 +40,7 @@ def write_pngs(n: int, folder: Path) -> None:
 
 
 @click.command()
-@click.option("--model", default=str(ROOT / "models" / "fashion-mnist"), show_default=True)
+@click.option("--model", default=str(MODELS["fashion-mnist"].path), show_default=True)
 @click.option("--n", default=10000, show_default=True)
 @click.option("--batch-size", default=256, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)

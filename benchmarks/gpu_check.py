@@ -31,6 +31,7 @@ import onnxruntime as ort
 
 ROOT = Path(__file__).resolve().parents[1]
 
+from serve.models import MODELS  # noqa: E402
 from serve.runtime import CUDA, OnnxPurifier, cuda_driver_gpus, resolve_model  # noqa: E402
 
 BATCHES = {1: 64, 256: 1024, 1024: 8192}  # batch size -> images per repetition
@@ -162,7 +163,7 @@ def table(report: dict) -> str:
 
 
 @click.command()
-@click.option("--model", default=str(ROOT / "models" / "fashion-mnist"), show_default=True,
+@click.option("--model", default=str(MODELS["fashion-mnist"].path), show_default=True,
               help="A model directory (pipeline.onnx) or a pipeline .onnx file.")
 @click.option("--n", default=10000, show_default=True, type=click.IntRange(min=1024),
               help="Test images for the parity check (and the timings' pool).")

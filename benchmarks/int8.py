@@ -35,6 +35,7 @@ from purifier.designs import load_purifier  # noqa: E402
 from purifier.provenance import cpu_model, git_commit  # noqa: E402
 from purifier.robust import (Attack, chunked, pgd_attack, purifier_attacks, purifier_objectives,  # noqa: E402
                              runner_up, targeted_objectives, worst_case)
+from serve.models import MODELS  # noqa: E402
 from serve.runtime import OnnxPurifier  # noqa: E402
 
 from benchmarks.results import cached, markdown_table, write_results  # noqa: E402  (benchmarks/results.py)
@@ -135,7 +136,7 @@ def verdict(r: dict) -> str:
 
 
 @click.command()
-@click.option("--model", "model_dir", default=str(ROOT / "models" / "fashion-mnist"), show_default=True)
+@click.option("--model", "model_dir", default=str(MODELS["fashion-mnist"].path), show_default=True)
 @click.option("--n", default=200, show_default=True, help="Robust accuracy on the first N test images.")
 @click.option("--clean-n", default=10_000, show_default=True, help="Clean accuracy on the first N test images.")
 @click.option("--eps", default=0.1, show_default=True)

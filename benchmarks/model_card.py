@@ -16,6 +16,8 @@ from pathlib import Path
 
 import click
 
+from benchmarks.protocol import older_suite, suite_text
+
 
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
@@ -98,20 +100,24 @@ def robustness_lines(cvae_sha: str, clf_sha: str, bench_paths: tuple[str, ...]) 
             continue
         p = bench["profile"]
         latent = any("latent" in r for r in rows)
+        targeted = p.get("targeted", 0)
         lines += [f"## Robustness, profile {bench['profile_name']} (`{bench['command']}`, `{bench_path}`)",
-                  f"L-infinity eps {p['eps']}, first {p['n']} test images, PGD-{p['steps']}, {p['restarts']} "
-                  f"restart(s), seed {p['seed']}; adaptive = per-image worst case over selection, full gradient, "
-                  f"BPDA and softmin; Square and AutoAttack (APGD-CE/DLR through BPDA) on the first {p['n_art']}."
+                  f"L-infinity eps {p['eps']}, first {p['n']} test images; {suite_text(p)}; Square and AutoAttack "
+                  f"(APGD-CE/DLR through BPDA) on the first {p['n_art']}."
                   + (" Latent attack (Kos et al.): AS = its success rate, lower is better." if latent else ""), "",
                   "| row | clean | oblivious | adaptive worst case | Square | AutoAttack | worst of all |"
-                  + (" latent AS_ignore-target / AS_target |" if latent else ""),
-                  "| --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if latent else "")]
+                  + (" latent AS_ignore-target / AS_target |" if latent else "")
+                  + (" targeted attacks in it |" if targeted else ""),
+                  "| --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if latent else "")
+                  + (" --- |" if targeted else "")]
         for r in rows:
             la = r.get("latent")
             lines.append(f"| {r['name']} | {pct(r['clean'])} | {pct(r['oblivious'])} | {pct(r['adaptive'])} | "
                          f"{pct(r['art']['square'])} | {pct(r['art']['autoattack'])} | {pct(r['worst_of_all'])} |"
                          + (f" {pct(la['AS_ignore_target'])} / {pct(la['AS_target'])} |" if la else
-                            " - |" if latent else ""))
+                            " - |" if latent else "")
+                         + (" not run (measured before them) |" if older_suite(r, targeted) else " yes |"
+                            if targeted else ""))
         lines.append("")
     return lines
 

@@ -30,6 +30,7 @@ from purifier import __version__  # noqa: E402
 from purifier.data import load_dataset  # noqa: E402
 from purifier.provenance import cpu_model, git_commit  # noqa: E402
 
+from serve.models import MODELS  # noqa: E402
 from benchmarks.results import markdown_table, write_results  # noqa: E402  (benchmarks/results.py)
 from benchmarks.speed import cpu_flags, time_interleaved  # noqa: E402  (benchmarks/speed.py)
 
@@ -82,7 +83,7 @@ def agreement(sessions: dict, x: np.ndarray) -> dict:
 
 
 @click.command()
-@click.option("--model", "model_dir", default=str(ROOT / "models" / "fashion-mnist"), show_default=True)
+@click.option("--model", "model_dir", default=str(MODELS["fashion-mnist"].path), show_default=True)
 @click.option("--reps", default=7, show_default=True)
 @click.option("--out", default=str(ROOT / "results" / "ort-tuning.json"), show_default=True)
 def main(model_dir, reps, out):

@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 from purifier.provenance import cpu_model, git_commit  # noqa: E402
 
+from serve.models import MODELS  # noqa: E402
 from benchmarks.cli_throughput import write_pngs  # noqa: E402  (benchmarks/cli_throughput.py)
 from benchmarks.results import markdown_table, write_results  # noqa: E402  (benchmarks/results.py)
 
@@ -60,7 +61,7 @@ def agreement(a: dict, b: dict) -> dict:
 
 
 @click.command()
-@click.option("--model", default=str(ROOT / "models" / "fashion-mnist"), show_default=True)
+@click.option("--model", default=str(MODELS["fashion-mnist"].path), show_default=True)
 @click.option("--n", default=10000, show_default=True, type=click.IntRange(min=1))
 @click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1))
 @click.option("--actors", type=click.IntRange(min=1), help="Ray actors (default: the engine's, one per CPU).")

@@ -35,6 +35,7 @@ from purifier import __version__  # noqa: E402
 from purifier.data import load_dataset  # noqa: E402
 from purifier.provenance import cpu_model, git_commit  # noqa: E402
 
+from serve.models import MODELS  # noqa: E402
 from benchmarks.results import markdown_table, write_results  # noqa: E402  (benchmarks/results.py)
 
 
@@ -218,7 +219,7 @@ def side_by_side(engines: dict[str, dict]) -> str:
 
 
 @click.command()
-@click.option("--model", default=str(ROOT / "models" / "fashion-mnist"), show_default=True)
+@click.option("--model", default=str(MODELS["fashion-mnist"].path), show_default=True)
 @click.option("--engines", default="embedded,triton", show_default=True,
               help="Comma-separated: embedded, triton, triton:N (N model instances).")
 @click.option("--duration", default=60.0, show_default=True, help="Seconds per concurrency level.")

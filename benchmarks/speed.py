@@ -34,6 +34,7 @@ from purifier.data import load_dataset  # noqa: E402
 from purifier.pipeline import PurifiedClassifier, Purifier  # noqa: E402
 from purifier.provenance import cpu_model, git_commit  # noqa: E402
 from export.graph_cost import node_costs  # noqa: E402
+from serve.models import MODELS  # noqa: E402
 from serve.runtime import OnnxPurifier  # noqa: E402
 
 from benchmarks.gemm_limit import SQUARE, limit, peak  # noqa: E402  (benchmarks/gemm_limit.py)
@@ -74,7 +75,7 @@ def _timing(times: list[float], batch: int, images: int) -> dict:
 
 
 @click.command()
-@click.option("--model", "model_dir", default=str(ROOT / "models" / "fashion-mnist"), show_default=True)
+@click.option("--model", "model_dir", default=str(MODELS["fashion-mnist"].path), show_default=True)
 @click.option("--reps", default=7, show_default=True)
 @click.option("--out", default=str(ROOT / "results" / "speed.json"), show_default=True)
 def main(model_dir, reps, out):

@@ -1,5 +1,5 @@
-"""The purifier family side by side: every design of ``purifier.designs`` beside plain PuVAE, the shipped
-default and PGD-AT, attacked by the same adaptive attacks on the same images with the same settings.
+"""The purifier family side by side: every design of ``purifier.designs`` beside plain PuVAE, PuVAE after
+joint adversarial training and PGD-AT, attacked by the same adaptive attacks on the same images with the same settings.
 
     python -m benchmarks.variants --profile standard   # results/variants.{json,md,png}
     python -m benchmarks.variants --profile quick      # minutes; never quoted
@@ -43,7 +43,7 @@ LATENT = {"full": (1000, 200), "standard": (200, 200), "quick": (50, 100), "tiny
 ADV_SUFFIX = " + adv. training"
 
 
-def default_rows(plain: str, default: str, baselines: str, variants: str, adversarial: str) -> list[Row]:
+def default_rows(plain: str, joint: str, baselines: str, variants: str, adversarial: str) -> list[Row]:
     """Every design as trained by ``make variants``, then each again after the adversarial-training mode
     (``make variants-adversarial``: alternating, PGD-AT as source and target, as ``adversarial``/alternating).
     Inference-only designs run on PuVAE's weights: plain ones, then the alternating run's. Analysis by synthesis
@@ -51,7 +51,7 @@ def default_rows(plain: str, default: str, baselines: str, variants: str, advers
     alt = f"{adversarial}/alternating"
     rows = [*converged_baselines(baselines),
             Row("plain PuVAE", f"{plain}/classifier", f"{plain}/cvae", "design puvae"),
-            Row("shipped default", f"{default}/classifier", f"{default}/cvae", "puvae + joint adversarial training")]
+            Row("joint adv. training", f"{joint}/classifier", f"{joint}/cvae", "puvae + joint adversarial training")]
     trained = []
     for name, d in designs.DESIGNS.items():
         if name == "puvae":
@@ -154,7 +154,8 @@ def _export_cells(ex: dict) -> list[str]:
 @click.command()
 @click.option("--profile", "profile_name", type=click.Choice(sorted(PROFILES)), default="quick", show_default=True)
 @click.option("--plain", default="models/fashion-mnist-plain", show_default=True)
-@click.option("--default", "default", default="models/fashion-mnist", show_default=True)
+@click.option("--joint", default="models/adversarial/joint", show_default=True,
+              help="PuVAE and its classifier adversarially trained together (a row).")
 @click.option("--baselines", default="models/baselines", show_default=True)
 @click.option("--variants", "variants_dir", default="models/variants", show_default=True,
               help="Directory of `make variants`'s runs (one subdirectory per design).")
@@ -166,11 +167,11 @@ def _export_cells(ex: dict) -> list[str]:
 @click.option("--out", help="Results file (default results/variants.json; other profiles variants-PROFILE).")
 @click.option("--work", help="Cache of finished rows (default: results/.OUT-work).")
 @click.option("--threads", type=int, help="torch threads (default: torch's).")
-def main(profile_name, plain, default, baselines, variants_dir, adv_dir, rows, out, work, threads):
+def main(profile_name, plain, joint, baselines, variants_dir, adv_dir, rows, out, work, threads):
     if threads:
         torch.set_num_threads(threads)
     out, work = output_paths("variants", profile_name, out, work)
-    table = default_rows(plain, default, baselines, variants_dir, adv_dir)
+    table = default_rows(plain, joint, baselines, variants_dir, adv_dir)
     chosen = choose_rows(table, rows, "run `make variants variants-adversarial` first")
     start = time.perf_counter()
     bench = VariantsBench(profile_name, work, lambda m: click.echo(m, err=True))

@@ -60,7 +60,7 @@ def serve_command(model, host, port, model_name, max_batch_size, max_wait_ms, ma
                   instances, triton_dir):
     """Serve the model over HTTP: Open Inference Protocol v2, /v1/purify, /metrics.
 
-    Example: purifier serve --model models/fashion-mnist --port 8000
+    Example: purifier serve --model fashion-mnist --port 8000
 
     --engine triton runs the same model in Triton Inference Server instead (v2 over HTTP and gRPC, /metrics on
     --metrics-port; no /v1/purify).

@@ -1,7 +1,7 @@
 """Shipped models by name, found wherever the package is used (any working directory) (torch-free).
 
-``resolve("fashion-mnist")`` is the repository's ``models/fashion-mnist``, found from the package's own location
-(``Path(serve.__file__).resolve().parents[1] / "models"``: right for this repository and for an editable install;
+``resolve("fashion-mnist")`` is the repository's ``models/middleware/cvae-alone`` (the default), found from the
+package's own location (``Path(serve.__file__).resolve().parents[1] / "models"``: right for this repository and for an editable install;
 a wheel does not carry ``models/``). Anything that is not a bare shipped name is a path, taken as given.
 ``purifier serve``, ``purifier purify`` and ``purifier demo`` resolve names here; ``purifier.load(name)`` too.
 """
@@ -26,12 +26,15 @@ class ShippedModel:
 
 
 MODELS = {m.name: m for m in [
-    ShippedModel("fashion-mnist", "fashion-mnist",
-                 "the default: PuVAE and its classifier adversarially trained together through the pipeline (joint)"),
+    ShippedModel("fashion-mnist", "middleware/cvae-alone",
+                 "the default: the CVAE alone adversarially trained in front of a frozen, untouched standard "
+                 "classifier A (the plain model's)"),
+    ShippedModel("fashion-mnist-middleware", "middleware/cvae-alone", "the default, by the name of its setting"),
     ShippedModel("fashion-mnist-plain", "fashion-mnist-plain",
                  "plain PuVAE (selection CE, no adversarial training) in front of a standard classifier A"),
-    ShippedModel("fashion-mnist-middleware", "middleware/cvae-alone",
-                 "the CVAE alone adversarially trained in front of the plain model's frozen standard classifier A"),
+    ShippedModel("fashion-mnist-joint", "adversarial/joint",
+                 "PuVAE and its classifier adversarially trained together through the pipeline (the classifier "
+                 "is retrained)"),
 ]}
 
 

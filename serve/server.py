@@ -1,6 +1,6 @@
 """The HTTP server: the Open Inference Protocol (KServe v2) over one onnxruntime session, with micro-batching.
 
-    purifier serve --model models/fashion-mnist --port 8000      (or: python -m serve --model ...)
+    purifier serve --model fashion-mnist --port 8000      (or: python -m serve --model ...)
 
 Endpoints: ``GET /v2/health/live``, ``/v2/health/ready``, ``/v2``, ``/v2/models/{name}``,
 ``/v2/models/{name}/ready``, ``POST /v2/models/{name}/infer`` (JSON tensors, or the binary tensor extension
@@ -405,7 +405,7 @@ def serve_forever(model, host: str = "127.0.0.1", port: int = 8000, cfg: ServerC
 class BackgroundServer:
     """The real server on a thread of this process, for tests and load benchmarks::
 
-        with BackgroundServer("models/fashion-mnist") as srv:
+        with BackgroundServer("fashion-mnist") as srv:
             requests.get(srv.url + "/v2/health/ready")
     """
 

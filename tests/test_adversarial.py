@@ -16,9 +16,10 @@ from purifier.attacks import PGD, _selection_margin
 from purifier.losses import PuVAELoss
 from purifier.pipeline import Purifier
 from purifier.train import TrainConfig
+from serve.models import MODELS
 
 ROOT = Path(__file__).resolve().parents[1]
-MODEL = ROOT / "models" / "fashion-mnist"
+MODEL = MODELS["fashion-mnist"].path
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,10 @@ from purifier import checkpoint
 from purifier.attacks import PGD
 from purifier.cli import main
 from purifier.train import augment
+from serve.models import MODELS
 
 ROOT = Path(__file__).resolve().parents[1]
-MODEL = ROOT / "models" / "fashion-mnist"
+MODEL = MODELS["fashion-mnist"].path
 PLAIN = ROOT / "models" / "fashion-mnist-plain"  # its classifier is undefended
 
 

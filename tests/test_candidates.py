@@ -10,9 +10,10 @@ from purifier.attacks import PGD, candidate_exclusion_objective
 from purifier.cli import main
 from purifier.pipeline import PurifiedClassifier, Purifier, purify
 from purifier.robust import purifier_objectives
+from serve.models import MODELS
 
 ROOT = Path(__file__).resolve().parents[1]
-MODEL = ROOT / "models" / "fashion-mnist"
+MODEL = MODELS["fashion-mnist"].path
 
 
 def test_k_equal_to_the_number_of_classes_is_the_full_purifier_exactly(small_cvae, small_classifier, batch):

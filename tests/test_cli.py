@@ -7,6 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from purifier.cli import main
+from serve.models import MODELS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -73,23 +74,25 @@ def test_package_import_and_cli_help_do_not_import_torch(torch_free):
 def test_shipped_model_names_resolve_from_any_folder_without_torch(tmp_path, torch_free):
     r = torch_free("from purifier.registry import resolve; print(resolve('fashion-mnist')); "
                    "print(resolve('fashion-mnist-plain'))", cwd=tmp_path)
-    assert r.stdout.split() == [str(ROOT / "models" / "fashion-mnist"), str(ROOT / "models" / "fashion-mnist-plain")]
+    assert r.stdout.split() == [str(ROOT / "models" / "middleware" / "cvae-alone"),
+                                str(ROOT / "models" / "fashion-mnist-plain")]
 
 
 def test_a_bad_model_name_lists_the_known_names_and_a_path_still_works(tmp_path, monkeypatch):
     from purifier.registry import MODELS, resolve
 
-    assert set(MODELS) == {"fashion-mnist", "fashion-mnist-plain", "fashion-mnist-middleware"}
-    with pytest.raises(FileNotFoundError, match=r"no model 'fashion': not a shipped model name "
-                                                r"\(fashion-mnist, fashion-mnist-plain, fashion-mnist-middleware\)"):
+    assert set(MODELS) == {"fashion-mnist", "fashion-mnist-plain", "fashion-mnist-middleware", "fashion-mnist-joint"}
+    with pytest.raises(FileNotFoundError, match=r"no model 'fashion': not a shipped model name \(fashion-mnist, "
+                                                r"fashion-mnist-middleware, fashion-mnist-plain, fashion-mnist-joint\)"):
         resolve("fashion")
     with pytest.raises(FileNotFoundError, match=r"model 'no/such/dir' does not exist .*fashion-mnist-plain"):
         resolve("no/such/dir")
-    assert resolve(ROOT / "models" / "fashion-mnist") == ROOT / "models" / "fashion-mnist"
+    assert resolve(ROOT / "models" / "fashion-mnist-plain") == ROOT / "models" / "fashion-mnist-plain"
     (tmp_path / "fashion-mnist").mkdir()  # a folder of a shipped name: reached as ./fashion-mnist
     monkeypatch.chdir(tmp_path)
     assert resolve("./fashion-mnist") == Path("fashion-mnist")
-    assert resolve("fashion-mnist") == ROOT / "models" / "fashion-mnist"
+    assert resolve("fashion-mnist") == ROOT / "models" / "middleware" / "cvae-alone"  # the default
+    assert resolve("fashion-mnist-joint") == ROOT / "models" / "adversarial" / "joint"
 
 
 def test_a_shipped_model_that_is_not_there_says_where_it_was_looked_for(tmp_path, monkeypatch):
@@ -99,7 +102,7 @@ def test_a_shipped_model_that_is_not_there_says_where_it_was_looked_for(tmp_path
     monkeypatch.setattr(models, "MODELS_ROOT", tmp_path / "models")
     with pytest.raises(FileNotFoundError) as err:
         registry.resolve("fashion-mnist")
-    assert f"looked for {tmp_path / 'models' / 'fashion-mnist'}" in str(err.value)
+    assert f"looked for {tmp_path / 'models' / 'middleware' / 'cvae-alone'}" in str(err.value)
     r = CliRunner().invoke(main, ["purify", str(tmp_path), "--model", "fashion-mnist", "--out", str(tmp_path / "o")])
     assert r.exit_code == 2 and "is not installed here" in r.output
 
@@ -119,7 +122,7 @@ def test_purifier_load_gives_the_torch_modules_of_a_shipped_model(fmnist_test, t
     assert out["purified"].shape == x.shape and logits.shape == (8, 10)
     assert (logits.argmax(1) == torch.from_numpy(fmnist_test.y[:8])).float().mean() >= 0.5
     (tmp_path / "half").mkdir()
-    shutil.copy(ROOT / "models" / "fashion-mnist" / "cvae.json", tmp_path / "half")
+    shutil.copy(MODELS["fashion-mnist"].path / "cvae.json", tmp_path / "half")
     with pytest.raises(FileNotFoundError, match="half/classifier.json does not exist"):
         purifier.load(tmp_path / "half")
 

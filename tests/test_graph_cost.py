@@ -10,9 +10,10 @@ import onnxruntime as ort
 
 from export.graph_cost import node_costs, total_macs
 from export.optimize import convtranspose_as_conv
+from serve.models import MODELS
 
 ROOT = Path(__file__).resolve().parents[1]
-PIPELINE = ROOT / "models" / "fashion-mnist" / "pipeline.onnx"
+PIPELINE = MODELS["fashion-mnist"].path / "pipeline.onnx"
 
 
 def test_macs_of_the_shipped_pipeline_are_its_layers_and_scale_with_the_batch():

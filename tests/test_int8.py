@@ -11,9 +11,10 @@ from click.testing import CliRunner
 
 from purifier.cli import main
 from serve.runtime import OnnxPurifier
+from serve.models import MODELS
 
 ROOT = Path(__file__).resolve().parents[1]
-MODEL = ROOT / "models" / "fashion-mnist"
+MODEL = MODELS["fashion-mnist"].path
 
 
 def test_export_int8_writes_a_quantised_twin_that_the_runtime_loads_without_torch(tmp_path, torch_free):

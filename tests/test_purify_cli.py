@@ -13,9 +13,10 @@ from click.testing import CliRunner
 from PIL import Image
 
 from purifier.cli import main
+from serve.models import MODELS
 
 ROOT = Path(__file__).resolve().parents[1]
-MODEL = str(ROOT / "models" / "fashion-mnist")
+MODEL = str(MODELS["fashion-mnist"].path)
 
 
 def lines(path):

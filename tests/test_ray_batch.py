@@ -15,9 +15,10 @@ from purifier.cli import main
 ray = pytest.importorskip("ray")
 
 from test_purify_cli import interrupt_and_resume  # noqa: E402
+from serve.models import MODELS
 
 ROOT = Path(__file__).resolve().parents[1]
-MODEL = str(ROOT / "models" / "fashion-mnist")
+MODEL = str(MODELS["fashion-mnist"].path)
 
 
 def lines(path):

@@ -15,9 +15,10 @@ from purifier.models.defensegan import VAE, DefenseGAN, VAEConfig
 from purifier.pipeline import PurifiedClassifier, Purifier
 from purifier.robust import Attack, latent_attack, latent_codes, pgd_attack, ssim, worst_case
 from purifier.train import AdversarialTraining, TrainConfig, train_classifier
+from serve.models import MODELS
 
 ROOT = Path(__file__).resolve().parents[1]
-MODEL = ROOT / "models" / "fashion-mnist"
+MODEL = MODELS["fashion-mnist"].path
 
 
 @pytest.fixture(scope="module")

@@ -17,9 +17,10 @@ from PIL import Image
 tritonclient_http = pytest.importorskip("tritonclient.http")
 from serve.runtime import OnnxPurifier  # noqa: E402
 from serve.server import BackgroundServer, ServerConfig  # noqa: E402
+from serve.models import MODELS
 
 ROOT = Path(__file__).resolve().parents[1]
-MODEL = ROOT / "models" / "fashion-mnist"
+MODEL = MODELS["fashion-mnist"].path
 NAME = "fashion-mnist"
 MAX_IMAGES = 16  # the module server's cap on images per request (the default is 1024)
 

@@ -9,12 +9,13 @@ import onnx
 import pytest
 
 from export.triton import write_triton_repo, write_triton_repos
+from serve.models import MODELS
 
 model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")
 text_format = pytest.importorskip("google.protobuf.text_format")
 
 ROOT = Path(__file__).resolve().parents[1]
-PIPELINE = ROOT / "models" / "fashion-mnist" / "pipeline.onnx"
+PIPELINE = MODELS["fashion-mnist"].path / "pipeline.onnx"
 ONNX_TO_TRITON = {onnx.TensorProto.FLOAT: model_config_pb2.TYPE_FP32, onnx.TensorProto.INT64: model_config_pb2.TYPE_INT64}
 
 
@@ -42,7 +43,7 @@ def test_cli_writes_the_repository_and_refuses_bad_names(tmp_path):
 
     from purifier.cli import main
 
-    r = CliRunner().invoke(main, ["export", str(ROOT / "models" / "fashion-mnist"), "--out", str(tmp_path / "m"),
+    r = CliRunner().invoke(main, ["export", str(MODELS["fashion-mnist"].path), "--out", str(tmp_path / "m"),
                                   "--triton", str(tmp_path / "repo"), "--triton-name", "fmnist"])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "repo" / "fmnist" / "config.pbtxt").is_file()  # --triton-backend both, the default

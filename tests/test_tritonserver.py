@@ -21,9 +21,10 @@ from export.triton import write_triton_repos  # noqa: E402
 from serve.protocol import _outputs_meta  # noqa: E402
 from serve.runtime import OnnxPurifier  # noqa: E402
 from serve.triton import TritonServer, find_tritonserver  # noqa: E402
+from serve.models import MODELS
 
 ROOT = Path(__file__).resolve().parents[1]
-MODEL = ROOT / "models" / "fashion-mnist"
+MODEL = MODELS["fashion-mnist"].path
 NAME = "fashion-mnist-python"  # the Python-backend model of `purifier export --triton REPO --triton-name fashion-mnist`
 FLOATS = ("purified", "scores", "logits", "margin", "recon_error")
 
