@@ -97,7 +97,8 @@ def test_demo_on_a_folder_without_its_parts_is_a_usage_error_naming_the_file(tmp
     assert isinstance(r.exception, SystemExit) and "Traceback" not in r.output
     text = " ".join(r.output.split())
     assert "Invalid value for '--model'" in text and missing in text
-    assert "or a shipped model name (fashion-mnist, fashion-mnist-plain, fashion-mnist-middleware)" in text
+    assert ("or a shipped model name (fashion-mnist, fashion-mnist-middleware, fashion-mnist-plain, "
+            "fashion-mnist-joint)") in text
     assert not (tmp_path / "o").exists()
 
 
