@@ -15,7 +15,6 @@ finished row, reused while its weights' sha256, its purifier spec and its attack
 from __future__ import annotations
 
 import json
-import math
 import platform
 import shlex
 import sys
@@ -39,15 +38,11 @@ from purifier.designs import purifier_from_spec  # noqa: E402
 from purifier.provenance import cpu_model, git_commit  # noqa: E402
 from purifier.robust import chunked, pgd_attack, purifier_attacks, purifier_objectives, worst_case  # noqa: E402
 
+from benchmarks.checks import defense_checks  # noqa: E402  (benchmarks/checks.py)
 from benchmarks.results import cached, write_results  # noqa: E402  (benchmarks/results.py)
 from benchmarks.speed import time_interleaved  # noqa: E402  (benchmarks/speed.py)
 
 UNTARGETED = ("selection", "full gradient", "BPDA", "softmin")
-
-
-def se(p: float, n: int) -> float:
-    """Binomial standard error; the noise allowance of the sanity checks is two of these (at least 1/n)."""
-    return math.sqrt(max(p * (1 - p), 1.0 / n) / n)
 
 
 @dataclass(frozen=True)
@@ -98,6 +93,17 @@ CONVERGED = (("PGD-AT (converged)", "pgd-at-converged", "PGD-10"),
              ("TRADES (converged)", "trades-converged", "TRADES, beta 6, 10 KL steps"))
 
 
+def training_length(path: str | Path) -> str:
+    """How long the classifier at ``path`` (relative to the repository root or absolute) was trained, from its
+    checkpoint: the epochs run and the epoch whose weights it keeps when training stopped on validation robust
+    accuracy, the epochs otherwise."""
+    meta = checkpoint.read_record(ROOT / path).get("meta", {})
+    if "best_epoch" in meta:
+        return (f"{meta.get('epochs_run')} epochs run, weights of epoch {meta['best_epoch']} (best validation robust "
+                f"accuracy)")
+    return f"{meta.get('train', {}).get('epochs', meta.get('epochs_run'))} epochs"
+
+
 def converged_baselines(baselines: str, prefix: str = "") -> list[Row]:
     """PGD-AT and TRADES of architecture A trained until the validation robust accuracy stopped rising (``make
     converged-baselines``); each note gives the training length read from the checkpoint."""
@@ -107,9 +113,7 @@ def converged_baselines(baselines: str, prefix: str = "") -> list[Row]:
         record = ROOT / f"{path}.json"
         note = f"eps 0.1, {how}: make converged-baselines"
         if record.is_file():
-            meta = checkpoint.read_record(ROOT / path).get("meta", {})
-            note = (f"eps 0.1, {how}, {meta.get('epochs_run')} epochs run, weights of epoch {meta.get('best_epoch')} "
-                    f"(best validation robust accuracy)")
+            note = f"eps 0.1, {how}, {training_length(path)}"
         rows.append(Row(prefix + name, path, note=note))
     return rows
 
@@ -155,18 +159,6 @@ def art_attacks(white, black, holds, x: torch.Tensor, y: torch.Tensor, eps: floa
     return {"n": len(y), "square": float(ok_sq.float().mean()), "autoattack": float(ok_aa.float().mean()),
             "square_robust": ok_sq.tolist(), "autoattack_robust": ok_aa.tolist(), "square_seconds": sq_s,
             "autoattack_seconds": aa_s, "max_linf": float(max(np.abs(x_aa - x).max(), np.abs(x_sq - x).max()))}
-
-
-def gradient_checks(objectives: dict, x: torch.Tensor, y: torch.Tensor) -> dict:
-    """Sanity check: the gradient of each attack objective is non-zero on at least 99% of the images."""
-    checks = {}
-    for name, obj in objectives.items():
-        a = x.clone().requires_grad_(True)
-        value, _ = obj(a, y)
-        g, = torch.autograd.grad(value, a)
-        frac = float((g.flatten(1).abs().sum(1) > 0).float().mean())
-        checks[f"gradient not zero: {name}"] = {"pass": frac >= 0.99, "value": frac}
-    return checks
 
 
 def targeted_of(row: dict) -> int:
@@ -242,8 +234,9 @@ class Bench:
         return fn
 
     def attacks(self, clf, pur, eps: float, restarts: int, steps: int | None = None,
-                reject: RejectOption | None = None):
-        pgd = PGD(eps=eps, steps=steps or self.p.steps, seed=self.p.seed)
+                reject: RejectOption | None = None, norm: str = "Linf"):
+        """The adaptive attacks on ``clf`` behind ``pur`` (PGD on the classifier when ``pur`` is None)."""
+        pgd = PGD(eps=eps, steps=steps or self.p.steps, norm=norm, seed=self.p.seed)
         if pur is None:
             return [pgd_attack("PGD", pgd, ce_objective(clf), restarts)]
         return purifier_attacks(clf, pur, pgd, restarts, reject, self.p.targeted)
@@ -300,34 +293,24 @@ class Bench:
                            p.apgd_iters, p.batch_size, p.seed)
 
     def sanity(self, clf, pur, robust: torch.Tensor, row: dict) -> dict:
+        """``checks.defense_checks`` on the row: robust accuracy at ``sanity_eps`` against the headline's on the
+        first ``n_sanity`` images, each attack at ``sanity_steps``, adaptive against oblivious, the gradients,
+        determinism and the ART bridge (purifier rows)."""
+        from purifier.art_bridge import art_classifier
+
         p = self.p
         n = p.n_sanity
         x, y = self.x[:n], self.y[:n]
         holds = self.holds(clf, pur)
-        few, many = p.sanity_steps
-        checks = {}
-        acc1 = worst_case(self.attacks(clf, pur, 1.0, 1, steps=few), holds, x, y, p.batch_size)["accuracy"]
-        checks["eps 1.0 near 0"] = {"pass": acc1 <= 0.05, "value": acc1, "n": n, "steps": few, "limit": 0.05}
         head = float(robust[:n].float().mean())
         big = worst_case(self.attacks(clf, pur, p.sanity_eps, 1), holds, x, y, p.batch_size)["accuracy"]
-        checks[f"eps {p.sanity_eps} no higher than eps {p.eps}"] = {
-            "pass": big <= head + 2 * se(head, n), "values": [head, big], "n": n}
-        for a_few, a_many in zip(self.attacks(clf, pur, p.eps, 1, steps=few), self.attacks(clf, pur, p.eps, 1)):
-            acc_few = worst_case([a_few], holds, x, y, p.batch_size)["accuracy"]
-            acc_many = worst_case([a_many], holds, x, y, p.batch_size)["accuracy"]
-            checks[f"more steps ({few} -> {many}) no higher: {a_few.name}"] = {
-                "pass": acc_many <= acc_few + 2 * se(acc_few, n), "values": [acc_few, acc_many], "n": n}
-        if pur is not None:
-            checks["adaptive <= oblivious"] = {
-                "pass": row["adaptive"] <= row["oblivious"] + 2 * se(row["oblivious"], p.n),
-                "values": [row["adaptive"], row["oblivious"]]}
-            with torch.no_grad():
-                checks["deterministic (EOT not needed)"] = {
-                    "pass": bool(torch.equal(pur(x)["purified"], pur(x)["purified"]))}
-        xg, yg = self.x[:64], self.y[:64]
-        checks.update(gradient_checks({"PGD": ce_objective(clf)} if pur is None else purifier_objectives(clf, pur),
-                                      xg, yg))
-        return checks
+        return defense_checks(
+            lambda eps, restarts, steps=None: self.attacks(clf, pur, eps, restarts, steps), holds, x, y, eps=p.eps,
+            sanity_steps=p.sanity_steps, batch_size=p.batch_size, by_eps=[(p.eps, head, n), (p.sanity_eps, big, n)],
+            oblivious={} if pur is None else {"": (row["adaptive"], row["oblivious"], p.n)},
+            objectives={"PGD": ce_objective(clf)} if pur is None else purifier_objectives(clf, pur),
+            x_grad=self.x[:64], y_grad=self.y[:64], purifier=pur,
+            art=None if pur is None else (clf, art_classifier(clf, pur, grad="bpda")))
 
     def speed(self, rows: list[Row]) -> dict:
         """images/s of every row, measured together in one section and in interleaved rounds
@@ -381,7 +364,7 @@ class Bench:
         # an image the attacks broke was neither classified right nor rejected; one they did not break is
         # flagged or not on its clean input (what worst_case hands back for it, resumed or not)
         flagged = res["robust"] & (best_error(res["adversarial"]) > thr)
-        return {"row": row.name, "threshold": thr, "calibration": calib, "n": p.n, "restarts": p.restarts,
+        return {"row": row.name, "eps": p.eps, "threshold": thr, "calibration": calib, "n": p.n, "restarts": p.restarts,
                 "penalty": p.reject_penalty, "defended": res["accuracy"], "steps": res["steps"],
                 "false_alarm_rate": float((clean_err > thr).float().mean()), "clean_n": p.clean_n,
                 "rejected_among_adversarial": float(flagged.float().mean())}
@@ -480,12 +463,14 @@ def choose_rows(all_rows: list[Row], wanted, hint: str) -> list[Row]:
     return all_rows
 
 
-def report_head(script: str, profile_name: str) -> dict:
-    """What every results file starts with: the command, commit, profile, software and machine."""
+def report_head(script: str, profile_name: str, profile: Profile | None = None, software: tuple = ()) -> dict:
+    """What every results file starts with: the command, commit, profile (``PROFILES[profile_name]`` unless given),
+    software (with the versions of the modules named in ``software``) and machine."""
     return {"command": shlex.join(["python", "-m", f"benchmarks.{Path(script).stem}", *sys.argv[1:]]), "commit": git_commit(ROOT),
-            "version": __version__, "profile_name": profile_name, "profile": asdict(PROFILES[profile_name]),
+            "version": __version__, "profile_name": profile_name,
+            "profile": asdict(profile or PROFILES[profile_name]),
             "software": {"torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version(),
-                         "art": __import__("art").__version__},
+                         **{m: __import__(m).__version__ for m in ("art", *software)}},
             "machine": {"cpu": cpu_model(), "torch_threads": torch.get_num_threads()}}
 
 
