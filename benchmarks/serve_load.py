@@ -1,6 +1,6 @@
 """Load on the HTTP servers over loopback, side by side: the embedded server and Triton Inference Server.
 
-    python -m benchmarks.serve_load --model models/fashion-mnist --duration 60 --concurrency 1,16,64
+    python -m benchmarks.serve_load --model models/middleware/cvae-alone --duration 60 --concurrency 1,16,64
 
 Each engine runs as its own process, as deployed: ``python -m serve`` (embedded) and ``python -m serve --engine
 triton`` (tritonserver with the Python backend running the same OnnxPurifier; ``--engines triton:2`` adds a run with two
@@ -35,7 +35,7 @@ from purifier import __version__  # noqa: E402
 from purifier.data import load_dataset  # noqa: E402
 from purifier.provenance import cpu_model, git_commit  # noqa: E402
 
-from serve.models import MODELS  # noqa: E402
+from serve.models import MODELS, shipped_name  # noqa: E402
 from benchmarks.results import markdown_table, write_results  # noqa: E402  (benchmarks/results.py)
 
 
@@ -186,7 +186,8 @@ def run_engines(model: str, args: dict[str, list[str]], bodies: list, levels: li
             conn.request("GET", "/v2/health/ready")
             assert conn.getresponse().status == 200, f"{engine} is not ready"
             conn.close()
-        name = Path(model).name if Path(model).is_dir() else Path(model).parent.name
+        folder = Path(model) if Path(model).is_dir() else Path(model).parent
+        name = shipped_name(folder) or folder.name  # the name the server gives it (serve.protocol.served_name)
         path = f"/v2/models/{name}/infer"
         for _, host, port, metrics_url in servers.values():
             run_level(host, port, path, bodies, 4, min(3.0, duration), metrics_url)  # warm-up, not reported

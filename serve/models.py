@@ -38,6 +38,12 @@ MODELS = {m.name: m for m in [
 ]}
 
 
+def shipped_name(folder: str | os.PathLike) -> str | None:
+    """The main name of a shipped model's folder (the first of its names in ``MODELS``), or None."""
+    path = Path(folder).resolve()
+    return next((m.name for m in MODELS.values() if m.path.resolve() == path), None)
+
+
 def known() -> str:
     return ", ".join(MODELS)
 
