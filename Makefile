@@ -111,6 +111,7 @@ robust-quick: setup
 # Adversarial training through the whole pipeline (about 1.5 hours on 2 cores): each mode from the plain PuVAE
 # model, PGD-AT as CE source and target, selection + full-gradient PGD-3 examples at eps 0.1; joint and
 # classifier-alone for 1.5 epochs, CVAE-alone and alternating for 0.75.
+# The joint run is also served by name (fashion-mnist-joint): its ONNX files and int8 twins are exported.
 # Then the benchmark that compares them (results/adversarial.{json,md,png}).
 ADV ?= models/adversarial
 .PHONY: adversarial adversarial-bench
@@ -125,6 +126,7 @@ adversarial: setup
 		--out $(ADV)/alternating
 	$(PY) -m purifier.cli train --source $(BASELINES)/pgd-at --init $(ADV)/alternating \
 		--target $(ADV)/alternating/classifier --adversarial alternating --epochs 0.75 --out $(ADV)/alternating-longer
+	$(PY) -m purifier.cli export $(ADV)/joint --out $(ADV)/joint --int8
 	$(MAKE) adversarial-cards
 
 # each mode's evaluation report and card (quoting the benchmark rows on its weights, once run)

@@ -3,7 +3,7 @@
     python -m benchmarks.calibrate_cvae --out results/cvae-calibration.json
 
 Each variant trains a CVAE for ``--epochs`` epochs on the first ``--n-train`` images of the training split
-(after the same 5,000-image validation hold-out as the default model), with the shipped classifier as the
+(after the same 5,000-image validation hold-out as the default model), with the shipped standard classifier A as the
 frozen CE source, and reports the rate at which the MSE rule picks the true class on 2,000 validation images.
 The test set is never used. Short budgets: these numbers choose directions, they are not the model's.
 """
@@ -42,7 +42,7 @@ VARIANTS = {
 
 
 @click.command()
-@click.option("--source", default=str(ROOT / "models" / "fashion-mnist" / "classifier"), show_default=True)
+@click.option("--source", default=str(ROOT / "models" / "fashion-mnist-plain" / "classifier"), show_default=True)
 @click.option("--n-train", default=20000, show_default=True)
 @click.option("--n-val", default=2000, show_default=True)
 @click.option("--epochs", default=2, show_default=True)

@@ -1,7 +1,7 @@
 """The candidate mode's trade-off: reconstruct only the k classes the target classifier ranks highest on the raw
 input (``Purifier(candidates=k, ranker=classifier)``), against the full purifier (k = K), on the shipped model.
 
-    python -m benchmarks.candidates --model models/fashion-mnist --out results/candidates.json
+    python -m benchmarks.candidates --model models/middleware/cvae-alone --out results/candidates.json
 
 Per k in ``--ks`` (k = K is the full purifier):
   clean    accuracy of classifier(purifier(x)) on the first ``--clean-n`` test images (all 10,000 by default), and
@@ -184,7 +184,9 @@ def main(model_dir, ks, n, clean_n, eps, steps, restarts, targeted, seed, reps, 
         return
     report = {
         "command": shlex.join(["python", "-m", "benchmarks.candidates", *sys.argv[1:]]), "commit": git_commit(ROOT),
-        "model": str(model_dir), "num_classes": num_classes, "ks": ks,
+        "model": str(model_dir), "checkpoints": {part: checkpoint.read_record(model_dir / part)["weights_sha256"]
+                                                 for part in ("cvae", "classifier")},
+        "num_classes": num_classes, "ks": ks,
         "ranker": "the target classifier (MODEL/classifier)",
         "settings": {"reps": reps, "speed_images_per_rep": SPEED_BATCHES, "attack_batch_size": batch_size},
         "machine": {"cpu": cpu_model(), "cores": os.cpu_count()},
@@ -194,7 +196,7 @@ def main(model_dir, ks, n, clean_n, eps, steps, restarts, targeted, seed, reps, 
     }
     text = tables(report)
     write_results(out, report, f"Candidate mode: reconstruct only the k classes the target classifier ranks highest "
-                               f"(Fashion-MNIST, {model_dir.name}; {report['machine']['cpu']}, "
+                               f"(Fashion-MNIST, {model_dir}; {report['machine']['cpu']}, "
                                f"{report['machine']['cores']} cores)", text)
     click.echo(text)
 
