@@ -71,7 +71,7 @@ def run_demo(model_dir: str | Path, n: int = 1000, eps: float = 0.1, steps: int 
     Each row: accuracy of the bare classifier on that row's inputs, accuracy of the ONNX pipeline
     (purified), its rejection rate, and the defended rate (correct or rejected).
     """
-    model_dir = check_model_dir(model_dir)
+    requested, model_dir = str(model_dir), check_model_dir(model_dir)
     cvae = checkpoint.load(model_dir / "cvae", expect="cvae")
     classifier = checkpoint.load(model_dir / "classifier", expect="classifier")
     runtime = OnnxPurifier(model_dir / "pipeline.onnx")
@@ -118,7 +118,7 @@ def run_demo(model_dir: str | Path, n: int = 1000, eps: float = 0.1, steps: int 
     import onnxruntime
 
     return {"settings": {"n": n, "dataset": ds.name, "split": "test (first n images)", "attack": attack.to_dict(),
-                         "model": str(model_dir), "runtime_providers": runtime.providers,
+                         "model": requested, "runtime_providers": runtime.providers,
                          "rejection_threshold": runtime.threshold, "commit": git_commit(model_dir),
                          "cpu": cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__,
                          "onnxruntime": onnxruntime.__version__},

@@ -206,8 +206,9 @@ def test_benchmark_tiny_profile_end_to_end(tmp_path):
     assert abs(head["adaptive"] - sum(head["adaptive_robust"]) / head["n"]) < 1e-6
     assert clean["n"] >= head["n"]
     assert round(head["adaptive"] * head["n"]) <= round(clean["accuracy"] * clean["n"])
-    assert "ART bridge equals the pipeline" in report["sanity"]
-    assert report["sanity"]["ART bridge equals the pipeline"]["pass"]
+    bridge = "ART bridge equals the pipeline (PuVAE purifier)"
+    assert bridge in report["sanity"]
+    assert report["sanity"][bridge]["pass"]
     md = out.with_suffix(".md").read_text()
     assert "### Headline" in md and "Sanity checks" in md
     for name in report["plots"]:
