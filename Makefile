@@ -217,6 +217,16 @@ byo-models: setup
 		--epochs $(CVAE_EPOCHS) --seed 0 --sel-weight 100
 	$(PY) -m purifier.cli train --data fashion-mnist $(RESNET_ONNX) --init $(BYO)/resnet-onnx-puvae \
 		--adversarial cvae --epochs $(MW_EPOCHS) --seed 0 --out $(BYO)/resnet-onnx-cvae-alone
+	$(MAKE) byo-cards
+
+# each purifier of the ResNet's: its evaluation report and card (quoting the byo rows on its weights, once run)
+.PHONY: byo-cards
+byo-cards:
+	@mkdir -p results/byo
+	for m in resnet-puvae resnet-cvae-alone resnet-onnx-puvae resnet-onnx-cvae-alone; do \
+		$(PY) -m purifier.cli evaluate --model $(BYO)/$$m --out results/byo/eval-$$m.json && \
+		$(call card,make byo-models,$(BYO)/$$m,results/byo/eval-$$m.json) || exit 1; \
+	done
 
 byo: setup converged-baselines
 	$(PY) -m benchmarks.byo --profile full

@@ -23,11 +23,34 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def classifier_words(clf: dict) -> str:
+    """The target classifier as its record names it: a project architecture, a factory or an ONNX graph."""
+    if "config" in clf:
+        return f"PuVAE paper architecture {clf['config']['arch'].upper()}"
+    src = clf.get("source", {})
+    if src.get("kind") == "factory":
+        return f"a user's network, built by `{src['factory']}` from `{src['weights']}`"
+    return f"a user's ONNX graph, `{src.get('path')}`"
+
+
 def pct(v):
     return f"{100 * v:.2f}%"
 
 
 def trained_lines(cm: dict, km: dict, total: float, source_note: str) -> list[str]:
+    """The plain training run; a classifier brought trained (a factory or ONNX record without a training record)
+    gets the CVAE's rows only."""
+    cvae_row = (f"| CVAE | {json.dumps(cm['train'])}, loss {json.dumps(cm['loss'])} | {cm['train_seconds']:.0f} | "
+                f"argmin = label {pct(cm['val_argmin_acc'])} |")
+    if "command" not in km:
+        return ["", "## How it was trained",
+                f"CE source classifier of the CVAE: {source_note}. The classifier came trained; this repository's "
+                "commands never changed it (the digest of its parameters and buffers is the same before and after "
+                "training, recorded in `cvae.json`).", "", "```", cm["command"], "```", "",
+                f"| step | settings | seconds | held-out validation ({cm.get('n_val', '?')} train images) |",
+                "| --- | --- | --- | --- |", cvae_row, "",
+                f"The CVAE took {cm['train_seconds'] / 60:.1f} minutes on {cm.get('threads')} threads of "
+                f"{cm.get('cpu')} (torch {cm.get('torch')}).", ""]
     return [
         "",
         "## How it was trained",
@@ -41,8 +64,7 @@ def trained_lines(cm: dict, km: dict, total: float, source_note: str) -> list[st
         f"| step | settings | seconds | held-out validation ({km['n_val']} train images) |",
         "| --- | --- | --- | --- |",
         f"| classifier | {json.dumps(km['train'])} | {km['train_seconds']:.0f} | accuracy {pct(km['val_acc'])} |",
-        f"| CVAE | {json.dumps(cm['train'])}, loss {json.dumps(cm['loss'])} | {cm['train_seconds']:.0f} | "
-        f"argmin = label {pct(cm['val_argmin_acc'])} |",
+        cvae_row,
         "",
         f"Training took {total / 60:.1f} minutes in all (classifier {km.get('train_seconds', 0) / 60:.1f} on "
         f"{km.get('threads')} threads, CVAE {cm['train_seconds'] / 60:.1f} on {cm.get('threads')}) of {km.get('cpu')} "
@@ -162,8 +184,7 @@ def main(model_dir: str, report_path: str, *bench_paths: str, made_by: str | Non
         "| file | what | sha256 |",
         "| --- | --- | --- |",
         f"| `{'classifier' if clf_json.parent == model_dir else cvae['meta']['source']}.safetensors` + `.json` | "
-        f"target classifier, PuVAE paper architecture "
-        f"{clf['config']['arch'].upper()} | `{clf['weights_sha256'][:16]}…` |",
+        f"target classifier, {classifier_words(clf)} | `{clf['weights_sha256'][:16]}…` |",
         f"| `cvae.safetensors` + `.json` | {model_words(cvae['kind'], c)} | `{cvae['weights_sha256'][:16]}…` |",
     ]
     if cm.get("design", "puvae") != "puvae":
