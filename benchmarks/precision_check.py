@@ -14,6 +14,7 @@ Validation always runs in fp32. Seconds are the training loops' own, on this mac
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -89,7 +90,8 @@ def main(out, classifier_epochs, pgd_n, puvae_epochs, source):
         results[name] = {"runs": rows, "verdict": {m: verdict(rows, m) for m in METRICS[name]}}
     report = {"command": " ".join(["python", "-m", "benchmarks.precision_check", *sys.argv[1:]]),
               "commit": git_commit(ROOT), "cpu": cpu_model(), "native_bf16": native_bf16(),
-              "threads": torch.get_num_threads(), "torch": torch.__version__, "settings": settings,
+              "threads": torch.get_num_threads(), "load_average": os.getloadavg(), "torch": torch.__version__,
+              "settings": settings,
               "results": results}
     write_results(out, report, "# bf16 training against fp32: do results move?", render(report))
 
@@ -104,7 +106,9 @@ def render(report: dict) -> str:
         rows.append([name, "training s", *(f"{by[k]['train_seconds']:.0f}" for k in RUNS), "", "", ""])
     s = report["settings"]
     return (f"CPU {report['cpu']} (native bf16: {'yes' if report['native_bf16'] else 'no'}), "
-            f"{report['threads']} threads, torch {report['torch']}. classifier: {s['classifier_epochs']} epochs; "
+            f"{report['threads']} threads, load average {', '.join(f'{v:.1f}' for v in report['load_average'])} at "
+            f"the end (1, 5, 15 min; training seconds are only comparable within one run), torch {report['torch']}. "
+            f"classifier: {s['classifier_epochs']} epochs; "
             f"pgd-at: 1 epoch of PGD-10 (eps 0.1) on {s['pgd_n']} images, PGD-20 on 1,000 validation images; "
             f"puvae: {s['puvae_epochs']} epoch(s), CE source {s['source']}.\n\n"
             + markdown_table(["workload", "metric", "fp32 seed 0", "fp32 seed 1", "bf16 seed 0",
