@@ -183,7 +183,8 @@ def main(model_dir: str, report_path: str, *bench_paths: str, made_by: str | Non
         "## Files",
         "| file | what | sha256 |",
         "| --- | --- | --- |",
-        f"| `{'classifier' if clf_json.parent == model_dir else cvae['meta']['source']}.safetensors` + `.json` | "
+        f"| `{'classifier' if clf_json.parent == model_dir else cvae['meta']['source']}"
+        f"{'.onnx' if clf.get('source', {}).get('kind') == 'onnx' else '.safetensors'}` + `.json` | "
         f"target classifier, {classifier_words(clf)} | `{clf['weights_sha256'][:16]}…` |",
         f"| `cvae.safetensors` + `.json` | {model_words(cvae['kind'], c)} | `{cvae['weights_sha256'][:16]}…` |",
     ]
