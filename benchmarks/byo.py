@@ -43,8 +43,6 @@ def default_rows(plain: str, baselines: str, byo: str, middleware: str) -> list[
         Row("A: plain PuVAE", f"{plain}/classifier", f"{plain}/cvae", "CVAE trained with A as CE source"),
         Row("A: PuVAE + adv. training of the CVAE alone", f"{middleware}/classifier", f"{middleware}/cvae",
             "from plain PuVAE; A frozen"),
-        Row("A: the same, 2 more epochs against PGD-7 selection, full gradient and BPDA",
-            f"{middleware}-pgd7/classifier", f"{middleware}-pgd7/cvae", "from the row above; A frozen"),
         *converged_baselines(baselines, "A: "),
         Row("ResNet (factory): no defense", f"{byo}/resnet/classifier", note="standard training (train.json)"),
         Row("ResNet (factory): plain PuVAE", f"{byo}/resnet-puvae/classifier", f"{byo}/resnet-puvae/cvae",
@@ -129,7 +127,7 @@ def main(profile_name, plain, baselines, byo, middleware, rows, out, work, threa
     work.mkdir(parents=True, exist_ok=True)
     table = default_rows(plain, baselines, byo, middleware)
     chosen = choose_rows(table, rows,
-                         "train them first: make middleware-pgd7 byo-models byo-pgd-at converged-baselines "
+                         "train them first: make byo-models byo-pgd-at converged-baselines "
                          "(docs/bring-your-own-classifier.md)")
     start = time.perf_counter()
     bench = Bench(PROFILES[profile_name], work, lambda m: click.echo(m, err=True))
