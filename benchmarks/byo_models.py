@@ -101,7 +101,7 @@ def main(argv=None):
         from purifier.data import load_dataset
         from purifier.fitting import provenance, split
         from purifier.resume import Snapshots, data_digest
-        from purifier.train import AdversarialTraining, TrainConfig, seed_everything, train_classifier
+        from purifier.train import AdversarialTraining, TrainConfig, kept_epoch, seed_everything, train_classifier
         from serve.files import atomic_write
 
         if threads:
@@ -123,7 +123,7 @@ def main(argv=None):
                                                       "data": data_digest(x, y, xv, yv)})
         history = train_classifier(model, x, y, xv, yv, cfg, None, adv, snaps)
         seconds = snaps.seconds
-        final = history[history[-1]["best_epoch"] - 1] if "best_epoch" in history[-1] else history[-1]
+        final = kept_epoch(history)
         weights = {k: v.contiguous() for k, v in model.state_dict().items()}
         atomic_write(out / "classifier.safetensors", lambda tmp: save_file(weights, tmp))
         onnx_path = out / "model.onnx"
@@ -133,8 +133,7 @@ def main(argv=None):
         record = {"model": "benchmarks/byo_models.py:small_resnet", "train": cfg.to_dict(),
                   "adversarial": adv.to_dict() if adv else None, "n_train": len(x), "n_val": len(xv),
                   "history": history, "train_seconds": seconds, "resumed_at_step": snaps.resumed_at,
-                  "val_acc": final["val_acc"],
-                  **({"val_robust": final["val_robust"], "best_epoch": final["epoch"]} if "val_robust" in final else {}),
+                  **final,
                   **provenance(" ".join(["python", "-m", "benchmarks.byo_models", *sys.argv[1:]]))}
         write_json(out / "train.json", record)
         write_into(out, ClassifierSource("factory", factory=f"{Path(__file__).resolve()}:small_resnet",

@@ -166,6 +166,14 @@ def robust_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: flo
     return right / max(1, len(x))
 
 
+def kept_epoch(history: list[dict]) -> dict:
+    """The epoch whose weights ``train_classifier`` keeps: the best validation robust epoch where it tracked one,
+    else the last; and its record fields (``val_acc``, and ``val_robust`` + ``best_epoch`` where tracked)."""
+    final = history[history[-1]["best_epoch"] - 1] if "best_epoch" in history[-1] else history[-1]
+    return {"val_acc": final["val_acc"],
+            **({"val_robust": final["val_robust"], "best_epoch": final["epoch"]} if "val_robust" in final else {})}
+
+
 def train_classifier(model: Classifier, x: torch.Tensor, y: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor,
                      cfg: TrainConfig, on_step: StepCallback | None = None,
                      adversarial: AdversarialTraining | None = None,

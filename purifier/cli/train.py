@@ -44,7 +44,7 @@ def train_classifier_cmd(data, arch, out, epochs, batch_size, lr, seed, val_size
     from .. import checkpoint
     from ..models.classifiers import Classifier, ClassifierConfig
     from ..resume import Snapshots, StateError, data_digest
-    from ..train import seed_everything, train_classifier
+    from ..train import kept_epoch, seed_everything, train_classifier
 
     try:
         adv = None if adversarial == "none" else AdversarialTraining(
@@ -67,16 +67,15 @@ def train_classifier_cmd(data, arch, out, epochs, batch_size, lr, seed, val_size
             history = train_classifier(model, x, y, xv, yv, cfg, on_step, adv, snaps)
         except StateError as exc:
             raise click.UsageError(str(exc)) from exc
-    final = history[history[-1]["best_epoch"] - 1] if adv and val_robust_n else history[-1]
+    final = kept_epoch(history)
     meta = {"dataset": ds.name, "class_names": list(ds.class_names), "train": cfg.to_dict(),
             "adversarial": adv.to_dict() if adv else None,
             "n_train": len(x), "n_val": len(xv), "history": history, "train_seconds": snaps.seconds,
-            "resumed_at_step": snaps.resumed_at, "epochs_run": len(history), "val_acc": final["val_acc"],
-            **({"val_robust": final["val_robust"], "best_epoch": final["epoch"]} if "val_robust" in final else {}),
+            "resumed_at_step": snaps.resumed_at, "epochs_run": len(history), **final,
             **_provenance()}
     stem = checkpoint.save(model, out, meta)
     state.unlink(missing_ok=True)
-    robust = f", robust {final['val_robust']:.4f} (epoch {final['epoch']})" if "val_robust" in final else ""
+    robust = f", robust {final['val_robust']:.4f} (epoch {final['best_epoch']})" if "val_robust" in final else ""
     click.echo(f"classifier {arch}: val accuracy {final['val_acc']:.4f}{robust} in {snaps.seconds:.0f} s "
                f"-> {stem}.json")
 
