@@ -23,6 +23,7 @@ are cached under ``--work`` by their weights' sha256 and resume where they stopp
 """
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -74,34 +75,64 @@ def training(row: Row) -> dict | None:
     return out
 
 
+def table(rows: dict, training: dict, speed: dict, p: dict) -> str:
+    """One profile's rows as a markdown table."""
+    cells = []
+    for r in rows.values():
+        fails = [k for k, v in r["sanity"].items() if isinstance(v, dict) and not v["pass"]]
+        t = training.get(r["name"]) or {}
+        cells.append([r["name"], f"{r['clean']:.4f}", f"{r['oblivious']:.3f}", *adaptive_cells(r, p.get("targeted", 0)),
+                      f"{r['art']['square']:.3f}", f"{r['art']['autoattack']:.3f}", f"{r['worst_of_all']:.3f}",
+                      f"{speed[r['name']]['batch 256']['images_per_s']:.0f}",
+                      f"{t['seconds']:.0f}" if t.get("seconds") else "-",
+                      "all pass" if not fails else "FAIL: " + "; ".join(fails), r["note"]])
+    return markdown_table(["row", "clean", "oblivious", f"adaptive (n {p['n']})", "adaptive + targeted", "Square",
+                           "AutoAttack", f"worst of all (n {p['n_art']})", "images/s", "training s",
+                           "sanity checks", "note"], cells)
+
+
+def settings(p: dict, threads: int) -> str:
+    return (f"Robust figures on the first {p['n']} images, L-infinity eps {p['eps']}; {suite_text(p)}. Square "
+            f"({p['square_queries']} queries) and APGD-CE + APGD-DLR ({p['apgd_iters']} iterations, through BPDA) "
+            f"from ART on the first {p['n_art']}; worst of all = every attack together on those. Clean accuracy on "
+            f"the first {p['clean_n']}. images/s: torch eager, batch 256, {threads} threads.")
+
+
 def render(report: dict) -> str:
     p = report["profile"]
-    lines = [f"Fashion-MNIST test set. Robust figures on the first {p['n']} images, L-infinity eps {p['eps']}; "
-             f"{suite_text(p)}. Square ({p['square_queries']} "
-             f"queries) and APGD-CE + APGD-DLR ({p['apgd_iters']} iterations, through BPDA) from ART on the first "
-             f"{p['n_art']}; worst of all = every attack together on those. Clean accuracy on the first "
-             f"{p['clean_n']}. Every purifier row's classifier is frozen. images/s: torch eager, batch 256, "
-             f"{report['machine']['torch_threads']} threads. Training seconds: the row's last training stage.", ""]
-    rows = []
-    for r in report["rows"].values():
-        fails = [k for k, v in r["sanity"].items() if isinstance(v, dict) and not v["pass"]]
-        t = report["training"].get(r["name"]) or {}
-        rows.append([r["name"], f"{r['clean']:.4f}", f"{r['oblivious']:.3f}", *adaptive_cells(r, p.get("targeted", 0)),
-                     f"{r['art']['square']:.3f}", f"{r['art']['autoattack']:.3f}", f"{r['worst_of_all']:.3f}",
-                     f"{report['speed'][r['name']]['batch 256']['images_per_s']:.0f}",
-                     f"{t['seconds']:.0f}" if t.get("seconds") else "-",
-                     "all pass" if not fails else "FAIL: " + "; ".join(fails), r["note"]])
-    lines.append(markdown_table(["row", "clean", "oblivious", f"adaptive (n {p['n']})", "adaptive + targeted",
-                                 "Square", "AutoAttack", f"worst of all (n {p['n_art']})", "images/s",
-                                 "training s", "sanity checks", "note"], rows))
+    lines = [f"Fashion-MNIST test set. {settings(p, report['machine']['torch_threads'])} Every purifier row's "
+             "classifier is frozen. Training seconds: the row's last training stage.", "",
+             table(report["rows"], report["training"], report["speed"], p)]
+    other = report.get("other_profile")
+    if other and other["rows"]:
+        q = other["profile"]
+        lines += ["", f"### The other rows at the {other['profile_name']} profile, from {other['file']} "
+                      f"(`{other['command']}` at commit {other['commit'][:10]})",
+                  f"Not measured at this file's profile. {settings(q, other['machine']['torch_threads'])}", "",
+                  table(other["rows"], other["training"], other["speed"], q)]
+    everything = {**report["training"], **(other["training"] if other else {})}
     curves = [[k, f"{t['epochs']:g}", f"{t['seconds']:.0f}", " -> ".join(f"{h['val_adaptive']:.2f}"
                                                                         for h in t["history"])]
-              for k, t in report["training"].items() if t and t.get("history")]
+              for k, t in everything.items() if t and t.get("history")]
     if curves:
         lines += ["", "### Adversarial training of the CVAE alone (validation adaptive check: 200 held-out train "
                       "images, 10-step selection + full gradient; an upper bound)",
                   markdown_table(["row", "epochs", "seconds", "check every 0.25 epoch"], curves)]
     return "\n".join(lines)
+
+
+def other_profile(table_rows: list[Row], measured: dict, path: Path) -> dict | None:
+    """The rows of the table that ``measured`` lacks, from the results file of a smaller profile (``path``):
+    the second classifier's rows may stand at the standard profile, labelled so, beside the full profile's."""
+    if not path.is_file():
+        return None
+    other = json.loads(path.read_text())
+    names = [r.name for r in table_rows if r.name not in measured and r.name in other["rows"]]
+    return {"file": path.name, "profile_name": other["profile_name"],
+            "profile": other["profile"], "command": other["command"], "commit": other["commit"],
+            "machine": other["machine"], "rows": {n: other["rows"][n] for n in names},
+            "training": {n: other["training"].get(n) for n in names},
+            "speed": {n: other["speed"][n] for n in names}}
 
 
 @click.command()
@@ -137,6 +168,8 @@ def main(profile_name, plain, baselines, byo, middleware, rows, out, work, threa
     report["training"] = {r.name: training(r) for r in all_rows}
     report["attack_seconds"] = {k: attack_seconds(v) for k, v in report["rows"].items()}
     report["speed"] = speed_together(bench, all_rows)
+    if profile_name == "full":
+        report["other_profile"] = other_profile(table, report["rows"], out.with_name("byo-standard.json"))
     publish(report, out, "A purifier in front of a classifier you bring", render(report), start)
 
 

@@ -215,13 +215,32 @@ class Bench:
     def cached(self, name: str, fn):
         return cached(self.work, name, fn, self.say)
 
+    def profile_json(self) -> dict:
+        """The profile as it reads back from a results file (tuples become lists)."""
+        return json.loads(json.dumps(asdict(self.p)))
+
+    def measured_elsewhere(self, row: Row) -> dict | None:
+        """The same row measured by another benchmark: a finished row in a sibling cache (``results/.*-work``)
+        with the same weights and purifier spec, the same profile and the same attack suite, so the same
+        computation. ``None`` when there is none."""
+        want, suite = checkpoints_of(row), self.p.targeted if row.cvae else 0
+        for path in sorted(self.work.parent.glob(".*-work/row-*.json")):
+            if path.parent == self.work:
+                continue
+            old = json.loads(path.read_text())
+            if old.get("checkpoints") == want and old.get("profile") == self.profile_json() \
+                    and targeted_of(old) == suite:
+                self.say(f"{row.name}: measured as {old['name']!r} in {path.parent.name}")
+                return {**old, "name": row.name, "measured_as": {"name": old["name"], "cache": path.parent.name}}
+        return None
+
     def partial(self, name: str, checkpoints: dict) -> tuple[dict, Callable[[], None]]:
         """The finished parts of section NAME (``work/partial-NAME.json``, written as they finish, so a section
         cut off by a session's end resumes where it stopped), empty when its weights or the profile changed;
         and a function that saves them."""
         path = self.work / f"partial-{name}.json"
         parts = json.loads(path.read_text()) if path.is_file() else {}
-        profile = json.loads(json.dumps(asdict(self.p)))  # as it reads back from the file (tuples become lists)
+        profile = self.profile_json()
         if parts.get("checkpoints") != checkpoints or parts.get("profile") != profile:
             parts = {"checkpoints": checkpoints, "profile": profile}
         return parts, lambda: write_json(path, parts)
@@ -248,7 +267,8 @@ class Bench:
         clf, pur = self.load(row)
         holds = self.holds(clf, pur)
         out = {"name": row.name, "classifier": row.classifier, "cvae": row.cvae, "note": row.note,
-               "checkpoints": checkpoints_of(row), "targeted": p.targeted if pur is not None else 0}
+               "checkpoints": checkpoints_of(row), "targeted": p.targeted if pur is not None else 0,
+               "profile": self.profile_json()}
         parts, save = self.partial(slug(row.name), out["checkpoints"])
 
         def part(key, fn):
@@ -478,7 +498,8 @@ def measure_rows(bench: Bench, rows: list[Row], table: list[Row] | None = None) 
     """Every row of ``rows`` through ``bench.row``, cached; a cached row whose weights, purifier spec or attack
     suite (targeted runner-up classes) changed is measured again. The other rows of ``table`` (the benchmark's
     whole list, in its order) enter the results from their caches while their weights are unchanged, as they
-    were measured: a table shows ``older_suite`` on those measured before the targeted attacks."""
+    were measured: a table shows ``older_suite`` on those measured before the targeted attacks. A row another
+    benchmark has measured the same way (``Bench.measured_elsewhere``) is taken from its cache, not measured twice."""
     chosen = {r.name for r in rows}
     results = {}
     for r in table or rows:
@@ -497,6 +518,8 @@ def measure_rows(bench: Bench, rows: list[Row], table: list[Row] | None = None) 
                 suite = bench.p.targeted if r.cvae else 0
                 if old["checkpoints"] != checkpoints_of(r) or targeted_of(old) != suite:
                     stale.unlink()  # its weights or the attack suite changed since it was measured: measure again
+            if not stale.is_file() and (same := bench.measured_elsewhere(r)):
+                write_json(stale, same)  # with the seconds its measurement took
             results[r.name] = bench.cached(key, lambda r=r: bench.row(r))
             (bench.work / f"partial-{slug(r.name)}.json").unlink(missing_ok=True)  # the whole row is cached now
         # the weights are the ones measured (same sha256); record where they live now and how the table describes them

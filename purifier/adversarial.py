@@ -5,6 +5,8 @@ Each batch is attacked with PGD (L-infinity, ``steps`` steps of 2.5 * eps / step
 against the current pipeline, one slice of the batch per attack in ``attacks``:
 
   ``selection``  the selection attack on the decision rule (``attacks.selection_objective``)
+  ``targeted``   the selection margin toward one wrong class: the one whose reconstruction fits the clean input
+                 best (the benchmark's ``targeted selection r1``; an untargeted margin can stall between classes)
   ``full``       cross-entropy through the chosen class's encoder and decoder (argmin held fixed)
   ``bpda``       cross-entropy with the purifier crossed as the identity
 
@@ -42,17 +44,26 @@ from .train import StepCallback, TrainConfig, predict, seed_everything, step_pre
 def _objective(name: str, classifier: nn.Module, purifier: Purifier):
     if name == "selection":
         return selection_objective(classifier, purifier)
+    if name == "targeted":
+        from .robust import targeted_objectives
+
+        return targeted_objectives(classifier, purifier, 1)["targeted selection r1"][1]
     return pipeline_objective(classifier, purifier, name)
 
 
 def attack_batch(classifier: nn.Module, purifier: Purifier, x: torch.Tensor, y: torch.Tensor, pgd: PGD,
                  attacks, generator: torch.Generator) -> torch.Tensor:
     """Split the batch into one slice per attack and attack each slice; modules must be in eval mode."""
+    from .robust import runner_up
+
     parts = torch.arange(len(x)).chunk(len(attacks))
     out = x.clone()
     for name, idx in zip(attacks, parts):
         if len(idx):
-            out[idx] = pgd.run(_objective(name, classifier, purifier), x[idx], y[idx], generator)
+            labels = y[idx]
+            if name == "targeted":  # the target rides in the label, as the benchmark's targeted attacks take it
+                labels = labels * purifier.num_classes + runner_up(purifier, x[idx], labels, 1)
+            out[idx] = pgd.run(_objective(name, classifier, purifier), x[idx], labels, generator)
     return out
 
 

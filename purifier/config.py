@@ -78,7 +78,7 @@ class AdversarialTraining:
 
 
 MODES = ("cvae", "classifier", "alternating", "joint")
-TRAIN_ATTACKS = ("selection", "full", "bpda")
+TRAIN_ATTACKS = ("selection", "targeted", "full", "bpda")
 
 
 @dataclass(frozen=True)

@@ -55,6 +55,24 @@ def test_training_attacks_stay_in_the_ball_and_each_slice_gets_its_attack(data):
     assert after.mean() > before.mean()
 
 
+def test_the_targeted_training_attack_closes_on_the_runner_up_class(data):
+    """``targeted``: the selection margin toward the wrong class whose reconstruction fits the clean input best,
+    so that class's score gap to the true class shrinks on every image of its slice."""
+    from purifier.robust import runner_up
+
+    x, y = data[0][:8], data[1][:8]
+    clf = checkpoint.load(MODEL / "classifier").eval()
+    pur = Purifier(checkpoint.load(MODEL / "cvae")).eval()
+    pgd = PGD(eps=0.1, steps=5, best_iterate=False)
+    xa = attack_batch(clf, pur, x, y, pgd, ("targeted",), torch.Generator().manual_seed(0))
+    assert (xa - x).abs().max() <= 0.1 + 1e-6 and xa.min() >= 0 and xa.max() <= 1
+    t = runner_up(pur, x, y, 1)
+    with torch.no_grad():
+        gap = [(s.gather(1, t[:, None]) - s.gather(1, y[:, None])).squeeze(1)
+               for s in (pur(x)["scores"], pur(xa)["scores"])]
+    assert (gap[1] < gap[0]).all(), gap
+
+
 @pytest.mark.parametrize("mode", ["cvae", "classifier", "alternating", "joint"])
 def test_each_mode_trains_its_parts_and_never_the_source(mode, data, small_cvae, small_classifier):
     x, y, xv, yv = data

@@ -313,10 +313,11 @@ def test_a_class_count_that_differs_from_the_data_is_refused(user, tmp_path):
 
 def test_byo_benchmark_tiny_profile_end_to_end(tmp_path):
     """benchmarks/byo.py on a handful of images (numbers mean nothing): the classifier row and the plain PuVAE
-    row in front of the frozen standard classifier, with the targeted attacks in the worst case."""
+    row in front of the frozen standard classifier, with the targeted attacks in the worst case. The same row in
+    benchmarks/adversarial.py (same weights, profile and suite) is then taken from this cache, not measured again."""
     out = tmp_path / "byo-tiny.json"
-    r = subprocess.run([sys.executable, "-m", "benchmarks.byo", "--profile", "tiny", "--row",
-                        "A: no defense", "--row", "A: plain PuVAE", "--out", str(out), "--work", str(tmp_path / "w")],
+    r = subprocess.run([sys.executable, "-m", "benchmarks.byo", "--profile", "tiny", "--row", "A: no defense",
+                        "--row", "A: plain PuVAE", "--out", str(out), "--work", str(tmp_path / ".byo-tiny-work")],
                        capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads(out.read_text())
@@ -328,3 +329,13 @@ def test_byo_benchmark_tiny_profile_end_to_end(tmp_path):
     assert pu["adaptive"] <= [s["accuracy"] for s in pu["steps"]][3] + 1e-9  # targeted attacks only add breaks
     assert all(v["pass"] for v in pu["sanity"].values() if isinstance(v, dict))
     assert "| A: plain PuVAE |" in out.with_suffix(".md").read_text()
+
+    adv = tmp_path / "adv-tiny.json"
+    r = subprocess.run([sys.executable, "-m", "benchmarks.adversarial", "--profile", "tiny", "--no-reject", "--row",
+                        "plain PuVAE", "--out", str(adv), "--work", str(tmp_path / ".adv-tiny-work")],
+                       capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    same = json.loads(adv.read_text())["rows"]["plain PuVAE"]
+    assert same["measured_as"] == {"name": "A: plain PuVAE", "cache": ".byo-tiny-work"}
+    assert (same["adaptive_robust"], same["steps"], same["seconds"]) == \
+        (pu["adaptive_robust"], pu["steps"], pu["seconds"])

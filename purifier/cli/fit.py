@@ -56,7 +56,8 @@ from .common import (DATA_HELP, PRECISION_HELP, _classifier_path, _dataset, _loa
 @config_option(PipelineAdversarial, "eps", "--adv-eps", help="L-infinity budget of the training attacks.")
 @config_option(PipelineAdversarial, "steps", "--adv-steps", help="PGD steps of the training attacks.")
 @config_option(PipelineAdversarial, "attacks", "--adv-attacks",
-               help="Training attacks, each on its slice of the batch: selection, full, bpda.")
+               help="Training attacks, each on its slice of the batch: selection, targeted (the selection margin toward "
+                    "the runner-up class), full, bpda.")
 @config_option(PipelineAdversarial, "sel_weight", "--adv-sel-weight", help="Selection CE on attacked inputs.")
 @config_option(PipelineAdversarial, "pipe_weight", "--adv-pipe-weight",
                help="Target CE on the true class's reconstruction of attacked inputs.")
