@@ -44,6 +44,8 @@ def default_rows(plain: str, baselines: str, byo: str, middleware: str) -> list[
         Row("A: plain PuVAE", f"{plain}/classifier", f"{plain}/cvae", "CVAE trained with A as CE source"),
         Row("A: PuVAE + adv. training of the CVAE alone", f"{middleware}/classifier", f"{middleware}/cvae",
             "from plain PuVAE; A frozen"),
+        Row("A: the same, 2 more epochs against PGD-7 selection, full gradient and BPDA", f"{middleware}-pgd7/classifier",
+            f"{middleware}-pgd7/cvae", "from the row above; A frozen"),
         *converged_baselines(baselines, "A: "),
         Row("ResNet (factory): no defense", f"{byo}/resnet/classifier", note="standard training (train.json)"),
         Row("ResNet (factory): plain PuVAE", f"{byo}/resnet-puvae/classifier", f"{byo}/resnet-puvae/cvae",
