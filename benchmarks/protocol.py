@@ -219,17 +219,20 @@ class Bench:
         """The profile as it reads back from a results file (tuples become lists)."""
         return json.loads(json.dumps(asdict(self.p)))
 
+    def suite(self, row: Row) -> int:
+        """Runner-up classes of the row's targeted attacks: the profile's for a purifier row, none for a classifier."""
+        return self.p.targeted if row.cvae else 0
+
     def measured_elsewhere(self, row: Row) -> dict | None:
         """The same row measured by another benchmark: a finished row in a sibling cache (``results/.*-work``)
         with the same weights and purifier spec, the same profile and the same attack suite, so the same
         computation. ``None`` when there is none."""
-        want, suite = checkpoints_of(row), self.p.targeted if row.cvae else 0
+        want, profile, suite = checkpoints_of(row), self.profile_json(), self.suite(row)
         for path in sorted(self.work.parent.glob(".*-work/row-*.json")):
             if path.parent == self.work:
                 continue
             old = json.loads(path.read_text())
-            if old.get("checkpoints") == want and old.get("profile") == self.profile_json() \
-                    and targeted_of(old) == suite:
+            if old.get("checkpoints") == want and old.get("profile") == profile and targeted_of(old) == suite:
                 self.say(f"{row.name}: measured as {old['name']!r} in {path.parent.name}")
                 return {**old, "name": row.name, "measured_as": {"name": old["name"], "cache": path.parent.name}}
         return None
@@ -267,7 +270,7 @@ class Bench:
         clf, pur = self.load(row)
         holds = self.holds(clf, pur)
         out = {"name": row.name, "classifier": row.classifier, "cvae": row.cvae, "note": row.note,
-               "checkpoints": checkpoints_of(row), "targeted": p.targeted if pur is not None else 0,
+               "checkpoints": checkpoints_of(row), "targeted": self.suite(row),
                "profile": self.profile_json()}
         parts, save = self.partial(slug(row.name), out["checkpoints"])
 
@@ -515,8 +518,7 @@ def measure_rows(bench: Bench, rows: list[Row], table: list[Row] | None = None) 
         else:
             if stale.is_file():
                 old = json.loads(stale.read_text())
-                suite = bench.p.targeted if r.cvae else 0
-                if old["checkpoints"] != checkpoints_of(r) or targeted_of(old) != suite:
+                if old["checkpoints"] != checkpoints_of(r) or targeted_of(old) != bench.suite(r):
                     stale.unlink()  # its weights or the attack suite changed since it was measured: measure again
             if not stale.is_file() and (same := bench.measured_elsewhere(r)):
                 write_json(stale, same)  # with the seconds its measurement took
