@@ -154,11 +154,14 @@ class Bench(protocol.Bench):
         return norm == "Linf" and eps == self.p.eps
 
     def robust_grid(self, norm: str, eps: float) -> dict:
-        """One eps: none / oblivious / adaptive for every defense (Defense-GAN on its subset)."""
+        """One eps: none / oblivious / adaptive for every defense (Defense-GAN on its subset). Resumable: each
+        finished defense, and the worst-case state of the one under attack, are kept in ``work/partial-grid-...``
+        (the headline purifier's adversarial examples beside them), so a run cut off resumes where it stopped."""
         n = self.p.n if norm == "Linf" else self.p.n_l2
         x, y = self.x[:n], self.y[:n]
         restarts = self.p.restarts if self.headline_eps(norm, eps) else 1
         out = {"eps": eps, "norm": norm, "n": n, "restarts": restarts, "defenses": {}}
+        parts, save = self.partial(f"grid-{norm}-{eps}", self.checkpoints)
         # oblivious: PGD on the target classifier, last iterate, one restart; shared by both purifiers
         obl = chunked(lambda a, b: PGD(eps=eps, steps=self.p.steps, norm=norm, seed=self.p.seed, best_iterate=False)
                       .run(ce_objective(self.clf), a, b), x, y, self.p.batch_size)
@@ -166,9 +169,26 @@ class Bench(protocol.Bench):
             m = min(n, self.p.n_dg) if d == "Defense-GAN-style" else n
             if d == "Defense-GAN-style" and not self.headline_eps(norm, eps):
                 continue  # L x R decoder passes per forward: attacked at the headline eps only
+            keep = d == "PuVAE purifier" and self.headline_eps(norm, eps)
+            adv_path = self.work / f"adv-{norm}-{eps}.npz"
+            if d in parts.get("defenses", {}) and (not keep or adv_path.is_file()):
+                out["defenses"][d] = parts["defenses"][d]
+                continue
             holds = self.judge(d)
             attacks = self.adaptive_attacks(d, eps, norm, restarts)
-            res = worst_case(attacks, holds, x[:m], y[:m], self.p.batch_size)
+            buffer_path = self.work / f"adv-{norm}-{eps}.partial.npz"
+            adversarial = x[:m].clone()
+            if keep and f"state {d}" in parts and buffer_path.is_file():
+                adversarial = torch.from_numpy(np.load(buffer_path)["adv"])
+
+            def progress(state, d=d, adversarial=adversarial):
+                if keep:
+                    write_npz(buffer_path, adv=adversarial.numpy())
+                parts[f"state {d}"] = state
+                save()
+
+            res = worst_case(attacks, holds, x[:m], y[:m], self.p.batch_size, state=parts.get(f"state {d}"),
+                             on_step=progress, adversarial=adversarial)
             row = {"n": m, "adaptive": res["accuracy"], "steps": res["steps"],
                    "broken_by": {a.name: res["broken_by"].count(a.name) for a in attacks},
                    "adaptive_robust": res["robust"].tolist()}
@@ -176,10 +196,13 @@ class Bench(protocol.Bench):
                 row["none"] = row["oblivious"] = res["accuracy"]  # no purifier: every threat model is white-box
             else:
                 row["oblivious"] = float(chunked(holds, obl[:m], y[:m], self.p.batch_size).float().mean())
-            if d == "PuVAE purifier" and self.headline_eps(norm, eps):
-                save = {"x": x.numpy(), "adv": res["adversarial"].numpy()}
-                np.savez_compressed(self.work / f"adv-{norm}-{eps}.npz", **save)
+            if keep:
+                write_npz(adv_path, x=x.numpy(), adv=res["adversarial"].numpy())
+                buffer_path.unlink(missing_ok=True)
             out["defenses"][d] = row
+            parts.setdefault("defenses", {})[d] = row
+            parts.pop(f"state {d}", None)
+            save()
         return out
 
     def art_attacks(self) -> dict:
@@ -280,6 +303,14 @@ class Bench(protocol.Bench):
             out[f"ratio @ batch {batch}"] = {"defensegan_over_puvae_torch": t_dg / ours_torch,
                                              "defensegan_over_puvae_onnxruntime": t_dg / ours}
         return out
+
+
+def write_npz(path: Path, **arrays) -> None:
+    """``np.savez_compressed`` through a temporary file and a rename: a crash leaves the old file or none."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.savez_compressed(f, **arrays)
+    tmp.replace(path)
 
 
 def settings(report: dict) -> dict:

@@ -131,17 +131,20 @@ def chunked(fn: Callable, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> 
 
 def worst_case(attacks: list[Attack], holds: Holds, x: torch.Tensor, y: torch.Tensor, batch_size: int = 250,
                start: torch.Tensor | None = None, state: dict | None = None,
-               on_step: Callable[[dict], None] | None = None) -> dict:
+               on_step: Callable[[dict], None] | None = None, adversarial: torch.Tensor | None = None) -> dict:
     """Per-example worst case over ``attacks`` (each with its restarts), with early exit.
 
     ``start``: B bools, the images that count before any attack (default: ``holds`` on the clean images).
+    ``adversarial``: the tensor (shaped like ``x``) the breaking examples are written into, in place, so a caller
+    can keep them across a resume (default: a copy of ``x``).
     Returns ``robust`` (B bools after every attack), ``accuracy``, ``adversarial`` (per image, the example
     that broke it, else the clean image), ``broken_by`` (attack name or None per image), and ``steps``: the
     robust accuracy after each attack and restart, in order, with the seconds each took.
 
     Resumable: ``on_step(state)`` gets a JSON-able state after every attack and restart, and ``state`` resumes
     from one (attacks and restarts already in it are skipped; each restart draws its own seeded start, so the
-    result is the same). Images broken before a resume keep their clean image in ``adversarial``.
+    result is the same). Images broken before a resume keep their clean image in ``adversarial`` unless the
+    caller passes the tensor it saved.
     """
     if state is not None:
         robust = torch.tensor(state["robust"], dtype=torch.bool)
@@ -151,7 +154,7 @@ def worst_case(attacks: list[Attack], holds: Holds, x: torch.Tensor, y: torch.Te
             robust = chunked(holds, x, y, batch_size) if start is None else start.clone()
         broken_by, steps = [None] * len(x), []
     done = {(s["attack"], s["restart"]) for s in steps}
-    adversarial = x.clone()
+    adversarial = x.clone() if adversarial is None else adversarial
     for attack in attacks:
         for restart in range(attack.restarts):
             if (attack.name, restart) in done:

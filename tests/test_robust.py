@@ -84,17 +84,22 @@ def test_worst_case_resumes_from_its_saved_state_to_the_same_result(shipped, ima
     holds = lambda a, b: clf(a).argmax(1) == b  # noqa: E731
     attacks = [pgd_attack("weak", PGD(eps=0.01, steps=2), ce_objective(clf), restarts=2),
                pgd_attack("strong", PGD(eps=0.03, steps=3), ce_objective(clf), restarts=2)]
-    states = []
-    full = worst_case(attacks, holds, x, y, batch_size=8, on_step=lambda st: states.append(json.loads(json.dumps(st))))
+    states, saved = [], []
+    buffer = x.clone()  # the breaking examples, kept with each state as a caller saves them
+    full = worst_case(attacks, holds, x, y, batch_size=8, adversarial=buffer,
+                      on_step=lambda st: states.append(json.loads(json.dumps(st))) or saved.append(buffer.clone()))
     assert len(states) == 4 and states[-1]["robust"] == full["robust"].tolist()
+    assert full["adversarial"] is buffer
     calls = []
     counted = [pgd_attack(a.name, PGD(eps=e, steps=k), ce_objective(clf), restarts=2) for a, e, k in
                zip(attacks, (0.01, 0.03), (2, 3))]
     for a in counted:  # count which (attack, restart) pairs actually run after the resume
         make = a.make
         a.make = lambda xa, ya, r, make=make, name=a.name: calls.append((name, r)) or make(xa, ya, r)
-    resumed = worst_case(counted, holds, x, y, batch_size=8, state=states[1])  # cut off after "weak" x 2
+    resumed = worst_case(counted, holds, x, y, batch_size=8, state=states[1],  # cut off after "weak" x 2
+                         adversarial=saved[1].clone())
     assert torch.equal(resumed["robust"], full["robust"])
+    assert torch.equal(resumed["adversarial"], full["adversarial"])
     assert resumed["broken_by"] == full["broken_by"] and len(resumed["steps"]) == 4
     assert sorted(set(calls)) == [("strong", 0), ("strong", 1)]
 
