@@ -129,6 +129,17 @@ adversarial: setup
 	$(PY) -m purifier.cli export $(ADV)/joint --out $(ADV)/joint --int8
 	$(MAKE) adversarial-cards
 
+# The longer alternating run continued 2 epochs against stronger attacks (PGD-7; selection, targeted selection
+# toward the runner-up class, full gradient and BPDA, each on its slice of the batch): where the alternating mode
+# saturates. --resume: rerunning the target after an interruption continues from the saved state.
+.PHONY: alternating-pgd7
+alternating-pgd7: setup
+	$(PY) -m purifier.cli train --source $(BASELINES)/pgd-at --init $(ADV)/alternating-longer \
+		--target $(ADV)/alternating-longer/classifier --adversarial alternating --epochs 2 --adv-steps 7 \
+		--adv-attacks selection,targeted,full,bpda --seed 0 --resume --out $(ADV)/alternating-pgd7
+	$(PY) -m purifier.cli evaluate --model $(ADV)/alternating-pgd7 --out results/adversarial/eval-alternating-pgd7.json
+	$(call card,make alternating-pgd7,$(ADV)/alternating-pgd7,results/adversarial/eval-alternating-pgd7.json)
+
 # each mode's evaluation report and card (quoting the benchmark rows on its weights, once run)
 ADV_MODES ?= joint classifier cvae alternating alternating-longer
 .PHONY: adversarial-cards
