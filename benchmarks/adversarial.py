@@ -44,6 +44,9 @@ def default_rows(plain: str, baselines: str, adversarial: str) -> list[Row]:
         Row("adv. training: joint", f"{a}/joint/classifier", f"{a}/joint/cvae", "target from the 3-epoch PGD-AT"),
         Row("adv. training: alternating, longer", f"{a}/alternating-longer/classifier",
             f"{a}/alternating-longer/cvae", "alternating + 0.75 epoch more (new cosine schedule)"),
+        Row("adv. training: alternating, PGD-7 + targeted", f"{a}/alternating-pgd7/classifier",
+            f"{a}/alternating-pgd7/cvae", "alternating, longer + 2 epochs against PGD-7 selection, targeted selection, "
+            "full gradient and BPDA"),
     ]
 
 
