@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 from purifier import checkpoint  # noqa: E402
 
 from benchmarks.protocol import (PROFILES, Bench, Row, attack_seconds, choose_rows, converged_baselines, headline,  # noqa: E402
-                      headline_columns, measure_rows, output_paths, publish, report_head, slug, speed_together, suite_text)
+                      headline_columns, measure_rows, output_paths, publish, report_head, slug, speed_threads, speed_together,
+                      suite_text)
 from benchmarks.results import markdown_table  # noqa: E402  (benchmarks/results.py)
 
 
@@ -58,7 +59,7 @@ def render(report: dict) -> str:
              f"and AutoAttack-style APGD-CE + APGD-DLR ({p['apgd_iters']} iterations, 1 start, through BPDA) from "
              f"ART on the first {p['n_art']}; worst of all = every attack together on those {p['n_art']}. Clean "
              f"accuracy on the first {p['clean_n']}. images/s: purifier + classifier in torch eager, batch 256, "
-             f"{report['machine']['torch_threads']} threads, median of {p['speed_reps']}.",
+             f"{speed_threads(report)} threads, median of {p['speed_reps']}.",
              "", markdown_table(headline_columns(p), headline(rows, report["speed"], p.get("targeted", 0)))]
     rows_p = [[r["name"], *[str(v) for v in r["broken_by"].values()]] for r in rows.values() if len(r["broken_by"]) > 1]
     if rows_p:

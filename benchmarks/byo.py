@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 from purifier import checkpoint  # noqa: E402
 
 from benchmarks.protocol import (PROFILES, Bench, Row, adaptive_cells, attack_seconds, choose_rows, converged_baselines,  # noqa: E402
-                      measure_rows, publish, report_head, speed_together, suite_text)
+                      measure_rows, publish, report_head, speed_threads, speed_together, suite_text)
 from benchmarks.results import markdown_table  # noqa: E402
 
 def default_rows(plain: str, baselines: str, byo: str, middleware: str) -> list[Row]:
@@ -104,7 +104,7 @@ def settings(p: dict, threads: int) -> str:
 
 def render(report: dict) -> str:
     p = report["profile"]
-    lines = [f"Fashion-MNIST test set. {settings(p, report['machine']['torch_threads'])} Every purifier row's "
+    lines = [f"Fashion-MNIST test set. {settings(p, speed_threads(report))} Every purifier row's "
              "classifier is frozen. Training seconds: the row's last training stage.", "",
              table(report["rows"], report["training"], report["speed"], p)]
     other = report.get("other_profile")
@@ -112,7 +112,7 @@ def render(report: dict) -> str:
         q = other["profile"]
         lines += ["", f"### The other rows at the {other['profile_name']} profile, from {other['file']} "
                       f"(`{other['command']}` at commit {other['commit'][:10]})",
-                  f"Not measured at this file's profile. {settings(q, other['machine']['torch_threads'])}", "",
+                  f"Not measured at this file's profile. {settings(q, speed_threads(other))}", "",
                   table(other["rows"], other["training"], other["speed"], q)]
     everything = {**report["training"], **(other["training"] if other else {})}
     curves = [[k, f"{t['epochs']:g}", f"{t['seconds']:.0f}", " -> ".join(f"{h['val_adaptive']:.2f}"

@@ -342,7 +342,8 @@ class Bench:
         x = self.x_all.numpy()
         by_batch = {b: time_interleaved(fns, x[:images], b, self.p.speed_reps)
                     for b, images in zip((1, 256), self.p.speed_images)}
-        return {name: {f"batch {b}": by_batch[b][name] for b in by_batch} for name in fns}
+        return {"threads": torch.get_num_threads(),
+                **{name: {f"batch {b}": by_batch[b][name] for b in by_batch} for name in fns}}
 
     @staticmethod
     def forward(clf, pur):
@@ -545,12 +546,18 @@ def adaptive_cells(row: dict, targeted: int) -> list[str]:
 
 
 def speed_together(bench: Bench, rows: list[Row]) -> dict:
-    """images/s of every row in one section, after the rows (which may have shared the machine)."""
+    """images/s of every row in one section, after the rows (which may have shared the machine); timed again when
+    the rows or the torch thread count differ from the cached section's (older sections did not record theirs)."""
     speed = bench.cached("speed", lambda: bench.speed(rows))
-    if set(speed) - {"seconds"} != {r.name for r in rows}:
+    if set(speed) - {"seconds", "threads"} != {r.name for r in rows} or speed.get("threads") != torch.get_num_threads():
         (bench.work / "speed.json").unlink()
         speed = bench.cached("speed", lambda: bench.speed(rows))
     return speed
+
+
+def speed_threads(report: dict) -> int:
+    """The torch threads the report's speed section was timed with (files from before it recorded them: the run's)."""
+    return report["speed"].get("threads", report["machine"]["torch_threads"])
 
 
 def publish(report: dict, out: Path, title: str, text: str, start: float) -> None:

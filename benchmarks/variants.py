@@ -33,7 +33,7 @@ from purifier.robust import latent_attack_report  # noqa: E402
 
 from benchmarks.protocol import (PROFILES, Bench, Row, attack_seconds, choose_rows, converged_baselines,  # noqa: E402
                       headline, headline_columns, measure_rows, output_paths, publish, report_head, slug,
-                      speed_together, suite_text)
+                      speed_threads, speed_together, suite_text)
 from benchmarks.results import markdown_table  # noqa: E402
 from benchmarks.speed import time_it  # noqa: E402
 
@@ -114,7 +114,7 @@ def render(report: dict) -> str:
              f"({p['square_queries']} queries) and APGD-CE/DLR ({p['apgd_iters']} iterations, BPDA) on the first "
              f"{p['n_art']}. Latent attack (Kos et al.): first {n_lat} test images, each against the next test image "
              f"of another class, Adam {steps_lat} steps, lambda 1. images/s: torch eager, batch 256, "
-             f"{report['machine']['torch_threads']} threads; ONNX: onnxruntime CPU provider, batch 256.", "",
+             f"{speed_threads(report)} threads; ONNX: onnxruntime CPU provider, batch 256.", "",
              markdown_table(headline_columns(p), headline(rows, report["speed"], p.get("targeted", 0))), "",
              "### Attacks on the autoencoder, and export",
              markdown_table(["defense", "AS_ignore-target", "AS_target", "SSIM(target recon, adv recon)",
