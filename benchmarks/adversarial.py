@@ -61,11 +61,13 @@ def render(report: dict) -> str:
              f"accuracy on the first {p['clean_n']}. images/s: purifier + classifier in torch eager, batch 256, "
              f"{speed_threads(report)} threads, median of {p['speed_reps']}.",
              "", markdown_table(headline_columns(p), headline(rows, report["speed"], p.get("targeted", 0)))]
-    rows_p = [[r["name"], *[str(v) for v in r["broken_by"].values()]] for r in rows.values() if len(r["broken_by"]) > 1]
-    if rows_p:
-        names = list(next(r for r in rows.values() if len(r["broken_by"]) > 1)["broken_by"])
+    # columns: every attack of any row's suite in suite order; "-" where a row's (older) suite did not run it
+    broken = [r for r in rows.values() if len(r["broken_by"]) > 1]
+    names = list(dict.fromkeys(a for r in broken for a in r["broken_by"]))
+    if broken:
         parts += ["", "### Which attack broke each image first (strongest first; later ones only see survivors)",
-                  markdown_table(["defense", *names], rows_p)]
+                  markdown_table(["defense", *names],
+                                 [[r["name"], *[str(r["broken_by"].get(a, "-")) for a in names]] for r in broken])]
     if report.get("training"):
         parts += ["", "### Training runs (purifier train --adversarial MODE; validation: 5,000 held-out train "
                       "images; adaptive check: 200 of them, 10-step selection + full gradient)",

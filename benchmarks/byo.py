@@ -47,7 +47,7 @@ def default_rows(plain: str, baselines: str, byo: str, middleware: str) -> list[
         Row("A: the same, 2 more epochs against PGD-7 selection, full gradient and BPDA", f"{middleware}-pgd7/classifier",
             f"{middleware}-pgd7/cvae", "from the row above; A frozen"),
         Row("A: the same, with the targeted selection attack added to training", f"{middleware}-targeted/classifier",
-            f"{middleware}-targeted/cvae", "from the default row; A frozen; PGD-7"),
+            f"{middleware}-targeted/cvae", "from the CVAE-alone row; A frozen; PGD-7; the default"),
         *converged_baselines(baselines, "A: "),
         Row("ResNet (factory): no defense", f"{byo}/resnet/classifier", note="standard training (train.json)"),
         Row("ResNet (factory): plain PuVAE", f"{byo}/resnet-puvae/classifier", f"{byo}/resnet-puvae/cvae",

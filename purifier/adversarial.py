@@ -16,6 +16,8 @@ then the parts being trained take a step on the attacked batch:
               + sel_weight * selection CE on the adversarial batch (the true class's reconstruction must fit
                 the attacked input best)
               + pipe_weight * CE of the target classifier on the true class's reconstruction of the attacked input
+              + smooth_weight * KL(selection softmax on the clean batch || on the attacked batch), TRADES's
+                smoothness term (Zhang et al. 2019) on the decision rule instead of a classifier's logits
   classifier  CE on the purified clean batch and the purified adversarial batch (mixed by ``clf_mix``); in
               ``joint`` mode the target also receives the CVAE's pipe term through its weights
 
@@ -68,14 +70,21 @@ def attack_batch(classifier: nn.Module, purifier: Purifier, x: torch.Tensor, y: 
 
 
 def cvae_adversarial_terms(cvae: CVAE, target: nn.Module, xa: torch.Tensor, y: torch.Tensor,
-                           sel_tau: float) -> dict:
-    """Selection CE and the target's CE on the true class's reconstruction, both on the attacked batch."""
+                           sel_tau: float, clean: torch.Tensor | None = None) -> dict:
+    """Selection CE and the target's CE on the true class's reconstruction, both on the attacked batch; with
+    ``clean`` (the batch before the attack), also ``adv_smooth``: the KL divergence from the selection softmax
+    (over -MSE / sel_tau) on the clean batch to the one on the attacked batch, gradients through both."""
     out = cvae.reconstruct_all(xa, deterministic=True)
     scores = class_scores(xa, out, "mse")
     true_recon = out["recon"][torch.arange(len(y)), y]
-    return {"adv_sel": F.cross_entropy(-scores / sel_tau, y),
-            "adv_sel_acc": (scores.argmin(1) == y).float().mean(),
-            "adv_pipe": F.cross_entropy(target(true_recon), y)}
+    terms = {"adv_sel": F.cross_entropy(-scores / sel_tau, y),
+             "adv_sel_acc": (scores.argmin(1) == y).float().mean(),
+             "adv_pipe": F.cross_entropy(target(true_recon), y)}
+    if clean is not None:
+        clean_scores = class_scores(clean, cvae.reconstruct_all(clean, deterministic=True), "mse")
+        terms["adv_smooth"] = F.kl_div(F.log_softmax(-scores / sel_tau, 1), F.log_softmax(-clean_scores / sel_tau, 1),
+                                       reduction="batchmean", log_target=True)
+    return terms
 
 
 def _freeze(module: nn.Module, frozen: bool) -> None:
@@ -178,9 +187,9 @@ def train_pipeline_adversarial(cvae: CVAE, target: nn.Module, source: nn.Module,
         if turn in ("cvae", "joint"):
             cvae.train()
             clean = loss(cvae, source, xb, yb)
-            advt = cvae_adversarial_terms(cvae, target, xa, yb, loss.sel_tau)
+            advt = cvae_adversarial_terms(cvae, target, xa, yb, loss.sel_tau, xb if adv.smooth_weight else None)
             total_loss = total_loss + clean["loss"] + adv.sel_weight * advt["adv_sel"] + \
-                adv.pipe_weight * advt["adv_pipe"]
+                adv.pipe_weight * advt["adv_pipe"] + adv.smooth_weight * advt.get("adv_smooth", 0.0)
             terms.update({f"cvae_{k}" if k == "loss" else k: v for k, v in clean.items()}, **advt)
         if turn in ("classifier", "joint"):
             target.train()

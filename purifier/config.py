@@ -89,6 +89,8 @@ class PipelineAdversarial:
     attacks: tuple = ("selection", "full")
     sel_weight: float = 100.0  # selection CE on the attacked batch (same temperature as the clean term)
     pipe_weight: float = 10.0  # target CE on the true class's reconstruction of the attacked batch
+    # TRADES-style smoothness of the decision rule: KL(selection softmax on the clean batch || on the attacked batch)
+    smooth_weight: float = 0.0
     clf_mix: float = 0.5  # classifier loss: clf_mix * clean + (1 - clf_mix) * adversarial
     val_n: int = 200  # validation images attacked at each validation record
     val_steps: int = 10
@@ -105,6 +107,8 @@ class PipelineAdversarial:
             raise ValueError(f"adversarial eps must be in (0, 1], got {self.eps}")
         if self.steps < 1:
             raise ValueError(f"adversarial steps must be at least 1, got {self.steps}")
+        if self.smooth_weight < 0:
+            raise ValueError(f"smooth_weight must be >= 0, got {self.smooth_weight}")
         if not 0 <= self.clf_mix <= 1:
             raise ValueError(f"clf_mix must be in [0, 1], got {self.clf_mix}")
 
