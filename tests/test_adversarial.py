@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from purifier import checkpoint
-from purifier.adversarial import PipelineAdversarial, attack_batch, train_pipeline_adversarial
+from purifier.adversarial import PipelineAdversarial, attack_batch, cvae_adversarial_terms, train_pipeline_adversarial
 from purifier.attacks import PGD, _selection_margin
 from purifier.losses import PuVAELoss
 from purifier.pipeline import Purifier
@@ -34,7 +34,7 @@ def _params(module):
 
 @pytest.mark.parametrize("bad, match", [({"mode": "both"}, "mode"), ({"attacks": ("cw",)}, "attacks"),
                                         ({"attacks": ()}, "attacks"), ({"eps": 0}, "eps"), ({"steps": 0}, "steps"),
-                                        ({"clf_mix": 2}, "clf_mix")])
+                                        ({"clf_mix": 2}, "clf_mix"), ({"smooth_weight": -1}, "smooth_weight")])
 def test_bad_settings_name_the_value(bad, match):
     with pytest.raises(ValueError, match=match):
         PipelineAdversarial(**bad)
@@ -71,6 +71,27 @@ def test_the_targeted_training_attack_closes_on_the_runner_up_class(data):
         gap = [(s.gather(1, t[:, None]) - s.gather(1, y[:, None])).squeeze(1)
                for s in (pur(x)["scores"], pur(xa)["scores"])]
     assert (gap[1] < gap[0]).all(), gap
+
+
+def test_the_smoothness_term_is_the_kl_between_clean_and_attacked_selection_softmax(data):
+    """``adv_smooth``: zero when the attack left the input as it was, the KL divergence of the two selection
+    softmaxes (computed here from the scores) otherwise, with gradients into the CVAE's weights."""
+    x, y = data[0][:8], data[1][:8]
+    clf = checkpoint.load(MODEL / "classifier").eval()
+    cvae = checkpoint.load(MODEL / "cvae").eval()
+    pur = Purifier(cvae).eval()
+    tau = PuVAELoss().sel_tau
+    assert "adv_smooth" not in cvae_adversarial_terms(cvae, clf, x, y, tau)
+    assert cvae_adversarial_terms(cvae, clf, x, y, tau, clean=x)["adv_smooth"].abs() <= 1e-6
+    xa = attack_batch(clf, pur, x, y, PGD(eps=0.1, steps=5, best_iterate=False), ("selection",),
+                      torch.Generator().manual_seed(0))
+    smooth = cvae_adversarial_terms(cvae, clf, xa, y, tau, clean=x)["adv_smooth"]
+    with torch.no_grad():
+        p, q = (torch.softmax(-pur(v)["scores"] / tau, 1) for v in (x, xa))
+    expected = (p * (p.clamp_min(1e-30).log() - q.clamp_min(1e-30).log())).sum(1).mean()
+    assert smooth > 0.01 and torch.allclose(smooth.detach(), expected, rtol=1e-3, atol=1e-5), (smooth, expected)
+    smooth.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in [*cvae.enc_trunk.parameters(), *cvae.dec_trunk.parameters()])
 
 
 @pytest.mark.parametrize("mode", ["cvae", "classifier", "alternating", "joint"])
