@@ -173,11 +173,15 @@ def untargeted_adaptive(row: dict) -> float | None:
     return steps[-1]["accuracy"] if steps else None
 
 
+OLDER_SUITE = ("measured with the older suite, before the targeted attacks joined it: every adaptive figure of a "
+               "purifier here is an upper bound until it is measured again")
+
+
 def suite_text(p: dict) -> str:
     """The attack suite of a report's profile, in a sentence, for the tables' headers."""
     targeted = p.get("targeted", 0)
     tail = (f", then targeted selection and targeted logit margins (through the softmin) toward each of the "
-            f"{targeted} runner-up classes" if targeted else "")
+            f"{targeted} runner-up classes" if targeted else f" ({OLDER_SUITE})")
     return (f"adaptive = per-image worst case over the selection attack, full gradient, BPDA and softmin{tail} "
             f"(classifier rows: PGD on the classifier), PGD-{p['steps']} (step 2.5*eps/steps, random start, best "
             f"iterate), {p['restarts']} restart(s), seed {p['seed']}")

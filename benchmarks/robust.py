@@ -41,7 +41,7 @@ from serve.runtime import OnnxPurifier
 
 from benchmarks import protocol
 from benchmarks.checks import defense_checks
-from benchmarks.protocol import ROOT, Row, checkpoints_of, output_paths, report_head, training_length
+from benchmarks.protocol import OLDER_SUITE, ROOT, Row, checkpoints_of, output_paths, report_head, training_length
 from benchmarks.results import markdown_table, write_results
 from benchmarks.speed import time_interleaved, time_it
 
@@ -362,7 +362,8 @@ def render(report: dict) -> str:
              f"(Defense-GAN-style: {p['n_dg_clean']}). PuVAE's adaptive worst case: the selection attack, full "
              f"gradient, BPDA and softmin"
              + (f", then targeted selection and targeted logit margins toward each of the {p['targeted']} runner-up "
-                f"classes." if p.get("targeted") else "."),
+                f"classes." if p.get("targeted") else
+                f"; {OLDER_SUITE}."),
              "",
              "### Headline",
              markdown_table(["defense", "clean (n)", "none", "oblivious", "adaptive worst case (n)",
