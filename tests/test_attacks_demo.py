@@ -1,4 +1,5 @@
 """PGD stays in its budget and breaks an undefended classifier; the demo runs end to end on the shipped model."""
+import json
 from pathlib import Path
 
 import numpy as np
@@ -45,9 +46,11 @@ def test_augment_flips_and_shifts_within_the_image(batch):
 
 
 def test_demo_prints_its_settings_and_writes_the_grid(tmp_path):
-    r = CliRunner().invoke(main, ["demo", "--model", str(MODEL), "--n", "20", "--steps", "2",
+    r = CliRunner().invoke(main, ["demo", "--model", "fashion-mnist", "--n", "20", "--steps", "2",
                                   "--out", str(tmp_path)])
     assert r.exit_code == 0, r.output
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["settings"]["model"] == "fashion-mnist"  # as asked, not this machine's resolved path
     assert "PGD-Linf eps 0.1, 2 steps" in r.output and "onnxruntime" in r.output
     for row in ("clean", "oblivious", "bpda", "full-gradient", "selection", "adaptive worst"):
         assert row in r.output
