@@ -178,6 +178,17 @@ variants-adversarial: setup
 	done
 	$(MAKE) variant-adversarial-cards
 
+# ks-cov-coupled + adversarial training continued as alternating-pgd7 continues the PuVAE run: 2 epochs against PGD-7
+# selection, targeted selection, full gradient and BPDA (resumable: the same command continues an interrupted run)
+.PHONY: ks-cov-coupled-pgd7
+ks-cov-coupled-pgd7: setup
+	$(PY) -m purifier.cli train --source $(BASELINES)/pgd-at --init $(VARIANTS)/ks-cov-coupled/adversarial \
+		--target $(VARIANTS)/ks-cov-coupled/adversarial/classifier --adversarial alternating --epochs 2 --adv-steps 7 \
+		--adv-attacks selection,targeted,full,bpda --seed 0 --resume --out $(VARIANTS)/ks-cov-coupled/adversarial-pgd7
+	mkdir -p results/variants
+	$(PY) -m purifier.cli evaluate --model $(VARIANTS)/ks-cov-coupled/adversarial-pgd7 \
+		--out results/variants/eval-ks-cov-coupled-adversarial-pgd7.json
+
 # their evaluation reports and cards (the card quotes results/variants.json's row on the same weights, once run)
 .PHONY: variant-adversarial-cards
 variant-adversarial-cards:

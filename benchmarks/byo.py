@@ -48,6 +48,8 @@ def default_rows(plain: str, baselines: str, byo: str, middleware: str) -> list[
             f"{middleware}-pgd7/cvae", "from the row above; A frozen"),
         Row("A: the same, with the targeted selection attack added to training", f"{middleware}-targeted/classifier",
             f"{middleware}-targeted/cvae", "from the CVAE-alone row; A frozen; PGD-7; the default"),
+        Row("A: the same, with TRADES's smoothness term on the selection softmax", f"{middleware}-smooth/classifier",
+            f"{middleware}-smooth/cvae", "as the row above, + 600 * KL(clean || attacked selection softmax)"),
         *converged_baselines(baselines, "A: "),
         Row("ResNet (factory): no defense", f"{byo}/resnet/classifier", note="standard training (train.json)"),
         Row("ResNet (factory): plain PuVAE", f"{byo}/resnet-puvae/classifier", f"{byo}/resnet-puvae/cvae",
