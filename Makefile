@@ -248,14 +248,19 @@ middleware-targeted: setup
 	$(call card,make middleware-targeted,$(MIDDLEWARE)-targeted,results/eval-middleware-cvae-alone-targeted.json)
 
 # The same 2 epochs from the same start with TRADES's smoothness term on the decision rule (KL from the selection
-# softmax on the clean batch to the one on the attacked batch, weight 600 = TRADES's beta 6 times the selection CE
-# weight 100): an idea aimed at the selection attack, against middleware-targeted.
-middleware-smooth: setup
-	$(PY) -m purifier.cli train --source $(PLAIN)/classifier --target $(PLAIN)/classifier --init $(MIDDLEWARE) \
+# softmax on the clean batch to the one on the attacked batch): an idea aimed at the selection attack, against
+# middleware-targeted. Weight 600 (TRADES's beta 6 times the selection CE weight 100) and 200 (beta 2).
+# $(call smooth,MAKE TARGET,OUT DIR,WEIGHT)
+smooth = $(PY) -m purifier.cli train --source $(PLAIN)/classifier --target $(PLAIN)/classifier --init $(MIDDLEWARE) \
 		--adversarial cvae --epochs 2 --adv-steps 7 --adv-attacks selection,targeted,full,bpda \
-		--adv-smooth-weight 600 --seed 0 --out $(MIDDLEWARE)-smooth $(RESUME)
-	$(PY) -m purifier.cli evaluate --model $(MIDDLEWARE)-smooth --out results/eval-middleware-cvae-alone-smooth.json
-	$(call card,make middleware-smooth,$(MIDDLEWARE)-smooth,results/eval-middleware-cvae-alone-smooth.json)
+		--adv-smooth-weight $(3) --seed 0 --resume --out $(2) && \
+	$(PY) -m purifier.cli evaluate --model $(2) --out results/eval-middleware-$(notdir $(2)).json && \
+	$(call card,$(1),$(2),results/eval-middleware-$(notdir $(2)).json)
+.PHONY: middleware-smooth middleware-smooth200
+middleware-smooth: setup
+	$(call smooth,make middleware-smooth,$(MIDDLEWARE)-smooth,600)
+middleware-smooth200: setup
+	$(call smooth,make middleware-smooth200,$(MIDDLEWARE)-smooth200,200)
 
 byo-models: setup
 	$(PY) -m benchmarks.byo_models --out $(BYO)/resnet --epochs 8
