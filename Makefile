@@ -186,8 +186,9 @@ ks-cov-coupled-pgd7: setup
 		--target $(VARIANTS)/ks-cov-coupled/adversarial/classifier --adversarial alternating --epochs 2 --adv-steps 7 \
 		--adv-attacks selection,targeted,full,bpda --seed 0 --resume --out $(VARIANTS)/ks-cov-coupled/adversarial-pgd7
 	mkdir -p results/variants
-	$(PY) -m purifier.cli evaluate --model $(VARIANTS)/ks-cov-coupled/adversarial-pgd7 \
-		--out results/variants/eval-ks-cov-coupled-adversarial-pgd7.json
+	$(PY) -m purifier.cli evaluate --model $(VARIANTS)/ks-cov-coupled/adversarial-pgd7 --selection mse \
+		--selection likelihood --out results/variants/eval-ks-cov-coupled-adversarial-pgd7.json
+	$(call card,make ks-cov-coupled-pgd7,$(VARIANTS)/ks-cov-coupled/adversarial-pgd7,results/variants/eval-ks-cov-coupled-adversarial-pgd7.json)
 
 # their evaluation reports and cards (the card quotes results/variants.json's row on the same weights, once run)
 .PHONY: variant-adversarial-cards

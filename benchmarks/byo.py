@@ -50,6 +50,8 @@ def default_rows(plain: str, baselines: str, byo: str, middleware: str) -> list[
             f"{middleware}-targeted/cvae", "from the CVAE-alone row; A frozen; PGD-7; the default"),
         Row("A: the same, with TRADES's smoothness term on the selection softmax", f"{middleware}-smooth/classifier",
             f"{middleware}-smooth/cvae", "as the row above, + 600 * KL(clean || attacked selection softmax)"),
+        Row("A: the same, with the smoothness term at weight 200", f"{middleware}-smooth200/classifier",
+            f"{middleware}-smooth200/cvae", "+ 200 * KL(clean || attacked selection softmax)"),
         *converged_baselines(baselines, "A: "),
         Row("ResNet (factory): no defense", f"{byo}/resnet/classifier", note="standard training (train.json)"),
         Row("ResNet (factory): plain PuVAE", f"{byo}/resnet-puvae/classifier", f"{byo}/resnet-puvae/cvae",

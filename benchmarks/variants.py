@@ -66,8 +66,11 @@ def default_rows(plain: str, joint: str, baselines: str, variants: str, adversar
             rows.append(Row(name, f"{plain}/classifier", f"{variants}/{name}/cvae", d.summary))
             trained.append(Row(name + ADV_SUFFIX, f"{variants}/{name}/adversarial/classifier",
                                f"{variants}/{name}/adversarial/cvae", "alternating, 0.75 epoch from the row above"))
+    longer = Row("ks-cov-coupled" + ADV_SUFFIX + ", PGD-7 + targeted",
+                 f"{variants}/ks-cov-coupled/adversarial-pgd7/classifier", f"{variants}/ks-cov-coupled/adversarial-pgd7/cvae",
+                 "the row above + 2 epochs against PGD-7 selection, targeted selection, full gradient and BPDA")
     return rows + [Row("puvae" + ADV_SUFFIX, f"{alt}/classifier", f"{alt}/cvae",
-                       "alternating, 0.75 epoch (results/adversarial.md)")] + trained
+                       "alternating, 0.75 epoch (results/adversarial.md)")] + trained + [longer]
 
 
 class VariantsBench(Bench):
