@@ -171,7 +171,7 @@ def main(profile_name, plain, baselines, byo, middleware, rows, out, work, threa
     start = time.perf_counter()
     bench = Bench(PROFILES[profile_name], work, lambda m: click.echo(m, err=True))
     report = report_head("byo.py", profile_name)
-    report["rows"] = measure_rows(bench, chosen, table)
+    report["rows"] = measure_rows(bench, chosen, table, out)
     all_rows = [r for r in table if r.name in report["rows"]]
     report["training"] = {r.name: training(r) for r in all_rows}
     report["attack_seconds"] = {k: attack_seconds(v) for k, v in report["rows"].items()}

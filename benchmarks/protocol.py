@@ -128,6 +128,18 @@ def checkpoints_of(row: Row) -> dict:
     return out
 
 
+# profile settings that change no row's figures: the speed section's, and the suite, which ``targeted_of`` reads off
+# the attacks a row ran
+NOT_ROW_SETTINGS = ("speed_reps", "speed_images", "targeted")
+
+
+def same_attacks(a: dict, b: dict) -> bool:
+    """Whether two profiles (as JSON) give a row the same figures: equal but for ``NOT_ROW_SETTINGS``."""
+    def keep(p):
+        return {k: v for k, v in p.items() if k not in NOT_ROW_SETTINGS}
+    return keep(a) == keep(b)
+
+
 def slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
 
@@ -227,18 +239,32 @@ class Bench:
         """Runner-up classes of the row's targeted attacks: the profile's for a purifier row, none for a classifier."""
         return self.p.targeted if row.cvae else 0
 
-    def measured_elsewhere(self, row: Row) -> dict | None:
-        """The same row measured by another benchmark: a finished row in a sibling cache (``results/.*-work``)
-        with the same weights and purifier spec, the same profile and the same attack suite, so the same
-        computation. ``None`` when there is none."""
-        want, profile, suite = checkpoints_of(row), self.profile_json(), self.suite(row)
+    def finished_rows(self):
+        """(where, row) for every finished row the results folder holds: the rows of the other benchmarks' caches
+        (``results/.*-work/row-*.json``) and of every published results file (``results/*.json``), each with the
+        profile it was measured with (a row written before rows recorded theirs has its file's)."""
         for path in sorted(self.work.parent.glob(".*-work/row-*.json")):
-            if path.parent == self.work:
-                continue
-            old = json.loads(path.read_text())
-            if old.get("checkpoints") == want and old.get("profile") == profile and targeted_of(old) == suite:
-                self.say(f"{row.name}: measured as {old['name']!r} in {path.parent.name}")
-                return {**old, "name": row.name, "measured_as": {"name": old["name"], "cache": path.parent.name}}
+            if path.parent != self.work:
+                old = json.loads(path.read_text())
+                if "profile" in old:
+                    yield path.parent.name, old
+        for path in sorted(self.work.parent.glob("*.json")):
+            report = json.loads(path.read_text())
+            if isinstance(report, dict) and isinstance(report.get("rows"), dict) and "profile" in report:
+                for old in report["rows"].values():
+                    yield path.name, {"profile": report["profile"], **old}
+
+    def measured_elsewhere(self, row: Row) -> dict | None:
+        """The same row measured before: a finished row (``finished_rows``) with the same weights and purifier spec,
+        the same attack settings and the same attack suite, so the same computation. ``None`` when there is none."""
+        want, suite = checkpoints_of(row), self.suite(row)
+        for where, old in self.finished_rows():
+            if old.get("checkpoints") == want and same_attacks(old["profile"], self.profile_json()) and \
+                    targeted_of(old) == suite:
+                self.say(f"{row.name}: measured as {old['name']!r} in {where}")
+                # a row taken from one taken from elsewhere names where it was measured
+                return {**old, "name": row.name,
+                        "measured_as": old.get("measured_as", {"name": old["name"], "cache": where})}
         return None
 
     def partial(self, name: str, checkpoints: dict) -> tuple[dict, Callable[[], None]]:
@@ -502,23 +528,25 @@ def report_head(script: str, profile_name: str, profile: Profile | None = None, 
             "machine": {"cpu": cpu_model(), "torch_threads": torch.get_num_threads()}}
 
 
-def measure_rows(bench: Bench, rows: list[Row], table: list[Row] | None = None) -> dict:
+def measure_rows(bench: Bench, rows: list[Row], table: list[Row] | None = None, published: Path | None = None) -> dict:
     """Every row of ``rows`` through ``bench.row``, cached; a cached row whose weights, purifier spec or attack
     suite (targeted runner-up classes) changed is measured again. The other rows of ``table`` (the benchmark's
-    whole list, in its order) enter the results from their caches while their weights are unchanged, as they
-    were measured: a table shows ``older_suite`` on those measured before the targeted attacks. A row another
-    benchmark has measured the same way (``Bench.measured_elsewhere``) is taken from its cache, not measured twice."""
+    whole list, in its order) enter the results from their caches, else from the results file last ``published``,
+    while their weights are unchanged, as they were measured: a table shows ``older_suite`` on those measured
+    before the targeted attacks. A row measured the same way before, by this benchmark or another
+    (``Bench.measured_elsewhere``), is taken from there, not measured twice."""
     chosen = {r.name for r in rows}
+    before = json.loads(published.read_text()).get("rows", {}) if published and published.is_file() else {}
     results = {}
     for r in table or rows:
         key = f"row-{slug(r.name)}"
         stale = bench.work / f"{key}.json"
         if r.name not in chosen:
-            if not stale.is_file() or not has_checkpoints(r):
+            if not has_checkpoints(r):
                 continue
-            old = json.loads(stale.read_text())
-            if old["checkpoints"] != checkpoints_of(r):
-                continue  # its weights changed since: not this table's row until it is measured again
+            old = json.loads(stale.read_text()) if stale.is_file() else before.get(r.name)
+            if old is None or old["checkpoints"] != checkpoints_of(r):
+                continue  # not measured, or its weights changed since: not this table's row until it is measured
             results[r.name] = old
         else:
             if stale.is_file():

@@ -79,14 +79,23 @@ class VariantsBench(Bench):
         self.profile_name = profile_name
 
     def row(self, row: Row) -> dict:
-        out = super().row(row)
-        if row.cvae is not None:
-            clf, pur = self.load(row)
-            n, steps = LATENT[self.profile_name]
-            out["latent"] = latent_attack_report(pur, clf, self.x_all, self.y_all, n, steps, self.p.seed,
-                                                 self.p.batch_size)
-            out["design"] = checkpoint.read_record(ROOT / row.cvae)["meta"].get("design", "puvae")
-        return out
+        return {**super().row(row), **self.autoencoder(row)}
+
+    def measured_elsewhere(self, row: Row) -> dict | None:
+        """A row another benchmark measured the same way, with this table's attacks on the autoencoder added
+        where it has none."""
+        old = super().measured_elsewhere(row)
+        return old if old is None or "latent" in old else {**old, **self.autoencoder(row)}
+
+    def autoencoder(self, row: Row) -> dict:
+        """Kos et al.'s latent attack on a purifier row's CVAE, and the CVAE's design (nothing for a classifier)."""
+        if row.cvae is None:
+            return {}
+        clf, pur = self.load(row)
+        n, steps = LATENT[self.profile_name]
+        return {"latent": latent_attack_report(pur, clf, self.x_all, self.y_all, n, steps, self.p.seed,
+                                               self.p.batch_size),
+                "design": checkpoint.read_record(ROOT / row.cvae)["meta"].get("design", "puvae")}
 
     def export(self, row: Row) -> dict:
         """ONNX parity against torch and onnxruntime images/s (CPU provider, batch 256), or why not."""
@@ -182,7 +191,7 @@ def main(profile_name, plain, joint, baselines, variants_dir, adv_dir, rows, out
     report["latent"] = dict(zip(("n", "steps"), LATENT[profile_name]))
     report["designs"] = {k: {**asdict(d), "trained_on_plain_weights": d.inference_only}
                          for k, d in designs.DESIGNS.items()}
-    report["rows"] = measure_rows(bench, chosen, table)
+    report["rows"] = measure_rows(bench, chosen, table, out)
     all_rows = [r for r in table if r.name in report["rows"]]
     report["attack_seconds"] = {k: attack_seconds(v) for k, v in report["rows"].items()}
     report["export"] = {r.name: bench.cached(f"export-{slug(r.name)}", lambda r=r: bench.export(r)) for r in all_rows}

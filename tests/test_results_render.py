@@ -52,3 +52,44 @@ def test_the_speed_section_is_timed_again_at_another_thread_count(tmp_path):
     assert again["classifier"]["batch 256"]["images_per_s"] > 0
     # a file from before the section recorded its threads reads the run's
     assert speed_threads({"speed": {"seconds": 1.0}, "machine": {"torch_threads": 3}}) == 3
+
+
+def test_a_row_measured_before_is_reused_only_with_the_same_weights_attacks_and_suite(tmp_path):
+    """measure_rows takes a row from a published results file (this benchmark's or another's) when the weights, the
+    attack settings and the suite match, and measures it when an attack setting differs; a row not asked for enters
+    from the file last published while its weights are unchanged, and is left out once they differ."""
+    import dataclasses
+
+    from benchmarks.protocol import PROFILES, Bench, Row, checkpoints_of, measure_rows
+
+    results = tmp_path / "results"
+    work = results / ".mine-work"
+    work.mkdir(parents=True)
+    tiny = PROFILES["tiny"]
+    plain = Row("plain classifier", "models/fashion-mnist-plain/classifier")
+    other = Row("another name", "models/fashion-mnist-plain/classifier")
+    planted = {"name": "measured elsewhere", "checkpoints": checkpoints_of(plain), "adaptive": 0.123, "steps": []}
+    profile = json.loads(json.dumps(dataclasses.asdict(tiny)))
+    # another benchmark's file, timed with other speed settings: the same computation
+    (results / "theirs.json").write_text(json.dumps(
+        {"profile": {**profile, "speed_reps": 7}, "rows": {"measured elsewhere": planted}}))
+    bench = Bench(tiny, work, lambda line: None)
+    got = measure_rows(bench, [plain])
+    assert got["plain classifier"]["adaptive"] == 0.123
+    assert got["plain classifier"]["measured_as"] == {"name": "measured elsewhere", "cache": "theirs.json"}
+
+    # with another attack setting it is not the same computation: measured here (6 images: a multiple of 1/6)
+    (results / "theirs.json").write_text(json.dumps(
+        {"profile": {**profile, "steps": tiny.steps + 1}, "rows": {"measured elsewhere": planted}}))
+    (work / "row-plain-classifier.json").unlink()
+    got = measure_rows(bench, [plain])
+    assert got["plain classifier"]["adaptive"] != 0.123 and "measured_as" not in got["plain classifier"]
+
+    # a row not asked for comes from the file last published while its weights are unchanged
+    mine = results / "mine.json"
+    mine.write_text(json.dumps({"profile": profile, "rows": {"another name": {**planted, "name": "another name"}}}))
+    got = measure_rows(bench, [plain], [plain, other], mine)
+    assert list(got) == ["plain classifier", "another name"] and got["another name"]["adaptive"] == 0.123
+    changed = {**planted, "name": "another name", "checkpoints": {"classifier": "0" * 64}}
+    mine.write_text(json.dumps({"profile": profile, "rows": {"another name": changed}}))
+    assert list(measure_rows(bench, [plain], [plain, other], mine)) == ["plain classifier"]
