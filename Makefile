@@ -190,6 +190,19 @@ ks-cov-coupled-pgd7: setup
 		--selection likelihood --out results/variants/eval-ks-cov-coupled-adversarial-pgd7.json
 	$(call card,make ks-cov-coupled-pgd7,$(VARIANTS)/ks-cov-coupled/adversarial-pgd7,results/variants/eval-ks-cov-coupled-adversarial-pgd7.json)
 
+# ks-cov-coupled-pgd7 (still rising at 2 epochs) continued 2 more epochs against the same attacks with TRADES's
+# smoothness term on the selection softmax at weight 200 (as make middleware-smooth200); resumable
+.PHONY: ks-cov-coupled-smooth
+ks-cov-coupled-smooth: setup
+	$(PY) -m purifier.cli train --source $(BASELINES)/pgd-at --init $(VARIANTS)/ks-cov-coupled/adversarial-pgd7 \
+		--target $(VARIANTS)/ks-cov-coupled/adversarial-pgd7/classifier --adversarial alternating --epochs 2 \
+		--adv-steps 7 --adv-attacks selection,targeted,full,bpda --adv-smooth-weight 200 --seed 0 --resume \
+		--out $(VARIANTS)/ks-cov-coupled/adversarial-smooth
+	mkdir -p results/variants
+	$(PY) -m purifier.cli evaluate --model $(VARIANTS)/ks-cov-coupled/adversarial-smooth --selection mse \
+		--selection likelihood --out results/variants/eval-ks-cov-coupled-adversarial-smooth.json
+	$(call card,make ks-cov-coupled-smooth,$(VARIANTS)/ks-cov-coupled/adversarial-smooth,results/variants/eval-ks-cov-coupled-adversarial-smooth.json)
+
 # their evaluation reports and cards (the card quotes results/variants.json's row on the same weights, once run)
 .PHONY: variant-adversarial-cards
 variant-adversarial-cards:

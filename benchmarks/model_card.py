@@ -123,7 +123,9 @@ def robustness_lines(cvae_sha: str, clf_sha: str, bench_paths: tuple[str, ...]) 
         p = bench["profile"]
         latent = any("latent" in r for r in rows)
         targeted = p.get("targeted", 0)
-        lines += [f"## Robustness, profile {bench['profile_name']} (`{bench['command']}`, `{bench_path}`)",
+        # the file's command published the table; a row in it may have been measured by an earlier run of it
+        lines += [f"## Robustness, profile {bench['profile_name']} (`{bench_path}`, last published by "
+                  f"`{bench['command']}`)",
                   f"L-infinity eps {p['eps']}, first {p['n']} test images; {suite_text(p)}; Square and AutoAttack "
                   f"(APGD-CE/DLR through BPDA) on the first {p['n_art']}."
                   + (" Latent attack (Kos et al.): AS = its success rate, lower is better." if latent else ""), "",

@@ -69,8 +69,12 @@ def default_rows(plain: str, joint: str, baselines: str, variants: str, adversar
     longer = Row("ks-cov-coupled" + ADV_SUFFIX + ", PGD-7 + targeted",
                  f"{variants}/ks-cov-coupled/adversarial-pgd7/classifier", f"{variants}/ks-cov-coupled/adversarial-pgd7/cvae",
                  "the row above + 2 epochs against PGD-7 selection, targeted selection, full gradient and BPDA")
+    smooth = Row("ks-cov-coupled" + ADV_SUFFIX + ", + smoothness term",
+                 f"{variants}/ks-cov-coupled/adversarial-smooth/classifier",
+                 f"{variants}/ks-cov-coupled/adversarial-smooth/cvae",
+                 "the row above + 2 epochs more with TRADES's smoothness term on the selection softmax (weight 200)")
     return rows + [Row("puvae" + ADV_SUFFIX, f"{alt}/classifier", f"{alt}/cvae",
-                       "alternating, 0.75 epoch (results/adversarial.md)")] + trained + [longer]
+                       "alternating, 0.75 epoch (results/adversarial.md)")] + trained + [longer, smooth]
 
 
 class VariantsBench(Bench):

@@ -29,7 +29,7 @@ def test_cards_quote_the_benchmark_rows_on_their_weights():
     that directory's card."""
     bench = json.loads((ROOT / "results" / "variants.json").read_text())
     # each card's section quoting results/variants.json (other results files name rows alike)
-    cards = {str(card.parent.relative_to(ROOT)): card.read_text().partition("`results/variants.json`)")[2]
+    cards = {str(card.parent.relative_to(ROOT)): card.read_text().partition("(`results/variants.json`, last published by")[2]
              for card in CARDS}
     for row in bench["rows"].values():
         model = str(Path(row["cvae"] or row["classifier"]).parent)
