@@ -152,8 +152,7 @@ def main(profile_name, plain, baselines, adv_dir, default, rows, out, work, thre
         chosen = [r for r in purifier_rows if results[r.name]["checkpoints"] == shipped] or \
             [max(purifier_rows, key=lambda r: (results[r.name]["worst_of_all"], results[r.name]["adaptive"]))]
         key = f"reject-{slug(chosen[0].name)}"
-        report["reject"] = bench.cached(key, lambda: bench.reject(chosen[0]))
-        (bench.work / f"partial-{key}.json").unlink(missing_ok=True)
+        report["reject"] = bench.reject_section(key, chosen[0])
     report["speed"] = speed_together(bench, all_rows)
     # a resumed row's "seconds" is its last run's; the attacks' own timings add up across sessions
     report["section_seconds"] = {k: v["seconds"] for k, v in results.items()}

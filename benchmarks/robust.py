@@ -506,7 +506,7 @@ def main(profile_name, model_dir, baselines, pgd_at, n, out, work, threads):
         for eps in eps_list:
             grids[f"{norm}-{eps}"] = bench.cached(f"grid-{norm}-{eps}", lambda: bench.robust_grid(norm, eps))
     report["grids"] = grids
-    report["reject"] = bench.cached("reject", lambda: bench.reject(bench.rows["PuVAE purifier"]))
+    report["reject"] = bench.reject_section("reject", bench.rows["PuVAE purifier"])
     report["art"] = bench.cached("art", bench.art_attacks)
     report["cw"] = bench.cached("cw", bench.cw)
     report["latent"] = bench.cached("latent", bench.latent)

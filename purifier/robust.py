@@ -57,11 +57,12 @@ def purifier_objectives(classifier: nn.Module, purifier: nn.Module,
 def purifier_attacks(classifier: nn.Module, purifier: nn.Module, pgd: PGD, restarts: int = 1,
                      reject: RejectOption | None = None, targeted: int = 0) -> list[Attack]:
     """PGD on each of ``purifier_objectives``, in that order (the order only changes the cost of the worst case),
-    then, with ``targeted`` = k > 0 (and no reject option), the targeted attacks toward the k runner-up classes."""
+    then, with ``targeted`` = k > 0, the targeted attacks toward the k runner-up classes; with ``reject``, each
+    pays its penalty for crossing the threshold and is judged by the reject option."""
     attacks = [pgd_attack(name, pgd, objective, restarts)
                for name, objective in purifier_objectives(classifier, purifier, reject).items()]
-    if targeted and reject is None:
-        attacks += targeted_attacks(classifier, purifier, pgd, targeted, restarts)
+    if targeted:
+        attacks += targeted_attacks(classifier, purifier, pgd, targeted, restarts, reject)
     return attacks
 
 
@@ -72,14 +73,16 @@ def runner_up(purifier: nn.Module, x: torch.Tensor, y: torch.Tensor, rank: int) 
     return scores.argsort(1)[:, rank - 1]
 
 
-def targeted_objectives(classifier: nn.Module, purifier: nn.Module, k: int) -> dict[str, Objective]:
+def targeted_objectives(classifier: nn.Module, purifier: nn.Module, k: int,
+                        reject: RejectOption | None = None) -> dict[str, Objective]:
     """The protocol's targeted attacks (item 5), toward each of the ``k`` runner-up classes t:
     ``targeted selection rN``: maximise score(x, y) - score(x, t), so that t's reconstruction is chosen;
     ``targeted logits rN``: maximise logit_t - logit_y through the softmin over the reconstructions.
     An untargeted margin follows whichever class is closest at each step and can stall between two; these do not.
 
     PGD narrows its batch to the images still standing and hands the objective their labels only, so the target
-    rides in the label: the objectives take y * K + t (``pack_target``) and judge success by the true label y."""
+    rides in the label: the objectives take y * K + t (``pack_target``) and judge success by the true label y.
+    With ``reject``, each subtracts the reject option's penalty and counts a success only when not flagged."""
     from .pipeline import PurifiedClassifier
 
     soft = PurifiedClassifier(classifier, purifier, grad="softmin")
@@ -95,13 +98,19 @@ def targeted_objectives(classifier: nn.Module, purifier: nn.Module, k: int) -> d
         value = (s.gather(1, y[:, None]) - s.gather(1, t[:, None])).sum()
         with torch.no_grad():
             wrong = classifier(out["purified"]).argmax(1) != y
-        return value, wrong
+        return judged(value, wrong, s)
 
     def logits(adv, yt):
         y, t = unpack(yt)
-        z = classifier(soft.purified(adv))
+        purified, out = soft.purify_with_scores(adv)
+        z = classifier(purified)
         value = (z.gather(1, t[:, None]) - z.gather(1, y[:, None])).sum()
-        return value, z.argmax(1) != y
+        return judged(value, z.argmax(1) != y, out["scores"])
+
+    def judged(value, wrong, scores):
+        if reject is None:
+            return value, wrong
+        return value - reject.cost(scores), reject.broken(wrong, scores.detach())
 
     out = {}
     for r in range(1, k + 1):
@@ -111,10 +120,10 @@ def targeted_objectives(classifier: nn.Module, purifier: nn.Module, k: int) -> d
 
 
 def targeted_attacks(classifier: nn.Module, purifier: nn.Module, pgd: PGD, k: int = 3,
-                     restarts: int = 1) -> list[Attack]:
+                     restarts: int = 1, reject: RejectOption | None = None) -> list[Attack]:
     """PGD on each of ``targeted_objectives``; the runner-up classes are ranked on each clean input."""
     attacks = []
-    for name, (rank, objective) in targeted_objectives(classifier, purifier, k).items():
+    for name, (rank, objective) in targeted_objectives(classifier, purifier, k, reject).items():
         def make(x, y, restart, rank=rank, objective=objective):
             t = runner_up(purifier, x, y, rank)
             gen = torch.Generator().manual_seed(pgd.seed + restart)

@@ -13,7 +13,8 @@ from purifier import checkpoint
 from purifier.attacks import PGD, RejectOption, ce_objective, pipeline_objective, selection_objective
 from purifier.models.defensegan import VAE, DefenseGAN, VAEConfig
 from purifier.pipeline import PurifiedClassifier, Purifier
-from purifier.robust import Attack, latent_attack, latent_codes, pgd_attack, ssim, worst_case
+from purifier.robust import (Attack, latent_attack, latent_codes, pgd_attack, runner_up, ssim,
+                             targeted_objectives, worst_case)
 from purifier.train import AdversarialTraining, TrainConfig, train_classifier
 from serve.models import MODELS
 
@@ -114,12 +115,23 @@ def test_reject_option_counts_only_unflagged_mistakes_and_penalises_crossing():
 
 
 def test_reject_aware_objective_judges_by_the_flag(shipped, images):
+    """Every objective of the suite, the targeted ones included, judges by the flag when it attacks the reject
+    option (at a near-zero threshold everything is flagged, so nothing counts as broken) and pays its penalty."""
     clf, pur = shipped
     x, y = images
-    for obj in (selection_objective(clf, pur, RejectOption(1e-9)), pipeline_objective(clf, pur, "full",
-                                                                                      reject=RejectOption(1e-9))):
+    yt = y * pur.num_classes + runner_up(pur, x, y, 1)  # the targeted objectives take the target in the label
+
+    def targeted(reject=None):
+        return [lambda a, b, o=o: o(a, yt) for _, o in targeted_objectives(clf, pur, 1, reject).values()]
+
+    flagged = [selection_objective(clf, pur, RejectOption(1e-9)),
+               pipeline_objective(clf, pur, "full", reject=RejectOption(1e-9)), *targeted(RejectOption(1e-9))]
+    for obj in flagged:
         value, broken = obj(x.clone().requires_grad_(True), y)
-        assert not broken.any() and value.requires_grad  # everything is flagged at a near-zero threshold
+        assert not broken.any() and value.requires_grad
+    assert any(obj(x, y)[1].any() for obj in targeted())  # without the option some images do fall
+    for free, paying in zip(targeted(), targeted(RejectOption(1e-3, penalty=1.0))):
+        assert float(paying(x, y)[0].detach()) < float(free(x, y)[0].detach())
 
 
 def test_ssim_is_one_for_equal_images_and_falls_with_noise(images):
