@@ -126,6 +126,9 @@ def test_cli_writes_a_complete_model_directory(tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "adversarial joint" in r.stdout
+    # stderr is a pipe here, as in a background run's log: progress comes as lines, the last one at 100%
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("adversarial joint: step ")]
+    assert lines and "(100%)" in lines[-1], r.stderr[-2000:]
     cvae, clf = checkpoint.read_record(out / "cvae"), checkpoint.read_record(out / "classifier")
     assert cvae["meta"]["adversarial"]["mode"] == "joint" and cvae["meta"]["adversarial"]["steps"] == 1
     assert cvae["meta"]["init_sha256"] == checkpoint.read_record(MODEL / "cvae")["weights_sha256"]

@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import shlex
 import sys
+import time
 
 import click
 
@@ -17,9 +18,21 @@ PRECISION_HELP = ("Training steps in fp32, or under bf16 autocast (validation st
 
 @contextlib.contextmanager
 def progress(label: str, total: int, quiet: bool):
-    """A progress bar on stderr, off with --quiet or when stderr is not a terminal; yields an on_step callback."""
-    if quiet or not sys.stderr.isatty():
+    """Progress on stderr, off with --quiet; yields an on_step callback. A terminal gets a bar; a log file (stderr
+    not a terminal: a run in the background, CI) gets a line at every 5% of the steps."""
+    if quiet:
         yield None
+        return
+    if not sys.stderr.isatty():
+        every, start = max(1, total // 20), time.perf_counter()
+
+        def on_line(epoch, step, steps, stats):
+            done = epoch * steps + step + 1  # a resumed run counts from where it resumed
+            if done % every == 0 or done == total:
+                click.echo(f"{label}: step {done}/{total} ({100 * done / max(1, total):.0f}%), epoch {epoch + 1}, "
+                           f"loss {stats['loss']:.3f}, {time.perf_counter() - start:.0f} s", err=True)
+
+        yield on_line
         return
     with click.progressbar(length=total, label=label, file=sys.stderr, show_pos=True) as bar:
         def on_step(epoch, step, steps, stats):
