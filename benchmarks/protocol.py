@@ -243,17 +243,26 @@ class Bench:
 
     def finished_rows(self):
         """(where, row) for every finished row the results folder holds: the rows of the other benchmarks' caches
-        (``results/.*-work/row-*.json``) and of every published results file (``results/*.json``), each with the
-        profile it was measured with (a row written before rows recorded theirs has its file's)."""
+        (``results/.*-work/row-*.json``) and of the other benchmarks' published results files (``results/*.json``),
+        each with the profile it was measured with (a row written before rows recorded theirs has its file's).
+        This benchmark's own file is left out, so deleting a row's cache measures it again."""
+        def read(path):
+            try:
+                return json.loads(path.read_text())
+            except (OSError, ValueError):
+                return None  # removed meanwhile by another benchmark's run, or not JSON
+
         for path in sorted(self.work.parent.glob(".*-work/row-*.json")):
-            if path.parent != self.work:
-                old = json.loads(path.read_text())
-                if "profile" in old:
-                    yield path.parent.name, old
+            old = read(path)
+            if path.parent != self.work and isinstance(old, dict) and {"profile", "name", "checkpoints"} <= set(old):
+                yield path.parent.name, old
         for path in sorted(self.work.parent.glob("*.json")):
-            report = json.loads(path.read_text())
-            if isinstance(report, dict) and isinstance(report.get("rows"), dict) and "profile" in report:
-                for old in report["rows"].values():
+            report = read(path)
+            if self.work.name == f".{path.stem}-work" or not isinstance(report, dict) or \
+                    not isinstance(report.get("rows"), dict) or "profile" not in report:
+                continue
+            for old in report["rows"].values():
+                if isinstance(old, dict) and {"name", "checkpoints"} <= set(old):
                     yield path.name, {"profile": report["profile"], **old}
 
     def measured_elsewhere(self, row: Row) -> dict | None:
@@ -390,8 +399,10 @@ class Bench:
         """``reject(row)`` cached under ``key``; a cached one measured with fewer targeted runner-up classes than
         the profile's is measured again, resuming from the finished attacks its partial state holds."""
         path = self.work / f"{key}.json"
-        if path.is_file() and targeted_of(json.loads(path.read_text())) < self.p.targeted:
-            path.unlink()
+        if path.is_file():
+            old = json.loads(path.read_text())
+            if targeted_of(old) < self.p.targeted or old.get("checkpoints", checkpoints_of(row)) != checkpoints_of(row):
+                path.unlink()
         return self.cached(key, lambda: self.reject(row))
 
     def reject(self, row: Row) -> dict:
@@ -431,7 +442,7 @@ class Bench:
         # an image the attacks broke was neither classified right nor rejected; one they did not break is
         # flagged or not on its clean input (what worst_case hands back for it, resumed or not)
         flagged = res["robust"] & (best_error(res["adversarial"]) > thr)
-        return {"row": row.name, "eps": p.eps, "threshold": thr, "calibration": calib, "n": p.n, "restarts": p.restarts,
+        return {"row": row.name, "checkpoints": checkpoints_of(row), "eps": p.eps, "threshold": thr, "calibration": calib, "n": p.n, "restarts": p.restarts,
                 "penalty": p.reject_penalty, "defended": res["accuracy"], "steps": res["steps"],
                 "false_alarm_rate": float((clean_err > thr).float().mean()), "clean_n": p.clean_n,
                 "rejected_among_adversarial": float(flagged.float().mean())}
@@ -546,10 +557,12 @@ def measure_rows(bench: Bench, rows: list[Row], table: list[Row] | None = None, 
     suite (targeted runner-up classes) changed is measured again. The other rows of ``table`` (the benchmark's
     whole list, in its order) enter the results from their caches, else from the results file last ``published``,
     while their weights are unchanged, as they were measured: a table shows ``older_suite`` on those measured
-    before the targeted attacks. A row measured the same way before, by this benchmark or another
-    (``Bench.measured_elsewhere``), is taken from there, not measured twice."""
+    before the targeted attacks. A row another benchmark measured the same way (``Bench.measured_elsewhere``) is
+    taken from there, not measured twice."""
     chosen = {r.name for r in rows}
-    before = json.loads(published.read_text()).get("rows", {}) if published and published.is_file() else {}
+    last = json.loads(published.read_text()) if published and published.is_file() else {}
+    # a row of the file last published carries that file's profile when it does not record its own
+    before = {name: {"profile": last["profile"], **row} for name, row in last.get("rows", {}).items()}
     results = {}
     for r in table or rows:
         key = f"row-{slug(r.name)}"
@@ -558,8 +571,9 @@ def measure_rows(bench: Bench, rows: list[Row], table: list[Row] | None = None, 
             if not has_checkpoints(r):
                 continue
             old = json.loads(stale.read_text()) if stale.is_file() else before.get(r.name)
-            if old is None or old["checkpoints"] != checkpoints_of(r):
-                continue  # not measured, or its weights changed since: not this table's row until it is measured
+            if old is None or old["checkpoints"] != checkpoints_of(r) or \
+                    not same_attacks(old.get("profile", bench.profile_json()), bench.profile_json()):
+                continue  # not measured, or its weights or the attack settings changed since: not this table's row
             results[r.name] = old
         else:
             if stale.is_file():

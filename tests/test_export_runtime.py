@@ -169,9 +169,9 @@ def test_onnx_pipeline_accuracy_equals_torch_on_the_full_test_set(default_torch,
     assert abs(onnx_acc - torch_acc) <= 0.0005, (onnx_acc, torch_acc)
     # the committed figure (README, card) is this model's: the pipeline is deterministic, so it reproduces to
     # within the two images that rounding in another CPU's kernels may flip
-    sha = checkpoint.read_record(MODEL / "cvae")["weights_sha256"]
+    sha = {f"{part}_sha256": checkpoint.read_record(MODEL / part)["weights_sha256"] for part in ("cvae", "classifier")}
     reports = [json.loads(p.read_text()) for p in sorted((ROOT / "results").glob("eval-*.json"))]
-    committed = next((r for r in reports if r.get("cvae_sha256") == sha), None)
+    committed = next((r for r in reports if all(r.get(k) == v for k, v in sha.items())), None)
     assert committed is not None, "no results/eval-*.json evaluates the shipped default's weights: make default-model"
     assert committed["n"] == len(y)
     assert abs(onnx_acc - committed["selections"]["mse"]["accuracy"]) <= 2 / len(y), \

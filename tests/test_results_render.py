@@ -55,9 +55,9 @@ def test_the_speed_section_is_timed_again_at_another_thread_count(tmp_path):
 
 
 def test_a_row_measured_before_is_reused_only_with_the_same_weights_attacks_and_suite(tmp_path):
-    """measure_rows takes a row from a published results file (this benchmark's or another's) when the weights, the
-    attack settings and the suite match, and measures it when an attack setting differs; a row not asked for enters
-    from the file last published while its weights are unchanged, and is left out once they differ."""
+    """measure_rows takes a row from another benchmark's published results file when the weights, the attack
+    settings and the suite match, and measures it when one differs or the file is its own; a row not asked for
+    enters from the file last published while its weights are unchanged, and is left out once they differ."""
     import dataclasses
 
     from benchmarks.protocol import PROFILES, Bench, Row, checkpoints_of, measure_rows
@@ -78,12 +78,20 @@ def test_a_row_measured_before_is_reused_only_with_the_same_weights_attacks_and_
     assert got["plain classifier"]["adaptive"] == 0.123
     assert got["plain classifier"]["measured_as"] == {"name": "measured elsewhere", "cache": "theirs.json"}
 
-    # with another attack setting it is not the same computation: measured here (6 images: a multiple of 1/6)
-    (results / "theirs.json").write_text(json.dumps(
-        {"profile": {**profile, "steps": tiny.steps + 1}, "rows": {"measured elsewhere": planted}}))
-    (work / "row-plain-classifier.json").unlink()
-    got = measure_rows(bench, [plain])
-    assert got["plain classifier"]["adaptive"] != 0.123 and "measured_as" not in got["plain classifier"]
+    # another attack setting, other weights, another suite, or this benchmark's own file (mine.json for
+    # .mine-work): not taken, measured here (6 images: a multiple of 1/6)
+    targeted_step = {"attack": "targeted selection r1", "restart": 0, "accuracy": 0.5, "seconds": 1.0}
+    for name, report in {
+            "theirs.json": {"profile": {**profile, "steps": tiny.steps + 1}, "rows": {"r": planted}},
+            "theirs.json ": {"profile": profile, "rows": {"r": {**planted, "checkpoints": {"classifier": "0" * 64}}}},
+            "theirs.json  ": {"profile": profile, "rows": {"r": {**planted, "steps": [targeted_step]}}},
+            "mine.json": {"profile": profile, "rows": {"r": planted}}}.items():
+        for stale in results.glob("*.json"):
+            stale.unlink()
+        (results / name.strip()).write_text(json.dumps(report))
+        (work / "row-plain-classifier.json").unlink()
+        got = measure_rows(bench, [plain])
+        assert got["plain classifier"]["adaptive"] != 0.123 and "measured_as" not in got["plain classifier"], name
 
     # a row not asked for comes from the file last published while its weights are unchanged
     mine = results / "mine.json"

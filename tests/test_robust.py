@@ -13,8 +13,8 @@ from purifier import checkpoint
 from purifier.attacks import PGD, RejectOption, ce_objective, pipeline_objective, selection_objective
 from purifier.models.defensegan import VAE, DefenseGAN, VAEConfig
 from purifier.pipeline import PurifiedClassifier, Purifier
-from purifier.robust import (Attack, latent_attack, latent_codes, pgd_attack, runner_up, ssim,
-                             targeted_objectives, worst_case)
+from purifier.robust import (Attack, latent_attack, latent_codes, pgd_attack, purifier_attacks, runner_up,
+                             ssim, targeted_objectives, worst_case)
 from purifier.train import AdversarialTraining, TrainConfig, train_classifier
 from serve.models import MODELS
 
@@ -130,6 +130,9 @@ def test_reject_aware_objective_judges_by_the_flag(shipped, images):
         value, broken = obj(x.clone().requires_grad_(True), y)
         assert not broken.any() and value.requires_grad
     assert any(obj(x, y)[1].any() for obj in targeted())  # without the option some images do fall
+    pgd = PGD(eps=0.1, steps=1)
+    assert [a.name for a in purifier_attacks(clf, pur, pgd, reject=RejectOption(0.1), targeted=1)] == \
+        [a.name for a in purifier_attacks(clf, pur, pgd, targeted=1)]  # the reject option's suite is the whole suite
     for free, paying in zip(targeted(), targeted(RejectOption(1e-3, penalty=1.0))):
         assert float(paying(x, y)[0].detach()) < float(free(x, y)[0].detach())
 

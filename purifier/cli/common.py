@@ -29,7 +29,8 @@ def progress(label: str, total: int, quiet: bool):
         def on_line(epoch, step, steps, stats):
             done = epoch * steps + step + 1  # a resumed run counts from where it resumed
             if done % every == 0 or done == total:
-                click.echo(f"{label}: step {done}/{total} ({100 * done / max(1, total):.0f}%), epoch {epoch + 1}, "
+                click.echo(f"{label}: step {done}/{max(total, done)} ({100 * done / max(total, done):.0f}%), "
+                           f"epoch {epoch + 1}, "
                            f"loss {stats['loss']:.3f}, {time.perf_counter() - start:.0f} s", err=True)
 
         yield on_line
