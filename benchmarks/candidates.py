@@ -1,7 +1,7 @@
 """The candidate mode's trade-off: reconstruct only the k classes the target classifier ranks highest on the raw
 input (``Purifier(candidates=k, ranker=classifier)``), against the full purifier (k = K), on the shipped model.
 
-    python -m benchmarks.candidates --model models/middleware/cvae-alone-targeted --out results/candidates.json
+    python -m benchmarks.candidates --model models/middleware/cvae-alone-smooth200 --out results/candidates.json
 
 Per k in ``--ks`` (k = K is the full purifier):
   clean    accuracy of classifier(purifier(x)) on the first ``--clean-n`` test images (all 10,000 by default), and
