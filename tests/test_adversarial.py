@@ -185,10 +185,14 @@ def test_benchmark_tiny_profile_end_to_end(tmp_path):
     assert not failed, f"sanity checks failed: {failed}"
     rj = report["reject"]
     assert rj["row"] == "plain PuVAE + PGD-AT"
-    assert rj["steps"][0] == cut and len(rj["steps"]) == 2 * 4  # resumed: the planted step, then the 7 others
+    # resumed: the planted step, then the 11 others; the whole suite with and without the penalty, the targeted
+    # attacks (1 runner-up class in the tiny profile) after the untargeted ones of both penalties
+    assert rj["steps"][0] == cut and len(rj["steps"]) == 2 * 6
+    assert [s["attack"].split(" (")[0] for s in rj["steps"][8:]] == ["targeted selection r1", "targeted logits r1"] * 2
     assert rj["steps"][1]["attacked"] == 1  # only the image the cut-off run left standing
     assert rj["defended"] <= 1 / 6 + 1e-6 and rj["rejected_among_adversarial"] <= rj["defended"]
-    assert not (work / "partial-reject-plain-puvae---pgd-at.json").exists()
+    # its partial state is kept: a suite that grows later resumes from the attacks already run
+    assert json.loads((work / "partial-reject-plain-puvae---pgd-at.json").read_text())["state"]["steps"] == rj["steps"]
     assert (tmp_path / report["plot"]).stat().st_size > 0
     assert "| defense | clean |" in out.with_suffix(".md").read_text()
     # a row measured with an older suite (no targeted attacks) stays in the table from its cache, marked, while
