@@ -140,6 +140,13 @@ def same_attacks(a: dict, b: dict) -> bool:
     return keep(a) == keep(b)
 
 
+def published_rows(report: dict) -> dict:
+    """A results file's rows by name, each with the profile it was measured with (a row written before rows
+    recorded theirs has its file's)."""
+    return {name: {"profile": report["profile"], **row} for name, row in report.get("rows", {}).items()
+            if isinstance(row, dict)}
+
+
 def slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
 
@@ -261,9 +268,9 @@ class Bench:
             if self.work.name == f".{path.stem}-work" or not isinstance(report, dict) or \
                     not isinstance(report.get("rows"), dict) or "profile" not in report:
                 continue
-            for old in report["rows"].values():
-                if isinstance(old, dict) and {"name", "checkpoints"} <= set(old):
-                    yield path.name, {"profile": report["profile"], **old}
+            for old in published_rows(report).values():
+                if {"name", "checkpoints"} <= set(old):
+                    yield path.name, old
 
     def measured_elsewhere(self, row: Row) -> dict | None:
         """The same row measured before: a finished row (``finished_rows``) with the same weights and purifier spec,
@@ -398,10 +405,10 @@ class Bench:
     def reject_section(self, key: str, row: Row) -> dict:
         """``reject(row)`` cached under ``key``; a cached one measured with fewer targeted runner-up classes than
         the profile's is measured again, resuming from the finished attacks its partial state holds."""
-        path = self.work / f"{key}.json"
+        path, weights = self.work / f"{key}.json", checkpoints_of(row)
         if path.is_file():
             old = json.loads(path.read_text())
-            if targeted_of(old) < self.p.targeted or old.get("checkpoints", checkpoints_of(row)) != checkpoints_of(row):
+            if targeted_of(old) < self.p.targeted or old.get("checkpoints", weights) != weights:
                 path.unlink()
         return self.cached(key, lambda: self.reject(row))
 
@@ -442,8 +449,8 @@ class Bench:
         # an image the attacks broke was neither classified right nor rejected; one they did not break is
         # flagged or not on its clean input (what worst_case hands back for it, resumed or not)
         flagged = res["robust"] & (best_error(res["adversarial"]) > thr)
-        return {"row": row.name, "checkpoints": checkpoints_of(row), "eps": p.eps, "threshold": thr, "calibration": calib, "n": p.n, "restarts": p.restarts,
-                "penalty": p.reject_penalty, "defended": res["accuracy"], "steps": res["steps"],
+        return {"row": row.name, "checkpoints": checkpoints_of(row), "eps": p.eps, "threshold": thr, "calibration": calib,
+                "n": p.n, "restarts": p.restarts, "penalty": p.reject_penalty, "defended": res["accuracy"], "steps": res["steps"],
                 "false_alarm_rate": float((clean_err > thr).float().mean()), "clean_n": p.clean_n,
                 "rejected_among_adversarial": float(flagged.float().mean())}
 
@@ -560,9 +567,7 @@ def measure_rows(bench: Bench, rows: list[Row], table: list[Row] | None = None, 
     before the targeted attacks. A row another benchmark measured the same way (``Bench.measured_elsewhere``) is
     taken from there, not measured twice."""
     chosen = {r.name for r in rows}
-    last = json.loads(published.read_text()) if published and published.is_file() else {}
-    # a row of the file last published carries that file's profile when it does not record its own
-    before = {name: {"profile": last["profile"], **row} for name, row in last.get("rows", {}).items()}
+    before = published_rows(json.loads(published.read_text())) if published and published.is_file() else {}
     results = {}
     for r in table or rows:
         key = f"row-{slug(r.name)}"
