@@ -277,6 +277,27 @@ middleware-smooth: setup
 middleware-smooth200: setup
 	$(call smooth,make middleware-smooth200,$(MIDDLEWARE)-smooth200,200)
 
+# Capacity: a CVAE twice as wide (channels 32,64, latent 32, hidden 512; 3.3M parameters against the preset's 0.84M),
+# plain PuVAE for 2 epochs, then 1 epoch of middleware-smooth200's recipe (PGD-7 selection, targeted, full gradient
+# and BPDA, smoothness weight 200) with A frozen; and the preset's width through the same epoch from the plain model's
+# CVAE, its control. Each resumable; then their evaluations and cards.
+WIDE ?= models/middleware/wide
+NARROW ?= models/middleware/narrow-smooth200
+adv_smooth200 = --adversarial cvae --epochs 1 --adv-steps 7 --adv-attacks selection,targeted,full,bpda \
+	--adv-smooth-weight 200 --seed 0 --resume
+.PHONY: middleware-capacity
+middleware-capacity: setup
+	$(PY) -m purifier.cli train --data fashion-mnist --source $(PLAIN)/classifier --out $(WIDE)-puvae --epochs 2 \
+		--seed 0 --sel-weight 100 --channels 32,64 --latent-dim 32 --hidden 512 --resume
+	$(PY) -m purifier.cli train --source $(PLAIN)/classifier --target $(PLAIN)/classifier --init $(WIDE)-puvae \
+		$(adv_smooth200) --out $(WIDE)-smooth200
+	$(PY) -m purifier.cli train --source $(PLAIN)/classifier --target $(PLAIN)/classifier --init $(PLAIN) \
+		$(adv_smooth200) --out $(NARROW)
+	for d in $(WIDE)-smooth200 $(NARROW); do \
+		$(PY) -m purifier.cli evaluate --model $$d --out results/eval-middleware-$$(basename $$d).json && \
+		$(call card,make middleware-capacity,$$d,results/eval-middleware-$$(basename $$d).json) || exit 1; \
+	done
+
 byo-models: setup
 	$(PY) -m benchmarks.byo_models --out $(BYO)/resnet --epochs 8
 	$(PY) -m purifier.cli train --data fashion-mnist $(RESNET) --out $(BYO)/resnet-puvae --epochs $(CVAE_EPOCHS) \

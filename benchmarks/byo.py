@@ -62,6 +62,7 @@ def _rows(plain: str, baselines: str, byo: str, middleware: str) -> list[Row]:
             f"{middleware}-smooth/cvae", "as the row above, + 600 * KL(clean || attacked selection softmax)"),
         Row("A: the same, with the smoothness term at weight 200", f"{middleware}-smooth200/classifier",
             f"{middleware}-smooth200/cvae", "+ 200 * KL(clean || attacked selection softmax)"),
+        *capacity_rows(middleware),
         *converged_baselines(baselines, "A: "),
         Row("ResNet (factory): no defense", f"{byo}/resnet/classifier", note="standard training (train.json)"),
         Row("ResNet (factory): plain PuVAE", f"{byo}/resnet-puvae/classifier", f"{byo}/resnet-puvae/cvae",
@@ -75,6 +76,20 @@ def _rows(plain: str, baselines: str, byo: str, middleware: str) -> list[Row]:
             f"{byo}/resnet-onnx-cvae-alone/cvae", "trained through --classifier-onnx"),
         Row("ResNet: PGD-AT", f"{byo}/resnet-pgd-at/classifier",
             note="eps 0.1, PGD-10, best validation robust epoch (train.json)"),
+    ]
+
+
+def capacity_rows(middleware: str) -> list[Row]:
+    """A wider CVAE against the preset's width, each 1 epoch of the weight-200 recipe from plain PuVAE
+    (``make middleware-capacity``)."""
+    d = Path(middleware).parent
+    recipe = "1 epoch: PGD-7 selection, targeted, full gradient, BPDA, + 200 * KL; A frozen"
+    return [
+        Row("A: plain PuVAE + 1 epoch of the weight-200 recipe", f"{d}/narrow-smooth200/classifier",
+            f"{d}/narrow-smooth200/cvae", f"from plain PuVAE; {recipe}"),
+        Row("A: a CVAE twice as wide, the same epoch", f"{d}/wide-smooth200/classifier", f"{d}/wide-smooth200/cvae",
+            f"channels 32,64, latent 32, hidden 512 (3.3M parameters, preset 0.84M); plain PuVAE 2 epochs, "
+            f"then {recipe}"),
     ]
 
 

@@ -131,7 +131,7 @@ def cli(*args):
     return r
 
 
-TRAIN = ("--epochs", 2, "--val-size", 300, "--latent-dim", 8, "--channels", "8,16", "--quiet")
+TRAIN = ("--epochs", 2, "--val-size", 300, "--latent-dim", 8, "--channels", "8,16", "--hidden", 24, "--quiet")
 
 
 def _serve_and_infer(model_dir, x):
@@ -164,6 +164,8 @@ def _journey(user, tmp_path, classifier_args, data="data.npz", x_test=None, y_te
     run = tmp_path / "run"
     r = cli("train", "--data", f"npz:{d / data}", *classifier_args, "--out", run, *TRAIN)
     assert r.exit_code == 0, r.output
+    config = json.loads((run / "cvae.json").read_text())["config"]
+    assert (config["latent_dim"], config["channels"], config["hidden"]) == (8, [8, 16], 24)
     r = cli("evaluate", "--model", run, "--data", f"npz:{d / data}", "--out", tmp_path / "eval.json")
     assert r.exit_code == 0, r.output
     report = json.loads((tmp_path / "eval.json").read_text())

@@ -29,6 +29,7 @@ from .common import (DATA_HELP, PRECISION_HELP, _classifier_path, _dataset, _loa
               help="Held-out validation count or fraction; auto: 5000 or a tenth of the data, whichever is less.")
 @click.option("--latent-dim", type=int, help="Latent size (default: the dataset preset's).")
 @click.option("--channels", help="Encoder/decoder conv widths, e.g. 16,32 (default: the preset's).")
+@click.option("--hidden", type=click.IntRange(min=1), help="Fully connected layer's width (default: the preset's).")
 @click.option("--conditioning", type=click.Choice(["onehot", "embedding"]))
 @click.option("--design", "--arch", "arch", type=click.Choice(sorted(DESIGN_NAMES)),
               help="Purifier design (model, extra loss terms, decision rule; --arch is its older name); see docs/designs.md."
@@ -67,7 +68,7 @@ from .common import (DATA_HELP, PRECISION_HELP, _classifier_path, _dataset, _loa
 @resume_options
 @click.option("--quiet", is_flag=True)
 def train_cmd(data, classifier_source, out, epochs, batch_size, lr, seed, precision, val_size, latent_dim, channels,
-              conditioning, arch, beta, ce_weight, sel_weight, sel_tau, sel_negatives, tc_weight, ks_weight,
+              hidden, conditioning, arch, beta, ce_weight, sel_weight, sel_tau, sel_negatives, tc_weight, ks_weight,
               cv_weight, couple_alpha, adversarial, init_dir, target, adv_eps, adv_steps, adv_attacks,
               adv_sel_weight, adv_pipe_weight, adv_smooth_weight, adv_clf_mix, resume, save_every, quiet):
     """Train the class-conditional VAE with the PuVAE loss (recon + beta*KL + ce_weight*CE [+ sel_weight*SEL])
@@ -94,7 +95,8 @@ def train_cmd(data, classifier_source, out, epochs, batch_size, lr, seed, precis
                               ("sel_tau", sel_tau), ("sel_negatives", sel_negatives), ("tc_weight", tc_weight),
                               ("ks_weight", ks_weight), ("cv_weight", cv_weight), ("couple_alpha", couple_alpha))
             if v is not None}
-    model = {k: v for k, v in (("latent_dim", latent_dim), ("channels", channels), ("conditioning", conditioning))
+    model = {k: v for k, v in (("latent_dim", latent_dim), ("channels", channels), ("hidden", hidden),
+                                ("conditioning", conditioning))
              if v is not None}
     if epochs <= 0 or (adversarial == "none" and epochs != int(epochs)):
         raise click.BadParameter(f"expected a positive whole number of epochs (fractions only with --adversarial), "
@@ -102,7 +104,8 @@ def train_cmd(data, classifier_source, out, epochs, batch_size, lr, seed, precis
     if init_dir and adversarial == "none":
         raise click.UsageError("--init is for --adversarial runs (fine-tuning); plain training starts fresh")
     if init_dir and model:
-        raise click.UsageError("--init takes the architecture of its CVAE; drop --latent-dim/--channels/--conditioning")
+        raise click.UsageError("--init takes the architecture of its CVAE; drop --latent-dim/--channels/--hidden/"
+                               "--conditioning")
     try:
         adv = None
         if adversarial != "none":
