@@ -298,6 +298,12 @@ middleware-capacity: setup
 		$(call card,make middleware-capacity,$$d,results/eval-middleware-$$(basename $$d).json) || exit 1; \
 	done
 
+# The wider CVAE 1 epoch more against the same attacks (a fresh cosine schedule): where it saturates
+.PHONY: middleware-wide-more
+middleware-wide-more: setup
+	$(PY) -m purifier.cli train --source $(PLAIN)/classifier --target $(PLAIN)/classifier --init $(WIDE)-smooth200 \
+		$(adv_smooth200) --out $(WIDE)-smooth200-more
+
 byo-models: setup
 	$(PY) -m benchmarks.byo_models --out $(BYO)/resnet --epochs 8
 	$(PY) -m purifier.cli train --data fashion-mnist $(RESNET) --out $(BYO)/resnet-puvae --epochs $(CVAE_EPOCHS) \

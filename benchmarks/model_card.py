@@ -92,7 +92,9 @@ def adversarial_lines(cm: dict) -> list[str]:
         f"(`{cm['target_sha256'][:16]}…`); CE source `{cm['source']}` (frozen). Every batch is attacked with "
         f"{' and '.join(adv['attacks'])} PGD-{adv['steps']} at L-infinity eps {adv['eps']} (one slice of the batch "
         f"each); selection CE weight {adv['sel_weight']}, target CE on the true class's reconstruction "
-        f"{adv['pipe_weight']}, classifier clean/adversarial mix {adv['clf_mix']}.",
+        f"{adv['pipe_weight']}, classifier clean/adversarial mix {adv['clf_mix']}"
+        + (f", smoothness of the decision rule (KL from the clean selection softmax to the attacked one) "
+           f"{adv['smooth_weight']}." if adv.get("smooth_weight") else "."),
         "",
         *where_now(cm["init_sha256"], cm["init"]),
         "```",
