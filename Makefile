@@ -293,7 +293,7 @@ middleware-capacity: setup
 		$(adv_smooth200) --out $(WIDE)-smooth200
 	$(PY) -m purifier.cli train --source $(PLAIN)/classifier --target $(PLAIN)/classifier --init $(PLAIN) \
 		$(adv_smooth200) --out $(NARROW)
-	for d in $(WIDE)-smooth200 $(NARROW); do \
+	for d in $(WIDE)-puvae $(WIDE)-smooth200 $(NARROW); do \
 		$(PY) -m purifier.cli evaluate --model $$d --out results/eval-middleware-$$(basename $$d).json && \
 		$(call card,make middleware-capacity,$$d,results/eval-middleware-$$(basename $$d).json) || exit 1; \
 	done
@@ -303,6 +303,8 @@ middleware-capacity: setup
 middleware-wide-more: setup
 	$(PY) -m purifier.cli train --source $(PLAIN)/classifier --target $(PLAIN)/classifier --init $(WIDE)-smooth200 \
 		$(adv_smooth200) --out $(WIDE)-smooth200-more
+	$(PY) -m purifier.cli evaluate --model $(WIDE)-smooth200-more --out results/eval-middleware-wide-smooth200-more.json
+	$(call card,make middleware-wide-more,$(WIDE)-smooth200-more,results/eval-middleware-wide-smooth200-more.json)
 
 byo-models: setup
 	$(PY) -m benchmarks.byo_models --out $(BYO)/resnet --epochs 8

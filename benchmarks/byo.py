@@ -81,7 +81,7 @@ def _rows(plain: str, baselines: str, byo: str, middleware: str) -> list[Row]:
 
 def capacity_rows(middleware: str) -> list[Row]:
     """A wider CVAE against the preset's width, each 1 epoch of the weight-200 recipe from plain PuVAE
-    (``make middleware-capacity``)."""
+    (``make middleware-capacity``), and the wider one an epoch more (``make middleware-wide-more``)."""
     d = Path(middleware).parent
     recipe = "1 epoch: PGD-7 selection, targeted, full gradient, BPDA, + 200 * KL; A frozen"
     return [
@@ -90,6 +90,8 @@ def capacity_rows(middleware: str) -> list[Row]:
         Row("A: a CVAE twice as wide, the same epoch", f"{d}/wide-smooth200/classifier", f"{d}/wide-smooth200/cvae",
             f"channels 32,64, latent 32, hidden 512 (3.3M parameters, preset 0.84M); plain PuVAE 2 epochs, "
             f"then {recipe}"),
+        Row("A: the wider CVAE, 1 epoch more", f"{d}/wide-smooth200-more/classifier",
+            f"{d}/wide-smooth200-more/cvae", "from the row above; the same recipe, a fresh cosine schedule"),
     ]
 
 
