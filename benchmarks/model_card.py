@@ -67,8 +67,8 @@ def trained_lines(cm: dict, km: dict, total: float, source_note: str) -> list[st
         cvae_row,
         "",
         f"Training took {total / 60:.1f} minutes in all (classifier {km.get('train_seconds', 0) / 60:.1f} on "
-        f"{km.get('threads')} threads, CVAE {cm['train_seconds'] / 60:.1f} on {cm.get('threads')}) of {km.get('cpu')} "
-        f"(torch {km.get('torch')}).",
+        f"{km.get('threads')} threads of {km.get('cpu')}, CVAE {cm['train_seconds'] / 60:.1f} on {cm.get('threads')} "
+        f"of {cm.get('cpu')}) (torch {km.get('torch')}).",
         "",
     ]
 

@@ -72,7 +72,8 @@ def default_rows(plain: str, joint: str, baselines: str, variants: str, adversar
     smooth = Row("ks-cov-coupled" + ADV_SUFFIX + ", + smoothness term",
                  f"{variants}/ks-cov-coupled/adversarial-smooth/classifier",
                  f"{variants}/ks-cov-coupled/adversarial-smooth/cvae",
-                 "the row above + 2 epochs more with TRADES's smoothness term on the selection softmax (weight 200)")
+                 "'ks-cov-coupled + adv. training, PGD-7 + targeted' + 2 epochs more with TRADES's smoothness term on "
+                 "the selection softmax (weight 200)")
     return rows + [Row("puvae" + ADV_SUFFIX, f"{alt}/classifier", f"{alt}/cvae",
                        "alternating, 0.75 epoch (results/adversarial.md)")] + trained + [longer, smooth]
 

@@ -261,7 +261,8 @@ def test_python_api_directory_exports_and_matches_the_cli_run(user, tmp_path):
     d = user["dir"]
     src = ClassifierSource("factory", factory=f"{d / 'model.py'}:build", weights=str(d / "weights.safetensors"))
     api = purifier.fit(src, f"npz:{d / 'data.npz'}", tmp_path / "api",
-                       purifier.FitConfig(epochs=2, val_size=300, model={"latent_dim": 8, "channels": (8, 16)}))
+                       purifier.FitConfig(epochs=2, val_size=300,
+                                          model={"latent_dim": 8, "channels": (8, 16), "hidden": 24}))
     r = cli("train", "--data", f"npz:{d / 'data.npz'}", "--classifier-factory", f"{d / 'model.py'}:build",
             "--classifier-weights", d / "weights.safetensors", "--out", tmp_path / "cli", *TRAIN)
     assert r.exit_code == 0, r.output
