@@ -266,10 +266,14 @@ middleware-targeted: setup
 # softmax on the clean batch to the one on the attacked batch): an idea aimed at the selection attack, against
 # middleware-targeted. Weight 600 (TRADES's beta 6 times the selection CE weight 100) and 200 (beta 2).
 # $(call smooth,MAKE TARGET,OUT DIR,WEIGHT)
-smooth = $(PY) -m purifier.cli train --source $(PLAIN)/classifier --target $(PLAIN)/classifier --init $(MIDDLEWARE) \
-		--adversarial cvae --epochs 2 --adv-steps 7 --adv-attacks selection,targeted,full,bpda \
-		--adv-smooth-weight $(3) --seed 0 --resume --out $(2) && \
-	$(PY) -m purifier.cli evaluate --model $(2) --out results/eval-middleware-$(notdir $(2)).json && \
+smooth = $(call mw_train,$(MIDDLEWARE),$(2),2,$(3)) && $(call mw_eval,$(1),$(2))
+# The CVAE alone trained from INIT against attacks through the frozen A (PGD-7 selection, targeted selection, full
+# gradient and BPDA, each on its slice of the batch; smoothness weight W), resumable:
+# $(call mw_train,INIT DIR,OUT DIR,EPOCHS,W); and a run's evaluation report and card: $(call mw_eval,MAKE TARGET,DIR)
+mw_train = $(PY) -m purifier.cli train --source $(PLAIN)/classifier --target $(PLAIN)/classifier --init $(1) \
+		--adversarial cvae --epochs $(3) --adv-steps 7 --adv-attacks selection,targeted,full,bpda \
+		--adv-smooth-weight $(4) --seed 0 --resume --out $(2)
+mw_eval = $(PY) -m purifier.cli evaluate --model $(2) --out results/eval-middleware-$(notdir $(2)).json && \
 	$(call card,$(1),$(2),results/eval-middleware-$(notdir $(2)).json)
 .PHONY: middleware-smooth middleware-smooth200
 middleware-smooth: setup
@@ -283,28 +287,21 @@ middleware-smooth200: setup
 # CVAE, its control. Each resumable; then their evaluations and cards.
 WIDE ?= models/middleware/wide
 NARROW ?= models/middleware/narrow-smooth200
-adv_smooth200 = --adversarial cvae --epochs 1 --adv-steps 7 --adv-attacks selection,targeted,full,bpda \
-	--adv-smooth-weight 200 --seed 0 --resume
 .PHONY: middleware-capacity
 middleware-capacity: setup
 	$(PY) -m purifier.cli train --data fashion-mnist --source $(PLAIN)/classifier --out $(WIDE)-puvae --epochs 2 \
 		--seed 0 --sel-weight 100 --channels 32,64 --latent-dim 32 --hidden 512 --resume
-	$(PY) -m purifier.cli train --source $(PLAIN)/classifier --target $(PLAIN)/classifier --init $(WIDE)-puvae \
-		$(adv_smooth200) --out $(WIDE)-smooth200
-	$(PY) -m purifier.cli train --source $(PLAIN)/classifier --target $(PLAIN)/classifier --init $(PLAIN) \
-		$(adv_smooth200) --out $(NARROW)
-	for d in $(WIDE)-puvae $(WIDE)-smooth200 $(NARROW); do \
-		$(PY) -m purifier.cli evaluate --model $$d --out results/eval-middleware-$$(basename $$d).json && \
-		$(call card,make middleware-capacity,$$d,results/eval-middleware-$$(basename $$d).json) || exit 1; \
-	done
+	$(call mw_train,$(WIDE)-puvae,$(WIDE)-smooth200,1,200)
+	$(call mw_train,$(PLAIN),$(NARROW),1,200)
+	$(call mw_eval,make middleware-capacity,$(WIDE)-puvae)
+	$(call mw_eval,make middleware-capacity,$(WIDE)-smooth200)
+	$(call mw_eval,make middleware-capacity,$(NARROW))
 
 # The wider CVAE 1 epoch more against the same attacks (a fresh cosine schedule): where it saturates
 .PHONY: middleware-wide-more
 middleware-wide-more: setup
-	$(PY) -m purifier.cli train --source $(PLAIN)/classifier --target $(PLAIN)/classifier --init $(WIDE)-smooth200 \
-		$(adv_smooth200) --out $(WIDE)-smooth200-more
-	$(PY) -m purifier.cli evaluate --model $(WIDE)-smooth200-more --out results/eval-middleware-wide-smooth200-more.json
-	$(call card,make middleware-wide-more,$(WIDE)-smooth200-more,results/eval-middleware-wide-smooth200-more.json)
+	$(call mw_train,$(WIDE)-smooth200,$(WIDE)-smooth200-more,1,200)
+	$(call mw_eval,make middleware-wide-more,$(WIDE)-smooth200-more)
 
 byo-models: setup
 	$(PY) -m benchmarks.byo_models --out $(BYO)/resnet --epochs 8
