@@ -62,6 +62,13 @@ def _rows(plain: str, baselines: str, byo: str, middleware: str) -> list[Row]:
             f"{middleware}-smooth/cvae", "as the row above, + 600 * KL(clean || attacked selection softmax)"),
         Row("A: the same, with the smoothness term at weight 200", f"{middleware}-smooth200/classifier",
             f"{middleware}-smooth200/cvae", "+ 200 * KL(clean || attacked selection softmax)"),
+        Row("A: the weight-200 row, 1 epoch more with the training attacks at eps 0.125",
+            f"{middleware}-smooth200-eps125/classifier", f"{middleware}-smooth200-eps125/cvae",
+            "from the row above; its recipe, training attacks at eps 0.125, validation check at 0.1; A frozen"),
+        Row("A: the weight-200 row, 1 epoch more at selection temperature 0.003",
+            f"{middleware}-smooth200-tau3/classifier", f"{middleware}-smooth200-tau3/cvae",
+            "from the weight-200 row; its recipe, selection CE and smoothness KL over -MSE / 0.003 (was 0.001); "
+            "A frozen"),
         *capacity_rows(middleware),
         *converged_baselines(baselines, "A: "),
         Row("ResNet (factory): no defense", f"{byo}/resnet/classifier", note="standard training (train.json)"),

@@ -94,7 +94,8 @@ def adversarial_lines(cm: dict) -> list[str]:
         f"each); selection CE weight {adv['sel_weight']}, target CE on the true class's reconstruction "
         f"{adv['pipe_weight']}, classifier clean/adversarial mix {adv['clf_mix']}"
         + (f", smoothness of the decision rule (KL from the clean selection softmax to the attacked one) "
-           f"{adv['smooth_weight']}." if adv.get("smooth_weight") else "."),
+           f"{adv['smooth_weight']}." if adv.get("smooth_weight") else ".")
+        + (f" The adaptive check below attacks at eps {adv['val_eps']}." if adv.get("val_eps") is not None else ""),
         "",
         *where_now(cm["init_sha256"], cm["init"]),
         "```",

@@ -233,7 +233,7 @@ def train_pipeline_adversarial(cvae: CVAE, target: nn.Module, source: nn.Module,
             record = {"epoch": (step + 1) / steps_per_epoch, **{k: v / counts[k] for k, v in sums.items()},
                       "seconds": before + time.perf_counter() - start,
                       "val_purified_acc": purified_accuracy(cvae, target, x_val, y_val),
-                      **adaptive_check(cvae, target, x_val[:adv.val_n], y_val[:adv.val_n], adv.eps, adv.val_steps,
+                      **adaptive_check(cvae, target, x_val[:adv.val_n], y_val[:adv.val_n], adv.check_eps, adv.val_steps,
                                         targeted=adv.val_targeted)}
             history.append(record)
             sums, counts, start, before = {}, {}, time.perf_counter(), 0.0

@@ -96,6 +96,7 @@ class PipelineAdversarial:
     val_steps: int = 10
     val_every: float = 0.25  # epochs between validation records (and at the end)
     val_targeted: int = 1  # runner-up classes the validation check's targeted attacks aim at (0: untargeted only)
+    val_eps: float | None = None  # L-infinity budget of the validation check (None: eps, the training budget)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -105,12 +106,18 @@ class PipelineAdversarial:
             raise ValueError(f"training attacks must be a non-empty subset of {TRAIN_ATTACKS}, got {self.attacks!r}")
         if not 0 < self.eps <= 1:
             raise ValueError(f"adversarial eps must be in (0, 1], got {self.eps}")
+        if self.val_eps is not None and not 0 < self.val_eps <= 1:
+            raise ValueError(f"validation eps must be in (0, 1], got {self.val_eps}")
         if self.steps < 1:
             raise ValueError(f"adversarial steps must be at least 1, got {self.steps}")
         if self.smooth_weight < 0:
             raise ValueError(f"smooth_weight must be >= 0, got {self.smooth_weight}")
         if not 0 <= self.clf_mix <= 1:
             raise ValueError(f"clf_mix must be in [0, 1], got {self.clf_mix}")
+
+    @property
+    def check_eps(self) -> float:
+        return self.eps if self.val_eps is None else self.val_eps
 
     @property
     def trains_cvae(self) -> bool:
@@ -121,7 +128,9 @@ class PipelineAdversarial:
         return self.mode != "cvae"
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "attacks": list(self.attacks)}
+        # val_eps is left out while unset, so the settings of runs saved before it existed still compare equal
+        d = {**asdict(self), "attacks": list(self.attacks)}
+        return d if self.val_eps is not None else {k: v for k, v in d.items() if k != "val_eps"}
 
 
 @dataclass(frozen=True)

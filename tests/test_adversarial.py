@@ -34,7 +34,8 @@ def _params(module):
 
 @pytest.mark.parametrize("bad, match", [({"mode": "both"}, "mode"), ({"attacks": ("cw",)}, "attacks"),
                                         ({"attacks": ()}, "attacks"), ({"eps": 0}, "eps"), ({"steps": 0}, "steps"),
-                                        ({"clf_mix": 2}, "clf_mix"), ({"smooth_weight": -1}, "smooth_weight")])
+                                        ({"clf_mix": 2}, "clf_mix"), ({"smooth_weight": -1}, "smooth_weight"),
+                                        ({"val_eps": 0}, "validation eps")])
 def test_bad_settings_name_the_value(bad, match):
     with pytest.raises(ValueError, match=match):
         PipelineAdversarial(**bad)
@@ -109,6 +110,23 @@ def test_each_mode_trains_its_parts_and_never_the_source(mode, data, small_cvae,
     assert len(hist) == 1 and hist[0]["epoch"] == 1.0
     assert 0 <= hist[0]["val_purified_acc"] <= 1 and 0 <= hist[0]["val_adaptive"] <= 1
     assert all(p.requires_grad for p in [*cvae.parameters(), *target.parameters()])
+
+
+def test_the_validation_check_attacks_at_its_own_budget(data):
+    """val_eps sets the check's budget apart from the training attacks' eps: the last record (taken with the final
+    weights) is the check at val_eps, and the settings name val_eps only when it is set. On the committed plain
+    model, so that the two budgets give different accuracies."""
+    from purifier.adversarial import adaptive_check
+
+    x, y, xv, yv = data
+    cvae = checkpoint.load(ROOT / "models" / "fashion-mnist-plain" / "cvae")
+    clf = checkpoint.load(ROOT / "models" / "fashion-mnist-plain" / "classifier")
+    adv = PipelineAdversarial(mode="cvae", eps=0.02, steps=1, val_n=32, val_steps=3, val_every=1.0, val_eps=0.3)
+    hist = train_pipeline_adversarial(cvae, clf, copy.deepcopy(clf), x, y, xv, yv, TrainConfig(batch_size=32),
+                                      PuVAELoss(ce_weight=1.0, sel_weight=1.0), adv, epochs=1.0)
+    at = {e: adaptive_check(cvae, clf, xv[:32], yv[:32], e, 3)["val_adaptive"] for e in (0.02, 0.3)}
+    assert hist[-1]["val_adaptive"] == at[0.3] < at[0.02]
+    assert adv.to_dict()["val_eps"] == 0.3 and "val_eps" not in PipelineAdversarial().to_dict()
 
 
 def test_source_must_not_be_the_trained_target(data, small_cvae, small_classifier):
