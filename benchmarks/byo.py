@@ -69,6 +69,10 @@ def _rows(plain: str, baselines: str, byo: str, middleware: str) -> list[Row]:
             f"{middleware}-smooth200-tau3/classifier", f"{middleware}-smooth200-tau3/cvae",
             "from the weight-200 row; its recipe, selection CE and smoothness KL over -MSE / 0.003 (was 0.001); "
             "A frozen"),
+        Row("A: the weight-200 row, 1 epoch more with the decision terms at 3 times their weights",
+            f"{middleware}-smooth200-decision3/classifier", f"{middleware}-smooth200-decision3/cvae",
+            "from the weight-200 row; its recipe with selection CE 300 on clean and on attacked inputs and "
+            "smoothness 600 (were 100, 100, 200) against reconstruction and KL; A frozen"),
         *capacity_rows(middleware),
         *converged_baselines(baselines, "A: "),
         Row("ResNet (factory): no defense", f"{byo}/resnet/classifier", note="standard training (train.json)"),
