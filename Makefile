@@ -308,14 +308,19 @@ middleware-wide-more: setup
 # the training attacks at eps 0.125 instead of 0.1 (the validation check stays at 0.1), or the selection
 # temperature at 0.003 instead of 0.001 (the selection CE and the smoothness KL keep pushing the margin between the
 # true class's reconstruction error and the others' three times further), or the decision terms (selection CE on
-# clean and attacked inputs, smoothness KL) at three times their weights against reconstruction and KL.
-.PHONY: middleware-eps middleware-tau middleware-decision
+# clean and attacked inputs, smoothness KL) at three times their weights against reconstruction and KL; or, for
+# half an epoch, every image under all four training attacks with its worst result kept (--adv-combine worst)
+# instead of one attack per slice of the batch.
+.PHONY: middleware-eps middleware-tau middleware-decision middleware-worst
 middleware-eps: setup
 	$(call mw_train,$(MIDDLEWARE)-smooth200,$(MIDDLEWARE)-smooth200-eps125,1,200,--adv-eps 0.125 --adv-val-eps 0.1)
 	$(call mw_eval,make middleware-eps,$(MIDDLEWARE)-smooth200-eps125)
 middleware-tau: setup
 	$(call mw_train,$(MIDDLEWARE)-smooth200,$(MIDDLEWARE)-smooth200-tau3,1,200,--sel-tau 0.003)
 	$(call mw_eval,make middleware-tau,$(MIDDLEWARE)-smooth200-tau3)
+middleware-worst: setup
+	$(call mw_train,$(MIDDLEWARE)-smooth200,$(MIDDLEWARE)-smooth200-worst,0.5,200,--adv-combine worst)
+	$(call mw_eval,make middleware-worst,$(MIDDLEWARE)-smooth200-worst)
 middleware-decision: setup
 	$(call mw_train,$(MIDDLEWARE)-smooth200,$(MIDDLEWARE)-smooth200-decision3,1,600,--sel-weight 300 --adv-sel-weight 300)
 	$(call mw_eval,make middleware-decision,$(MIDDLEWARE)-smooth200-decision3)

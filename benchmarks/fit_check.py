@@ -116,15 +116,15 @@ def main(n, eps, steps, out, work, threads):
                                 **cached(work, key, lambda: measure(path, n, eps, steps),
                                          lambda m: click.echo(m, err=True))}
     report["seconds"] = time.perf_counter() - start
-    write_results(out, report, "# Robustness on the training set, the validation set and the test set", table(report))
-    click.echo(table(report))
+    write_results(out, report, "# Robustness on the training set, the validation set and the test set", render(report))
+    click.echo(render(report))
 
 
 def pct(v) -> str:
     return "-" if v is None else f"{100 * v:.1f}%"
 
 
-def table(report: dict) -> str:
+def render(report: dict) -> str:
     s = report["settings"]
     rows = [[name, r["classifier"], pct(r["train"]), pct(r["validation"]), pct(r["test"]),
              pct(r["train"] - r["test"]), pct(r["log_adv_sel_acc"] if r["kind"] == "purifier" else r["log_train_adv_acc"])]

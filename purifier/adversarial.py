@@ -2,7 +2,8 @@
 attacks they are measured with (``purifier train --adversarial MODE``).
 
 Each batch is attacked with PGD (L-infinity, ``steps`` steps of 2.5 * eps / steps, random start, last iterate)
-against the current pipeline, one slice of the batch per attack in ``attacks``:
+against the current pipeline, one slice of the batch per attack in ``attacks`` (``combine="split"``), or every
+image by every attack, keeping its worst result (``combine="worst"``):
 
   ``selection``  the selection attack on the decision rule (``attacks.selection_objective``)
   ``targeted``   the selection margin toward one wrong class: the one whose reconstruction fits the clean input
@@ -54,19 +55,42 @@ def _objective(name: str, classifier: nn.Module, purifier: Purifier):
 
 
 def attack_batch(classifier: nn.Module, purifier: Purifier, x: torch.Tensor, y: torch.Tensor, pgd: PGD,
-                 attacks, generator: torch.Generator) -> torch.Tensor:
-    """Split the batch into one slice per attack and attack each slice; modules must be in eval mode."""
+                 attacks, generator: torch.Generator, combine: str = "split") -> torch.Tensor:
+    """``combine="split"``: one slice of the batch per attack, each slice attacked by its attack. ``"worst"``: every
+    image attacked by every attack, keeping per image the worst result (``worst_of``). Modules must be in eval
+    mode."""
     from .robust import runner_up
 
-    parts = torch.arange(len(x)).chunk(len(attacks))
+    def run(name, xs, ys):
+        if name == "targeted":  # the target rides in the label, as the benchmark's targeted attacks take it
+            ys = ys * purifier.num_classes + runner_up(purifier, xs, ys, 1)
+        return pgd.run(_objective(name, classifier, purifier), xs, ys, generator)
+
+    if combine == "worst":
+        return worst_of(classifier, purifier, [run(name, x, y) for name in attacks], y)
     out = x.clone()
-    for name, idx in zip(attacks, parts):
+    for name, idx in zip(attacks, torch.arange(len(x)).chunk(len(attacks))):
         if len(idx):
-            labels = y[idx]
-            if name == "targeted":  # the target rides in the label, as the benchmark's targeted attacks take it
-                labels = labels * purifier.num_classes + runner_up(purifier, x[idx], labels, 1)
-            out[idx] = pgd.run(_objective(name, classifier, purifier), x[idx], labels, generator)
+            out[idx] = run(name, x[idx], y[idx])
     return out
+
+
+@torch.no_grad()
+def worst_of(classifier: nn.Module, purifier: Purifier, candidates: list[torch.Tensor], y: torch.Tensor) -> torch.Tensor:
+    """Per image, the candidate that breaks the pipeline (the target's prediction on the purified input is wrong),
+    and among those, or if none does, the one with the largest selection margin: the true class's reconstruction
+    error minus the best wrong class's (the first candidate on ties). The MAX strategy of Maini et al. (ICML 2020)
+    for training against a union of attacks."""
+    keys = []
+    for c in candidates:
+        out = purifier(c)
+        scores = out["scores"]
+        wrong = scores.scatter(1, y[:, None], float("inf")).min(1).values
+        margin = scores.gather(1, y[:, None])[:, 0] - wrong
+        broken = classifier(out["purified"]).argmax(1) != y
+        keys.append(torch.where(broken, margin + 1e6, margin))
+    pick = torch.stack(keys).argmax(0)
+    return torch.stack(candidates)[pick, torch.arange(len(y))]
 
 
 def cvae_adversarial_terms(cvae: CVAE, target: nn.Module, xa: torch.Tensor, y: torch.Tensor,
@@ -181,7 +205,7 @@ def train_pipeline_adversarial(cvae: CVAE, target: nn.Module, source: nn.Module,
         """One batch's attack and loss for the parts whose turn it is (the total loss and its named terms)."""
         cvae.eval()
         target.eval()
-        xa = attack_batch(target, purifier, xb, yb, pgd, adv.attacks, gen)
+        xa = attack_batch(target, purifier, xb, yb, pgd, adv.attacks, gen, adv.combine)
         terms = {}
         total_loss = xb.new_zeros(())
         if turn in ("cvae", "joint"):

@@ -79,6 +79,7 @@ class AdversarialTraining:
 
 MODES = ("cvae", "classifier", "alternating", "joint")
 TRAIN_ATTACKS = ("selection", "targeted", "full", "bpda")
+COMBINE = ("split", "worst")
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,8 @@ class PipelineAdversarial:
     val_every: float = 0.25  # epochs between validation records (and at the end)
     val_targeted: int = 1  # runner-up classes the validation check's targeted attacks aim at (0: untargeted only)
     val_eps: float | None = None  # L-infinity budget of the validation check (None: eps, the training budget)
+    # split: one slice of the batch per attack; worst: every image under every attack, its worst result kept
+    combine: str = "split"
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -108,6 +111,8 @@ class PipelineAdversarial:
             raise ValueError(f"adversarial eps must be in (0, 1], got {self.eps}")
         if self.val_eps is not None and not 0 < self.val_eps <= 1:
             raise ValueError(f"validation eps must be in (0, 1], got {self.val_eps}")
+        if self.combine not in COMBINE:
+            raise ValueError(f"combine must be one of {COMBINE}, got {self.combine!r}")
         if self.steps < 1:
             raise ValueError(f"adversarial steps must be at least 1, got {self.steps}")
         if self.smooth_weight < 0:
@@ -128,9 +133,11 @@ class PipelineAdversarial:
         return self.mode != "cvae"
 
     def to_dict(self) -> dict:
-        # val_eps is left out while unset, so the settings of runs saved before it existed still compare equal
+        # val_eps and combine are left out at their defaults, so the settings of runs saved before they existed
+        # still compare equal
         d = {**asdict(self), "attacks": list(self.attacks)}
-        return d if self.val_eps is not None else {k: v for k, v in d.items() if k != "val_eps"}
+        default = {"val_eps": None, "combine": "split"}
+        return {k: v for k, v in d.items() if k not in default or v != default[k]}
 
 
 @dataclass(frozen=True)

@@ -262,3 +262,31 @@ def test_the_validation_check_adds_the_targeted_attacks_to_the_worst_case(fmnist
     assert targeted["val_adaptive_targeted"] == 2 and plain["val_adaptive_targeted"] == 0
     assert targeted["val_adaptive"] <= plain["val_adaptive"]
     assert 0 < plain["val_adaptive"] < 1
+
+
+def test_the_worst_combination_keeps_each_images_worst_attack(data):
+    """combine="worst": every image under every training attack, and per image the candidate that breaks the
+    pipeline, else the one with the largest selection margin; the same attacks rerun with the same generator give
+    the candidates to compare."""
+    from purifier.adversarial import _objective, worst_of
+    from purifier.robust import runner_up
+
+    x, y = data[0][:24], data[1][:24]
+    cvae = checkpoint.load(ROOT / "models" / "fashion-mnist-plain" / "cvae")
+    clf = checkpoint.load(ROOT / "models" / "fashion-mnist-plain" / "classifier")
+    pur = Purifier(cvae).eval()
+    pgd = PGD(eps=0.1, steps=2, best_iterate=False)
+    attacks = ("selection", "targeted", "full")
+    worst = attack_batch(clf, pur, x, y, pgd, attacks, torch.Generator().manual_seed(3), combine="worst")
+    assert (worst - x).abs().max() <= 0.1 + 1e-6 and worst.min() >= 0 and worst.max() <= 1
+    g = torch.Generator().manual_seed(3)
+    cands = [pgd.run(_objective(a, clf, pur), x,
+                     y * 10 + runner_up(pur, x, y, 1) if a == "targeted" else y, g) for a in attacks]
+    assert torch.equal(worst, worst_of(clf, pur, cands, y))
+    with torch.no_grad():
+        broken = [clf(pur(c)["purified"]).argmax(1) != y for c in cands]
+        worst_broken = clf(pur(worst)["purified"]).argmax(1) != y
+    assert torch.equal(worst_broken, torch.stack(broken).any(0))  # an image any attack breaks stays broken
+    assert worst_broken.float().mean() >= max(b.float().mean() for b in broken)
+    with pytest.raises(ValueError, match="combine"):
+        PipelineAdversarial(combine="max")

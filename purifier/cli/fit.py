@@ -67,12 +67,16 @@ from .common import (DATA_HELP, PRECISION_HELP, _classifier_path, _dataset, _loa
 @config_option(PipelineAdversarial, "clf_mix", "--adv-clf-mix", help="Classifier loss: weight of the clean term.")
 @config_option(PipelineAdversarial, "val_eps", "--adv-val-eps", type=float,
                help="L-infinity budget of the validation check [default: --adv-eps].")
+@config_option(PipelineAdversarial, "combine", "--adv-combine", type=click.Choice(["split", "worst"]),
+               help="split: one slice of each batch per training attack; worst: every image under every attack, "
+                    "its worst result kept (costs as many attacks per image as --adv-attacks names).")
 @resume_options
 @click.option("--quiet", is_flag=True)
 def train_cmd(data, classifier_source, out, epochs, batch_size, lr, seed, precision, val_size, latent_dim, channels,
               hidden, conditioning, arch, beta, ce_weight, sel_weight, sel_tau, sel_negatives, tc_weight, ks_weight,
               cv_weight, couple_alpha, adversarial, init_dir, target, adv_eps, adv_steps, adv_attacks,
-              adv_sel_weight, adv_pipe_weight, adv_smooth_weight, adv_clf_mix, adv_val_eps, resume, save_every, quiet):
+              adv_sel_weight, adv_pipe_weight, adv_smooth_weight, adv_clf_mix, adv_val_eps, adv_combine, resume,
+              save_every, quiet):
     """Train the class-conditional VAE with the PuVAE loss (recon + beta*KL + ce_weight*CE [+ sel_weight*SEL])
     in front of a classifier (yours: --classifier-factory or --classifier-onnx), or another design of the
     purifier family (--design), or, with --adversarial, purifier and/or target classifier against attacks on the
@@ -115,7 +119,7 @@ def train_cmd(data, classifier_source, out, epochs, batch_size, lr, seed, precis
                                       attacks=tuple(a.strip() for a in adv_attacks.split(",") if a.strip()),
                                       sel_weight=adv_sel_weight, pipe_weight=adv_pipe_weight,
                                       smooth_weight=adv_smooth_weight, clf_mix=adv_clf_mix,
-                                      val_eps=adv_val_eps)
+                                      val_eps=adv_val_eps, combine=adv_combine)
         config = FitConfig(epochs=0 if adv else int(epochs), batch_size=batch_size, lr=lr, seed=seed,
                            precision=precision, val_size=_val_size(val_size), design=arch, loss=loss, model=model,
                            adversarial=adv, adversarial_epochs=epochs if adv else 0.0)
