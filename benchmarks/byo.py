@@ -73,6 +73,10 @@ def _rows(plain: str, baselines: str, byo: str, middleware: str) -> list[Row]:
             f"{middleware}-smooth200-decision3/classifier", f"{middleware}-smooth200-decision3/cvae",
             "from the weight-200 row; its recipe with selection CE 300 on clean and on attacked inputs and "
             "smoothness 600 (were 100, 100, 200) against reconstruction and KL; A frozen"),
+        Row("A: the weight-200 row, half an epoch more against the worst of the training attacks",
+            f"{middleware}-smooth200-worst/classifier", f"{middleware}-smooth200-worst/cvae",
+            "from the weight-200 row; its recipe with every image under all four training attacks, its worst result "
+            "kept (--adv-combine worst); A frozen"),
         *capacity_rows(middleware),
         *converged_baselines(baselines, "A: "),
         Row("ResNet (factory): no defense", f"{byo}/resnet/classifier", note="standard training (train.json)"),

@@ -90,9 +90,11 @@ def adversarial_lines(cm: dict) -> list[str]:
         f"Mode `{adv['mode']}`, {cm['train']['epochs']} epochs, from the CVAE of `{cm['init']}` "
         f"(`{str(cm['init_sha256'])[:16]}…`) and the target classifier `{cm['target']}` "
         f"(`{cm['target_sha256'][:16]}…`); CE source `{cm['source']}` (frozen). Every batch is attacked with "
-        f"{' and '.join(adv['attacks'])} PGD-{adv['steps']} at L-infinity eps {adv['eps']} (one slice of the batch "
-        f"each); selection CE weight {adv['sel_weight']}, target CE on the true class's reconstruction "
-        f"{adv['pipe_weight']}, classifier clean/adversarial mix {adv['clf_mix']}"
+        f"{' and '.join(adv['attacks'])} PGD-{adv['steps']} at L-infinity eps {adv['eps']} "
+        + ("(every image under each, its worst result kept)" if adv.get("combine") == "worst"
+           else "(one slice of the batch each)")
+        + f"; selection CE weight {adv['sel_weight']}, target CE on the true class's reconstruction "
+          f"{adv['pipe_weight']}, classifier clean/adversarial mix {adv['clf_mix']}"
         + (f", smoothness of the decision rule (KL from the clean selection softmax to the attacked one) "
            f"{adv['smooth_weight']}." if adv.get("smooth_weight") else ".")
         + (f" The adaptive check below attacks at eps {adv['val_eps']}." if adv.get("val_eps") is not None else ""),
