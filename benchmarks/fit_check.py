@@ -104,7 +104,8 @@ def main(n, eps, steps, out, work, threads):
     out = Path(out)
     work = Path(work or out.parent / f".{out.stem}-work")
     work.mkdir(parents=True, exist_ok=True)
-    report = {"command": shlex.join(["python", "-m", "benchmarks.fit_check", *sys.argv[1:]]), "commit": git_commit(ROOT),
+    report = {"command": shlex.join(["python", "-m", "benchmarks.fit_check", *sys.argv[1:]]),
+              "commit": git_commit(ROOT),
               "software": {"torch": torch.__version__, "python": platform.python_version()},
               "machine": {"cpu": cpu_model(), "torch_threads": torch.get_num_threads()},
               "settings": {"n": n, "eps": eps, "steps": steps, "val_skip": VAL_SKIP, "seed": 0}, "rows": {}}
@@ -126,8 +127,8 @@ def pct(v) -> str:
 
 def render(report: dict) -> str:
     s = report["settings"]
-    rows = [[name, r["classifier"], pct(r["train"]), pct(r["validation"]), pct(r["test"]),
-             pct(r["train"] - r["test"]), pct(r["log_adv_sel_acc"] if r["kind"] == "purifier" else r["log_train_adv_acc"])]
+    rows = [[name, r["classifier"], pct(r["train"]), pct(r["validation"]), pct(r["test"]), pct(r["train"] - r["test"]),
+             pct(r["log_adv_sel_acc"] if r["kind"] == "purifier" else r["log_train_adv_acc"])]
             for name, r in report["rows"].items()]
     return (f"L-infinity eps {s['eps']}, {s['steps']} steps, {s['n']} images of each set, seed {s['seed']}. Purifier "
             f"rows: the adaptive check of adversarial training (selection and full-gradient PGD, then the targeted "

@@ -76,7 +76,8 @@ def attack_batch(classifier: nn.Module, purifier: Purifier, x: torch.Tensor, y: 
 
 
 @torch.no_grad()
-def worst_of(classifier: nn.Module, purifier: Purifier, candidates: list[torch.Tensor], y: torch.Tensor) -> torch.Tensor:
+def worst_of(classifier: nn.Module, purifier: Purifier, candidates: list[torch.Tensor],
+             y: torch.Tensor) -> torch.Tensor:
     """Per image, the candidate that breaks the pipeline (the target's prediction on the purified input is wrong),
     and among those, or if none does, the one with the largest selection margin: the true class's reconstruction
     error minus the best wrong class's (the first candidate on ties). The MAX strategy of Maini et al. (ICML 2020)

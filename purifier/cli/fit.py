@@ -9,7 +9,7 @@ import click
 
 from ..designs import DESIGNS as DESIGN_NAMES
 from .classifier import classifier_options, load_classifier
-from ..config import PRECISIONS, FitConfig, PipelineAdversarial
+from ..config import COMBINE, PRECISIONS, FitConfig, PipelineAdversarial
 from .common import (DATA_HELP, PRECISION_HELP, _classifier_path, _dataset, _load, _val_size, config_option, main, progress,
                      resume_options)
 
@@ -67,7 +67,7 @@ from .common import (DATA_HELP, PRECISION_HELP, _classifier_path, _dataset, _loa
 @config_option(PipelineAdversarial, "clf_mix", "--adv-clf-mix", help="Classifier loss: weight of the clean term.")
 @config_option(PipelineAdversarial, "val_eps", "--adv-val-eps", type=float,
                help="L-infinity budget of the validation check [default: --adv-eps].")
-@config_option(PipelineAdversarial, "combine", "--adv-combine", type=click.Choice(["split", "worst"]),
+@config_option(PipelineAdversarial, "combine", "--adv-combine", type=click.Choice(COMBINE),
                help="split: one slice of each batch per training attack; worst: every image under every attack, "
                     "its worst result kept (costs as many attacks per image as --adv-attacks names).")
 @resume_options
