@@ -64,13 +64,19 @@ def sets(meta: dict, n: int) -> dict:
             "test": (torch.from_numpy(te.x[:n]), torch.from_numpy(te.y[:n]))}
 
 
+def weights(path: str) -> tuple[bool, dict]:
+    """Whether ``path`` is a model directory (a purifier) rather than a classifier checkpoint, and the record of the
+    weights that name its row: the CVAE's, or the classifier's."""
+    purifier = (ROOT / path / "cvae.json").is_file()
+    return purifier, checkpoint.read_record(ROOT / path / "cvae" if purifier else ROOT / path)
+
+
 def measure(path: str, n: int, eps: float, steps: int) -> dict:
     """One row: robust accuracy on each set, the training log's last attacked-selection accuracy where it has one."""
     from purifier.adversarial import adaptive_check
     from purifier.train import robust_accuracy
 
-    purifier = (ROOT / path / "cvae.json").is_file()
-    record = checkpoint.read_record(ROOT / path / "cvae" if purifier else ROOT / path)
+    purifier, record = weights(path)
     meta = record["meta"]
     if purifier:
         cvae, clf = checkpoint.load(ROOT / path / "cvae"), checkpoint.load(ROOT / path / "classifier")
@@ -110,8 +116,7 @@ def main(n, eps, steps, out, work, threads):
               "machine": {"cpu": cpu_model(), "torch_threads": torch.get_num_threads()},
               "settings": {"n": n, "eps": eps, "steps": steps, "val_skip": VAL_SKIP, "seed": 0}, "rows": {}}
     for name, path, what in ROWS:
-        sha = checkpoint.read_record(ROOT / path / "cvae" if (ROOT / path / "cvae.json").is_file()
-                                     else ROOT / path)["weights_sha256"]
+        sha = weights(path)[1]["weights_sha256"]
         key = f"row-{sha[:16]}-n{n}-eps{eps}-steps{steps}"
         report["rows"][name] = {"path": path, "classifier": what,
                                 **cached(work, key, lambda: measure(path, n, eps, steps),
