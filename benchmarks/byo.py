@@ -69,6 +69,10 @@ def _rows(plain: str, baselines: str, byo: str, middleware: str) -> list[Row]:
             f"{middleware}-smooth200-tau3/classifier", f"{middleware}-smooth200-tau3/cvae",
             "from the weight-200 row; its recipe, selection CE and smoothness KL over -MSE / 0.003 (was 0.001); "
             "A frozen"),
+        Row("A: the weight-200 row, 1 epoch more at selection temperature 0.01",
+            f"{middleware}-smooth200-tau10/classifier", f"{middleware}-smooth200-tau10/cvae",
+            "from the weight-200 row; its recipe, selection CE and smoothness KL over -MSE / 0.01 (was 0.001); "
+            "A frozen"),
         Row("A: the weight-200 row, 1 epoch more with the decision terms at 3 times their weights",
             f"{middleware}-smooth200-decision3/classifier", f"{middleware}-smooth200-decision3/cvae",
             "from the weight-200 row; its recipe with selection CE 300 on clean and on attacked inputs and "
