@@ -52,20 +52,21 @@ docs-tables:
 # PuVAE in front of the same classifier, and the joint model.
 .PHONY: clean-table
 clean-table:
-	$(PY) -m benchmarks.clean_table --out results/clean-accuracy.json results/eval-middleware-cvae-alone-smooth200.json \
+	$(PY) -m benchmarks.clean_table --out results/clean-accuracy.json results/eval-middleware-$(notdir $(MODEL_DIR)).json \
 		results/eval-fashion-mnist-plain.json results/adversarial/eval-joint.json
 	$(PY) -m benchmarks.docs_tables
 
 # The shipped default: the best purifier in front of the untouched standard classifier it ships, with clean accuracy
 # >= 85% (results/byo.md): the CVAE alone adversarially trained against attacks through the plain model's frozen
 # classifier A, 2 epochs (PGD-3 selection and full gradient; $(MIDDLEWARE)), then 2 more with PGD-7, the targeted
-# selection attack and TRADES's smoothness term on the selection softmax at weight 200 ($(MIDDLEWARE)-smooth200;
-# `make plain-model` first), then its int8 twin and card.
-MODEL_DIR ?= $(MIDDLEWARE)-smooth200
-default-model: middleware middleware-smooth200
+# selection attack and TRADES's smoothness term on the selection softmax at weight 200 ($(MIDDLEWARE)-smooth200),
+# then 1 more at selection temperature 0.003 ($(MIDDLEWARE)-smooth200-tau3; `make plain-model` first), then its
+# exports, int8 twin and card.
+MODEL_DIR ?= $(MIDDLEWARE)-smooth200-tau3
+default-model: middleware middleware-smooth200 middleware-tau
 	$(MAKE) clean-table
 	$(PY) -m purifier.cli export $(MODEL_DIR) --out $(MODEL_DIR) --int8
-	$(call card,make default-model,$(MODEL_DIR),results/eval-middleware-cvae-alone-smooth200.json)
+	$(call card,make default-model,$(MODEL_DIR),results/eval-middleware-$(notdir $(MODEL_DIR)).json)
 
 # The int8 twin of the shipped default against fp32 (results/int8.md; about 35 minutes on 2 cores, most of it the
 # attacks) and what limits the speed (results/speed.md, results/ort-tuning.md).

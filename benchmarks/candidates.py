@@ -1,7 +1,7 @@
 """The candidate mode's trade-off: reconstruct only the k classes the target classifier ranks highest on the raw
 input (``Purifier(candidates=k, ranker=classifier)``), against the full purifier (k = K), on the shipped model.
 
-    python -m benchmarks.candidates --model models/middleware/cvae-alone-smooth200 --out results/candidates.json
+    python -m benchmarks.candidates --model models/middleware/cvae-alone-smooth200-tau3 --out results/candidates.json
 
 Per k in ``--ks`` (k = K is the full purifier):
   clean    accuracy of classifier(purifier(x)) on the first ``--clean-n`` test images (all 10,000 by default), and
@@ -41,7 +41,7 @@ from purifier.provenance import cpu_model, git_commit  # noqa: E402
 from purifier.robust import chunked, purifier_attacks, worst_case  # noqa: E402
 
 from serve.models import MODELS  # noqa: E402
-from benchmarks.results import cached, markdown_table, write_results  # noqa: E402  (benchmarks/results.py)
+from benchmarks.results import cached, markdown_table, weights_work, write_results  # noqa: E402
 from benchmarks.scaling import parse_ints, session  # noqa: E402  (benchmarks/scaling.py)
 from benchmarks.speed import time_interleaved  # noqa: E402  (benchmarks/speed.py)
 
@@ -156,7 +156,8 @@ def tables(report: dict) -> str:
 @click.option("--batch-size", default=100, show_default=True, help="Attack batch size.")
 @click.option("--section", type=click.Choice(SECTIONS), help="Compute (and cache) this section only, write nothing.")
 @click.option("--work", type=click.Path(file_okay=False), help="Cache each section here (default: "
-                                                                "results/.candidates-work next to --out).")
+                                                                "results/.candidates-work next to --out), in a folder per "
+                                                                "set of weights.")
 @click.option("--out", default=str(ROOT / "results" / "candidates.json"), show_default=True)
 def main(model_dir, ks, n, clean_n, eps, steps, restarts, targeted, seed, reps, batch_size, section, work, out):
     model_dir = Path(model_dir)
@@ -168,7 +169,8 @@ def main(model_dir, ks, n, clean_n, eps, steps, restarts, targeted, seed, reps, 
         raise click.BadParameter(f"k must be at most {num_classes} (the model's classes), got {max(ks)}",
                                  param_hint="--ks")
     test = load_dataset("fashion-mnist", "test")
-    work = Path(work or Path(out).parent / f".{Path(out).stem}-work")
+    weights = {part: checkpoint.read_record(model_dir / part)["weights_sha256"] for part in ("cvae", "classifier")}
+    work = weights_work(work or Path(out).parent / f".{Path(out).stem}-work", weights)
     say = lambda msg: click.echo(msg, err=True)  # noqa: E731
     tag = "-".join(map(str, ks))
     jobs = {
@@ -184,8 +186,7 @@ def main(model_dir, ks, n, clean_n, eps, steps, restarts, targeted, seed, reps, 
         return
     report = {
         "command": shlex.join(["python", "-m", "benchmarks.candidates", *sys.argv[1:]]), "commit": git_commit(ROOT),
-        "model": str(model_dir), "checkpoints": {part: checkpoint.read_record(model_dir / part)["weights_sha256"]
-                                                 for part in ("cvae", "classifier")},
+        "model": str(model_dir), "checkpoints": weights,
         "num_classes": num_classes, "ks": ks,
         "ranker": "the target classifier (MODEL/classifier)",
         "settings": {"reps": reps, "speed_images_per_rep": SPEED_BATCHES, "attack_batch_size": batch_size},

@@ -1,7 +1,8 @@
 """The clean-accuracy table of the shipped models, rendered from their ``purifier evaluate`` results files.
 
-    python -m benchmarks.clean_table --out results/clean-accuracy.json results/eval-middleware-cvae-alone-smooth200.json \
-        results/eval-fashion-mnist-plain.json results/adversarial/eval-joint.json
+    python -m benchmarks.clean_table --out results/clean-accuracy.json \
+        results/eval-middleware-cvae-alone-smooth200-tau3.json results/eval-fashion-mnist-plain.json \
+        results/adversarial/eval-joint.json
 
 Each column is one results file (all 10,000 Fashion-MNIST test images, as ``make default-model``, ``make
 plain-model`` and ``make adversarial`` write them); the rows are its figures as percentages. docs/robustness.md quotes the table (``make docs-tables``).

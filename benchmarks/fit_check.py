@@ -36,10 +36,9 @@ from benchmarks.results import cached, markdown_table, write_results  # noqa: E4
 
 # (row, model directory or classifier checkpoint, what it is)
 ROWS = [
-    ("the default: CVAE alone, weight-200 smoothness", "models/middleware/cvae-alone-smooth200",
-     "frozen standard A"),
-    ("the same, 1 epoch more at selection temperature 0.003", "models/middleware/cvae-alone-smooth200-tau3",
-     "frozen standard A"),
+    ("CVAE alone, weight-200 smoothness", "models/middleware/cvae-alone-smooth200", "frozen standard A"),
+    ("the same, 1 epoch more at selection temperature 0.003 (the default)",
+     "models/middleware/cvae-alone-smooth200-tau3", "frozen standard A"),
     ("the wider CVAE, 1 epoch more", "models/middleware/wide-smooth200-more", "frozen standard A"),
     ("ks-cov-coupled + adv. training, + smoothness term", "models/variants/ks-cov-coupled/adversarial-smooth",
      "classifier trained with it"),

@@ -1,6 +1,6 @@
 """The int8 pipeline (``pipeline.int8.onnx``, ``purifier export --int8``) against its fp32 model, in one run.
 
-    python -m benchmarks.int8 --model models/middleware/cvae-alone-smooth200 --out results/int8.json
+    python -m benchmarks.int8 --model models/middleware/cvae-alone-smooth200-tau3 --out results/int8.json
 
 Clean: accuracy of both on all 10,000 Fashion-MNIST test images, the fraction where int8 predicts the class fp32
 predicts and chooses the reconstruction fp32 chooses, and the clean rejection rate. Speed: fp32 and int8 sessions
@@ -38,7 +38,7 @@ from purifier.robust import (Attack, chunked, pgd_attack, purifier_attacks, puri
 from serve.models import MODELS  # noqa: E402
 from serve.runtime import OnnxPurifier  # noqa: E402
 
-from benchmarks.results import cached, markdown_table, write_results  # noqa: E402  (benchmarks/results.py)
+from benchmarks.results import cached, markdown_table, weights_work, write_results  # noqa: E402
 from benchmarks.speed import BATCHES, time_interleaved  # noqa: E402  (benchmarks/speed.py)
 
 
@@ -147,18 +147,20 @@ def verdict(r: dict) -> str:
 @click.option("--reps", default=7, show_default=True)
 @click.option("--batch-size", default=100, show_default=True, help="Attack batch size.")
 @click.option("--work", type=click.Path(file_okay=False), help="Cache each section here (default: "
-                                                                "results/.int8-work next to --out).")
+                                                                "results/.int8-work next to --out), in a folder per "
+                                                                "pair of ONNX files (their sha256).")
 @click.option("--out", default=str(ROOT / "results" / "int8.json"), show_default=True)
 def main(model_dir, n, clean_n, eps, steps, restarts, targeted, seed, reps, batch_size, work, out):
     model_dir = Path(model_dir)
     fp32 = OnnxPurifier(model_dir, device="cpu", precision="fp32")
     int8 = OnnxPurifier(model_dir, device="cpu", precision="int8")
     test = load_dataset("fashion-mnist", "test")
-    work = Path(work or Path(out).parent / f".{Path(out).stem}-work")
+    weights = {p.path.name: checkpoint.sha256_file(p.path) for p in (fp32, int8)}
+    work = weights_work(work or Path(out).parent / f".{Path(out).stem}-work", weights)
     say = lambda msg: click.echo(msg, err=True)  # noqa: E731
     report = {
         "command": " ".join(["python", "-m", "benchmarks.int8", *sys.argv[1:]]), "commit": git_commit(ROOT),
-        "model": str(model_dir), "fp32_model": fp32.path.name, "int8_model": int8.path.name,
+        "model": str(model_dir), "fp32_model": fp32.path.name, "int8_model": int8.path.name, "sha256": weights,
         "quantization": int8.metadata["quantization"],
         "machine": {"cpu": cpu_model(), "cores": __import__("os").cpu_count(), "provider": int8.providers,
                     "onnxruntime_threads": "default (intra-op = physical cores)"},

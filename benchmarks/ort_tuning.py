@@ -1,7 +1,7 @@
 """What moves the pipeline's throughput on onnxruntime's CPU provider: session options, threads, precision and
 a graph rewrite, each timed against the shipped defaults in the same run.
 
-    python -m benchmarks.ort_tuning --model models/middleware/cvae-alone-smooth200 --out results/ort-tuning.json
+    python -m benchmarks.ort_tuning --model models/middleware/cvae-alone-smooth200-tau3 --out results/ort-tuning.json
 
 Variants (all on the CPU provider): the default session (graph optimisation ORT_ENABLE_ALL, intra-op threads =
 physical cores, spinning on); 1 intra-op thread; optimisation levels BASIC and EXTENDED; intra-op spinning off;

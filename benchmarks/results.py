@@ -1,6 +1,7 @@
 """Results files: ``NAME.json`` (every setting and number) beside ``NAME.md`` (the table), both atomic."""
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -20,6 +21,13 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join("---" for _ in headers) + " |"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def weights_work(work: str | Path, weights: dict) -> Path:
+    """The cache folder under ``work`` for the measured ``weights`` (name -> sha256): one folder per set of weights,
+    so sections measured on other weights (a re-chosen default, a retrained model) are never taken for these."""
+    key = hashlib.sha256(json.dumps(weights, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(work) / f"weights-{key}"
 
 
 def cached(work: Path, name: str, fn, say) -> dict:

@@ -48,12 +48,21 @@ def test_convtranspose_rewrite_keeps_the_outputs_to_fp32_rounding(fmnist_test):
 
 def test_int8_benchmark_smoke(tmp_path):
     out = tmp_path / "int8.json"
-    r = subprocess.run([sys.executable, "-m", "benchmarks.int8", "--n", "4", "--clean-n", "100", "--steps", "1",
-                        "--targeted", "1", "--reps", "1", "--out", str(out)], cwd=ROOT, capture_output=True,
-                       text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    report = json.loads(out.read_text())
+
+    def run(*model):
+        r = subprocess.run([sys.executable, "-m", "benchmarks.int8", "--n", "4", "--clean-n", "100", "--steps", "1",
+                            "--targeted", "1", "--reps", "1", "--out", str(out), *model], cwd=ROOT,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return json.loads(out.read_text())
+
+    report = run()
     assert report["quantization"]["calibration"]["split"] == "train"
     assert set(report["robust"]["rows"]) == {"fp32", "int8, transferred", "int8, int8 decision"}
     assert report["robust"]["steps"] == 1 and report["clean"]["n"] == 100
     assert "int8 speed-up" in out.with_suffix(".md").read_text()
+    # another model into the same results file: its sections are measured, never taken from the first model's cache
+    other = run("--model", str(ROOT / "models" / "adversarial" / "joint"))
+    assert other["sha256"] != report["sha256"] and other["model"].endswith("joint")
+    folders = sorted((tmp_path / ".int8-work").iterdir())
+    assert len(folders) == 2 and all((f / "clean-100.json").is_file() for f in folders)
