@@ -299,11 +299,15 @@ middleware-capacity: setup
 	$(call mw_eval,make middleware-capacity,$(WIDE)-smooth200)
 	$(call mw_eval,make middleware-capacity,$(NARROW))
 
-# The wider CVAE 1 epoch more against the same attacks (a fresh cosine schedule): where it saturates
-.PHONY: middleware-wide-more
+# The wider CVAE 1 epoch more against the same attacks (a fresh cosine schedule): where it saturates; then 1 more
+# at selection temperature 0.003, the default's last step: whether width and temperature add up
+.PHONY: middleware-wide-more middleware-wide-tau
 middleware-wide-more: setup
 	$(call mw_train,$(WIDE)-smooth200,$(WIDE)-smooth200-more,1,200)
 	$(call mw_eval,make middleware-wide-more,$(WIDE)-smooth200-more)
+middleware-wide-tau: setup
+	$(call mw_train,$(WIDE)-smooth200-more,$(WIDE)-smooth200-tau3,1,200,--sel-tau 0.003)
+	$(call mw_eval,make middleware-wide-tau,$(WIDE)-smooth200-tau3)
 
 # The default's recipe 1 epoch more from the default with one setting changed, against its saturated curve:
 # the training attacks at eps 0.125 instead of 0.1 (the validation check stays at 0.1), or the selection
