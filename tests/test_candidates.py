@@ -127,7 +127,7 @@ def test_candidates_benchmark_robust_section_smoke(tmp_path):
     r = CliRunner().invoke(candidates.main, ["--ks", "2,10", "--n", "4", "--steps", "1", "--targeted", "1",
                                              "--section", "robust", "--work", str(tmp_path)])
     assert r.exit_code == 0, r.output
-    robust = json.loads(next(tmp_path.glob("robust-*.json")).read_text())
+    robust = json.loads(next(tmp_path.glob("weights-*/robust-*.json")).read_text())  # a folder per set of weights
     assert robust["k"]["2"]["attacks"][0] == "candidate exclusion"
     assert "candidate exclusion" not in robust["k"]["10"]["attacks"]
     r = CliRunner().invoke(candidates.main, ["--ks", "2,11", "--section", "clean", "--work", str(tmp_path)])
