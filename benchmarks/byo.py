@@ -100,7 +100,8 @@ def _rows(plain: str, baselines: str, byo: str, middleware: str) -> list[Row]:
 
 def capacity_rows(middleware: str) -> list[Row]:
     """A wider CVAE against the preset's width, each 1 epoch of the weight-200 recipe from plain PuVAE
-    (``make middleware-capacity``), and the wider one an epoch more (``make middleware-wide-more``)."""
+    (``make middleware-capacity``), the wider one an epoch more (``make middleware-wide-more``) and one more at
+    selection temperature 0.003 (``make middleware-wide-tau``)."""
     d = Path(middleware).parent
     recipe = "1 epoch: PGD-7 selection, targeted, full gradient, BPDA, + 200 * KL; A frozen"
     return [
@@ -111,6 +112,9 @@ def capacity_rows(middleware: str) -> list[Row]:
             f"then {recipe}"),
         Row("A: the wider CVAE, 1 epoch more", f"{d}/wide-smooth200-more/classifier",
             f"{d}/wide-smooth200-more/cvae", "from the row above; the same recipe, a fresh cosine schedule"),
+        Row("A: the wider CVAE, 1 epoch more at selection temperature 0.003", f"{d}/wide-smooth200-tau3/classifier",
+            f"{d}/wide-smooth200-tau3/cvae", "from the row above; the same recipe, selection CE and smoothness KL over "
+            "-MSE / 0.003 (was 0.001)"),
     ]
 
 
