@@ -155,9 +155,9 @@ def tables(report: dict) -> str:
 @click.option("--reps", default=5, show_default=True)
 @click.option("--batch-size", default=100, show_default=True, help="Attack batch size.")
 @click.option("--section", type=click.Choice(SECTIONS), help="Compute (and cache) this section only, write nothing.")
-@click.option("--work", type=click.Path(file_okay=False), help="Cache each section here (default: "
-                                                                "results/.candidates-work next to --out), in a folder per "
-                                                                "set of weights.")
+@click.option("--work", type=click.Path(file_okay=False),
+              help="Cache each section here (default: results/.candidates-work next to --out), in a folder per set "
+                   "of weights.")
 @click.option("--out", default=str(ROOT / "results" / "candidates.json"), show_default=True)
 def main(model_dir, ks, n, clean_n, eps, steps, restarts, targeted, seed, reps, batch_size, section, work, out):
     model_dir = Path(model_dir)

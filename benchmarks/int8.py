@@ -146,16 +146,17 @@ def verdict(r: dict) -> str:
 @click.option("--seed", default=0, show_default=True)
 @click.option("--reps", default=7, show_default=True)
 @click.option("--batch-size", default=100, show_default=True, help="Attack batch size.")
-@click.option("--work", type=click.Path(file_okay=False), help="Cache each section here (default: "
-                                                                "results/.int8-work next to --out), in a folder per "
-                                                                "pair of ONNX files (their sha256).")
+@click.option("--work", type=click.Path(file_okay=False),
+              help="Cache each section here (default: results/.int8-work next to --out), in a folder per set of "
+                   "weights (the two ONNX files and the checkpoints the attacks run on).")
 @click.option("--out", default=str(ROOT / "results" / "int8.json"), show_default=True)
 def main(model_dir, n, clean_n, eps, steps, restarts, targeted, seed, reps, batch_size, work, out):
     model_dir = Path(model_dir)
     fp32 = OnnxPurifier(model_dir, device="cpu", precision="fp32")
     int8 = OnnxPurifier(model_dir, device="cpu", precision="int8")
     test = load_dataset("fashion-mnist", "test")
-    weights = {p.path.name: checkpoint.sha256_file(p.path) for p in (fp32, int8)}
+    weights = {**{p.path.name: checkpoint.sha256_file(p.path) for p in (fp32, int8)},
+               **{part: checkpoint.read_record(model_dir / part)["weights_sha256"] for part in ("cvae", "classifier")}}
     work = weights_work(work or Path(out).parent / f".{Path(out).stem}-work", weights)
     say = lambda msg: click.echo(msg, err=True)  # noqa: E731
     report = {

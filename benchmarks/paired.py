@@ -6,8 +6,10 @@ that difference is more than chance (the exact two-sided McNemar test on those d
         --out results/paired-default.json
 
 When two rows agree on most images, their difference is far less uncertain than their separate standard errors
-suggest: the paired count is the test for picking one row over another. The mask is the per-image worst case the row's headline figure counts (``adaptive_robust``: every
-adaptive attack, targeted ones included).
+suggest: the paired count is the test for picking one row over another. The default mask is the per-image worst
+case the rows' headline figure counts (``adaptive_robust``: every adaptive attack, targeted ones included); both
+rows must have been measured with the same attack settings (their ``profile`` and targeted runner-up classes,
+where both record them).
 """
 from __future__ import annotations
 
@@ -43,6 +45,10 @@ def compare(rows: dict, a: str, b: str, mask: str = "adaptive_robust") -> dict:
             raise ValueError(f"no row {name!r} in the results file (rows: {', '.join(rows)})")
         if not isinstance(rows[name].get(mask), list):
             raise ValueError(f"row {name!r} has no per-image {mask!r} list")
+    for key in ("profile", "targeted"):  # where both rows record it (older rows may not)
+        if key in rows[a] and key in rows[b] and rows[a][key] != rows[b][key]:
+            raise ValueError(f"rows {a!r} and {b!r} were measured with different {key} ({rows[a].get(key)!r} "
+                             f"against {rows[b].get(key)!r}): not the same attacks")
     ma, mb = rows[a][mask], rows[b][mask]
     if len(ma) != len(mb):
         raise ValueError(f"row {a!r} has {len(ma)} images in {mask!r}, row {b!r} has {len(mb)}: not the same images")
@@ -60,7 +66,8 @@ def render(report: dict) -> str:
     table = markdown_table(
         ["row", "robust (n {})".format(c["n"]), "images only this row holds"],
         [[c["a"], f"{c['accuracy_a']:.1%}", c["only_a"]], [c["b"], f"{c['accuracy_b']:.1%}", c["only_b"]]])
-    return (f"From `{report['results']}` ({c['mask']}: the per-image worst case of the headline figure). "
+    what = ": the per-image worst case of the headline figure" if c["mask"] == "adaptive_robust" else ""
+    return (f"From `{report['results']}` ({c['mask']}{what}). "
             f"Held by both: {c['held_by_both']}; by neither: {c['neither']}.\n\n{table}\n\n"
             f"Exact two-sided McNemar test on the {c['only_a'] + c['only_b']} images the rows disagree on: "
             f"p = {c['mcnemar_p']:.2g}.")

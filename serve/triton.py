@@ -4,7 +4,8 @@
     write_python_repo("models/middleware/cvae-alone-smooth200-tau3", "triton-repo", "fashion-mnist")
     with TritonServer("triton-repo") as srv:                                      # the tritonserver binary
         srv.url, srv.grpc_url
-    serve_triton("models/middleware/cvae-alone-smooth200-tau3", http_port=8000)  # both in one: purifier serve --engine triton
+    # both in one (purifier serve --engine triton):
+    serve_triton("models/middleware/cvae-alone-smooth200-tau3", http_port=8000)
 
 The Python-backend model (``serve.triton_model``) answers with every output ``purifier serve`` gives: the graph's
 (``purified``, ``chosen_class``, ``scores``, ``logits``) and ``predicted_class``, ``margin``, ``rejected``, then

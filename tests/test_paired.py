@@ -35,3 +35,6 @@ def test_rows_that_do_not_line_up_are_named():
         compare(rows, "x", "w")
     with pytest.raises(ValueError, match="row 'z' has no per-image 'adaptive_robust' list"):
         compare(rows, "x", "z")
+    rows["x"]["targeted"], rows["y"] = 3, {"adaptive_robust": [False, True], "targeted": 1}
+    with pytest.raises(ValueError, match="different targeted .3 against 1.: not the same attacks"):
+        compare(rows, "x", "y")
