@@ -312,8 +312,9 @@ middleware-wide-tau: setup
 # The weight-200 model's recipe 1 epoch more from it with one setting changed, against its saturated curve:
 # the training attacks at eps 0.125 instead of 0.1 (the validation check stays at 0.1), or the selection
 # temperature at 0.003 or 0.01 instead of 0.001 (at 0.003 the selection CE and the smoothness KL keep pushing the
-# margin between the true class's reconstruction error and the others' three times further), or the decision terms (selection CE on
-# clean and attacked inputs, smoothness KL) at three times their weights against reconstruction and KL; or, for
+# margin between the true class's reconstruction error and the others' three times further), or the decision
+# terms (selection CE on clean and attacked inputs, smoothness KL) at three times their weights against
+# reconstruction and KL; or, for
 # half an epoch, every image under all four training attacks with its worst result kept (--adv-combine worst)
 # instead of one attack per slice of the batch.
 .PHONY: middleware-eps middleware-tau middleware-tau10 middleware-decision middleware-worst

@@ -41,7 +41,7 @@ from purifier.provenance import cpu_model, git_commit  # noqa: E402
 from purifier.robust import chunked, purifier_attacks, worst_case  # noqa: E402
 
 from serve.models import MODELS  # noqa: E402
-from benchmarks.results import cached, markdown_table, weights_work, write_results  # noqa: E402
+from benchmarks.results import cached, markdown_table, model_weights, weights_work, write_results  # noqa: E402
 from benchmarks.scaling import parse_ints, session  # noqa: E402  (benchmarks/scaling.py)
 from benchmarks.speed import time_interleaved  # noqa: E402  (benchmarks/speed.py)
 
@@ -169,7 +169,7 @@ def main(model_dir, ks, n, clean_n, eps, steps, restarts, targeted, seed, reps, 
         raise click.BadParameter(f"k must be at most {num_classes} (the model's classes), got {max(ks)}",
                                  param_hint="--ks")
     test = load_dataset("fashion-mnist", "test")
-    weights = {part: checkpoint.read_record(model_dir / part)["weights_sha256"] for part in ("cvae", "classifier")}
+    weights = model_weights(model_dir)
     work = weights_work(work or Path(out).parent / f".{Path(out).stem}-work", weights)
     say = lambda msg: click.echo(msg, err=True)  # noqa: E731
     tag = "-".join(map(str, ks))

@@ -38,7 +38,7 @@ from purifier.robust import (Attack, chunked, pgd_attack, purifier_attacks, puri
 from serve.models import MODELS  # noqa: E402
 from serve.runtime import OnnxPurifier  # noqa: E402
 
-from benchmarks.results import cached, markdown_table, weights_work, write_results  # noqa: E402
+from benchmarks.results import cached, markdown_table, model_weights, weights_work, write_results  # noqa: E402
 from benchmarks.speed import BATCHES, time_interleaved  # noqa: E402  (benchmarks/speed.py)
 
 
@@ -155,8 +155,7 @@ def main(model_dir, n, clean_n, eps, steps, restarts, targeted, seed, reps, batc
     fp32 = OnnxPurifier(model_dir, device="cpu", precision="fp32")
     int8 = OnnxPurifier(model_dir, device="cpu", precision="int8")
     test = load_dataset("fashion-mnist", "test")
-    weights = {**{p.path.name: checkpoint.sha256_file(p.path) for p in (fp32, int8)},
-               **{part: checkpoint.read_record(model_dir / part)["weights_sha256"] for part in ("cvae", "classifier")}}
+    weights = {**{p.path.name: checkpoint.sha256_file(p.path) for p in (fp32, int8)}, **model_weights(model_dir)}
     work = weights_work(work or Path(out).parent / f".{Path(out).stem}-work", weights)
     say = lambda msg: click.echo(msg, err=True)  # noqa: E731
     report = {

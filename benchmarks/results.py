@@ -6,7 +6,7 @@ import json
 import time
 from pathlib import Path
 
-from purifier.checkpoint import write_json
+from purifier.checkpoint import read_record, write_json
 from serve.files import atomic_write_bytes
 
 
@@ -21,6 +21,11 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join("---" for _ in headers) + " |"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def model_weights(model_dir: str | Path) -> dict:
+    """sha256 of a model directory's CVAE and classifier weights, from their JSON records."""
+    return {part: read_record(Path(model_dir) / part)["weights_sha256"] for part in ("cvae", "classifier")}
 
 
 def weights_work(work: str | Path, weights: dict) -> Path:
