@@ -9,7 +9,8 @@ When two rows agree on most images, their difference is far less uncertain than 
 suggest: the paired count is the test for picking one row over another. The default mask is the per-image worst
 case the rows' headline figure counts (``adaptive_robust``: every adaptive attack, targeted ones included); both
 rows must have been measured with the same attack settings (their ``profile`` and targeted runner-up classes,
-where both record them).
+where both record them). ``--labels DATASET`` adds each row's figure per class, on the labels of the first test
+images of DATASET (the images the benchmarks attack, in order).
 """
 from __future__ import annotations
 
@@ -45,7 +46,10 @@ def compare(rows: dict, a: str, b: str, mask: str = "adaptive_robust") -> dict:
             raise ValueError(f"no row {name!r} in the results file (rows: {', '.join(rows)})")
         if not isinstance(rows[name].get(mask), list):
             raise ValueError(f"row {name!r} has no per-image {mask!r} list")
-    for key in ("profile", "targeted"):  # where both rows record it (older rows may not)
+    # where both rows record it (older rows may not); targeted attacks exist only against a purifier (a row with a
+    # CVAE), so a classifier row's targeted 0 beside a purifier's is the same suite
+    purifiers = all(rows[n].get("cvae") is not None for n in (a, b)) or not all("cvae" in rows[n] for n in (a, b))
+    for key in ("profile", "targeted") if purifiers else ("profile",):
         if key in rows[a] and key in rows[b] and rows[a][key] != rows[b][key]:
             raise ValueError(f"rows {a!r} and {b!r} were measured with different {key} ({rows[a].get(key)!r} "
                              f"against {rows[b].get(key)!r}): not the same attacks")
@@ -61,6 +65,21 @@ def compare(rows: dict, a: str, b: str, mask: str = "adaptive_robust") -> dict:
             "checkpoints": {a: rows[a].get("checkpoints"), b: rows[b].get("checkpoints")}}
 
 
+def per_class(comparison: dict, rows: dict, labels, class_names: list[str]) -> list[dict]:
+    """Each row's share of ``mask`` per class, ``labels`` the classes of the images the rows' lists are over."""
+    a, b, mask = comparison["a"], comparison["b"], comparison["mask"]
+    if len(labels) < comparison["n"]:
+        raise ValueError(f"{len(labels)} labels for {comparison['n']} images")
+    out = []
+    for c, name in enumerate(class_names):
+        idx = [i for i in range(comparison["n"]) if int(labels[i]) == c]
+        if idx:
+            out.append({"class": name, "n": len(idx),
+                        "accuracy_a": sum(bool(rows[a][mask][i]) for i in idx) / len(idx),
+                        "accuracy_b": sum(bool(rows[b][mask][i]) for i in idx) / len(idx)})
+    return out
+
+
 def render(report: dict) -> str:
     c = report["comparison"]
     table = markdown_table(
@@ -70,7 +89,17 @@ def render(report: dict) -> str:
     return (f"From `{report['results']}` ({c['mask']}{what}). "
             f"Held by both: {c['held_by_both']}; by neither: {c['neither']}.\n\n{table}\n\n"
             f"Exact two-sided McNemar test on the {c['only_a'] + c['only_b']} images the rows disagree on: "
-            f"p = {c['mcnemar_p']:.2g}.")
+            f"p = {c['mcnemar_p']:.2g}." + render_classes(report))
+
+
+def render_classes(report: dict) -> str:
+    if "per_class" not in report:
+        return ""
+    c = report["comparison"]
+    rows = [[r["class"], r["n"], f"{r['accuracy_a']:.1%}", f"{r['accuracy_b']:.1%}",
+             f"{r['accuracy_b'] - r['accuracy_a']:+.1%}"] for r in report["per_class"]]
+    return (f"\n\nPer class ({report['labels']} test labels):\n\n"
+            + markdown_table(["class", "images", c["a"], c["b"], "difference"], rows))
 
 
 @click.command()
@@ -78,8 +107,9 @@ def render(report: dict) -> str:
 @click.argument("row_a")
 @click.argument("row_b")
 @click.option("--mask", default="adaptive_robust", show_default=True, help="The per-image list compared.")
+@click.option("--labels", help="Dataset whose first test labels the rows' images carry: adds a per-class table.")
 @click.option("--out", type=click.Path(dir_okay=False), help="Write OUT (.json) and its .md; else print the table.")
-def main(results, row_a, row_b, mask, out):
+def main(results, row_a, row_b, mask, labels, out):
     report = json.loads(Path(results).read_text())
     try:
         comparison = compare(report["rows"], row_a, row_b, mask)
@@ -89,6 +119,15 @@ def main(results, row_a, row_b, mask, out):
     rel = rel.relative_to(ROOT) if rel.is_relative_to(ROOT) else rel
     result = {"command": shlex.join(["python", "-m", "benchmarks.paired", *sys.argv[1:]]), "commit": git_commit(ROOT),
               "results": rel.as_posix(), "results_commit": report.get("commit"), "comparison": comparison}
+    if labels:
+        from purifier.data import load_dataset
+
+        ds = load_dataset(labels, "test")
+        try:
+            result["per_class"] = per_class(comparison, report["rows"], ds.y, ds.class_names)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--labels") from None
+        result["labels"] = labels
     if out:
         write_results(out, result, "# Two rows on the same images", render(result))
     click.echo(render(result))

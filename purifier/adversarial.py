@@ -128,9 +128,15 @@ def adaptive_check(cvae: CVAE, classifier: nn.Module, x: torch.Tensor, y: torch.
     """A cheap adaptive check for training logs: selection and full-gradient PGD (best iterate), then the targeted
     attacks toward the ``targeted`` runner-up classes (selection and logit margins), per-image worst case. Upper
     bound only; the benchmark measures properly."""
+    return pipeline_check(Purifier(cvae), classifier, x, y, eps, steps, seed, targeted)
+
+
+def pipeline_check(purifier: Purifier, classifier: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
+                   steps: int, seed: int = 0, targeted: int = 1) -> dict:
+    """``adaptive_check`` against any purifier module (one whose decision rule is not ``Purifier(cvae)``'s)."""
     from .robust import pgd_attack, targeted_attacks, worst_case
 
-    purifier = Purifier(cvae).eval()
+    purifier.eval()
     classifier.eval()
     pgd = PGD(eps=eps, steps=steps, seed=seed)
     attacks = [pgd_attack(name, pgd, _objective(name, classifier, purifier)) for name in ("selection", "full")]

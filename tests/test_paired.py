@@ -38,3 +38,17 @@ def test_rows_that_do_not_line_up_are_named():
     rows["x"]["targeted"], rows["y"] = 3, {"adaptive_robust": [False, True], "targeted": 1}
     with pytest.raises(ValueError, match="different targeted .3 against 1.: not the same attacks"):
         compare(rows, "x", "y")
+
+
+def test_a_classifier_row_pairs_with_a_purifier_row_and_splits_by_class(fmnist_test):
+    from benchmarks.paired import per_class
+
+    rows = json.loads((ROOT / "results/byo.json").read_text())["rows"]
+    a, b = "A: plain PuVAE", "A: PGD-AT (converged)"   # targeted 3 against 0: a classifier has no selection to target
+    c = compare(rows, a, b)
+    classes = per_class(c, rows, fmnist_test.y, fmnist_test.class_names)
+    assert sum(r["n"] for r in classes) == c["n"] and len(classes) == 10
+    for key, row in (("accuracy_a", a), ("accuracy_b", b)):
+        assert sum(r[key] * r["n"] for r in classes) / c["n"] == pytest.approx(rows[row]["adaptive"])
+    with pytest.raises(ValueError, match="5 labels for 1000 images"):
+        per_class(c, rows, fmnist_test.y[:5], fmnist_test.class_names)
