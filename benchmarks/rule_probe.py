@@ -12,6 +12,11 @@ validation images by attacks that know the changed rule:
                   trained with Adam on the selection terms of the model's own adversarial training (selection CE
                   on the clean and the attacked batch at its weight and temperature, TRADES's smoothness KL at its
                   weight) against PGD-7 selection and targeted selection attacks on the weighted rule.
+  robust prior    score_c = MSE_c - mu * log p(c | x) under ``--prior``, an adversarially trained classifier of
+                  the project's (default: the converged PGD-AT of classifier A), for each mu in ``--prior-mu``: a
+                  product of experts in which the purifier's rule consults a robust classifier on the raw input.
+                  The attacks' gradients flow through both experts. The prior alone (PGD on its cross-entropy,
+                  ``purifier.train.robust_accuracy``) is its mu -> infinity limit.
 
     python -m benchmarks.rule_probe --model models/middleware/cvae-alone-smooth200-tau3   # results/rule-probe.*
 
@@ -38,6 +43,7 @@ from torch.nn import functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 
+from purifier import checkpoint  # noqa: E402
 from purifier.pipeline import Purifier, class_scores, select, with_alias  # noqa: E402
 from purifier.provenance import cpu_model, git_commit  # noqa: E402
 
@@ -48,11 +54,13 @@ GRID = np.round(np.arange(-100, 101) * 1e-4, 6)
 
 
 class ProbePurifier(Purifier):
-    """``Purifier`` under the MSE rule with per-class offsets ``bias`` (K) and per-class pixel log-weights
-    ``logw`` (K x C x H x W); zeros for both is the unchanged rule."""
+    """``Purifier`` under the MSE rule with per-class offsets ``bias`` (K), per-class pixel log-weights ``logw``
+    (K x C x H x W) and ``mu`` times a ``prior`` classifier's negative log-probabilities; zeros for all three is the
+    unchanged rule."""
 
-    def __init__(self, cvae, bias=None, logw=None):
+    def __init__(self, cvae, bias=None, logw=None, prior=None, mu: float = 0.0):
         super().__init__(cvae)
+        self.prior, self.mu = prior, mu
         k, shape = cvae.cfg.num_classes, cvae.cfg.image_shape
         self.bias = torch.nn.Parameter(torch.zeros(k) if bias is None else torch.as_tensor(bias, dtype=torch.float32))
         self.logw = torch.nn.Parameter(torch.zeros(k, *shape) if logw is None else torch.as_tensor(logw))
@@ -64,12 +72,13 @@ class ProbePurifier(Purifier):
     def forward(self, x):
         out = self.cvae.reconstruct_all(x)
         scores = (self.weights() * (out["recon"] - x.unsqueeze(1)).pow(2)).flatten(2).mean(-1) + self.bias
+        if self.prior is not None and self.mu:
+            scores = scores - self.mu * F.log_softmax(self.prior(x), 1)
         purified, chosen = select(out["recon"], scores)
         return with_alias({"purified": purified, "chosen_class": chosen, "scores": scores, "recon": out["recon"]})
 
 
 def load(model: Path):
-    from purifier import checkpoint
     from purifier.data import load_dataset
     from purifier.fitting import split
 
@@ -177,15 +186,24 @@ def digest(params: dict) -> str:
     return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def measure(cvae, clf, xv, yv, n: int, eps: float, steps: int, bias=None, logw=None) -> dict:
+def measure(cvae, clf, xv, yv, n: int, eps: float, steps: int, bias=None, logw=None, prior=None, mu=0.0) -> dict:
     from purifier.adversarial import pipeline_check
 
-    probe = ProbePurifier(cvae, bias, logw).eval()
+    probe = ProbePurifier(cvae, bias, logw, prior, mu).eval()
     xs, ys = xv[VAL_SKIP:VAL_SKIP + n], yv[VAL_SKIP:VAL_SKIP + n]
     with torch.no_grad():
         clean = torch.cat([clf(probe(xv[i:i + 500])["purified"]).argmax(1) for i in range(0, len(xv), 500)])
     return {"adaptive": pipeline_check(probe, clf, xs, ys, eps, steps)["val_adaptive"],
             "clean": float((clean == yv).float().mean()), "clean_n": len(yv)}
+
+
+def measure_prior(prior, xv, yv, n: int, eps: float, steps: int) -> dict:
+    """The prior classifier alone on the same images: PGD on its cross-entropy."""
+    from purifier.train import predict, robust_accuracy
+
+    xs, ys = xv[VAL_SKIP:VAL_SKIP + n], yv[VAL_SKIP:VAL_SKIP + n]
+    return {"adaptive": float(robust_accuracy(prior, xs, ys, eps, steps)),
+            "clean": float((predict(prior, xv) == yv).float().mean()), "clean_n": len(yv)}
 
 
 @click.command()
@@ -198,10 +216,14 @@ def measure(cvae, clf, xv, yv, n: int, eps: float, steps: int, bias=None, logw=N
 @click.option("--rounds", default=4, show_default=True, help="Coordinate-search passes over the offsets.")
 @click.option("--weight-steps", default=200, show_default=True, help="Training steps of the pixel weights.")
 @click.option("--weight-lr", default=0.02, show_default=True, help="Adam learning rate of the pixel log-weights.")
+@click.option("--prior", "prior_path", default="models/baselines/pgd-at-converged", show_default=True,
+              help="Classifier checkpoint of the robust prior.")
+@click.option("--prior-mu", default="0.001,0.002,0.003,0.01,0.03,0.1", show_default=True,
+              help="Weights mu of the prior's negative log-probabilities, comma-separated.")
 @click.option("--out", default="results/rule-probe.json", show_default=True, type=click.Path())
 @click.option("--work", help="Cache of finished sections (default: results/.rule-probe-work).")
 @click.option("--threads", type=int, help="torch threads (default: torch's).")
-def main(model, n, fit_n, eps, steps, rounds, weight_steps, weight_lr, out, work, threads):
+def main(model, n, fit_n, eps, steps, rounds, weight_steps, weight_lr, prior_path, prior_mu, out, work, threads):
     if threads:
         torch.set_num_threads(threads)
     start = time.perf_counter()
@@ -216,16 +238,27 @@ def main(model, n, fit_n, eps, steps, rounds, weight_steps, weight_lr, out, work
                      lambda: train_weights(cvae, clf, x, y, meta, weight_steps, weight_lr, 128), say)
     rules = {"unchanged (MSE)": {}, "class offsets": {"bias": fitted["offsets"]},
              "pixel weights": {"logw": weights["logw"]}}
+    prior = checkpoint.load(ROOT / prior_path).eval()
+    for p in prior.parameters():
+        p.requires_grad_(False)
+    prior_sha = checkpoint.read_record(ROOT / prior_path)["weights_sha256"]
+    mus = [float(v) for v in prior_mu.split(",") if v.strip()]
+    rules.update({f"robust prior, mu {mu:g}": {"prior": prior_sha, "mu": mu} for mu in mus})
     # each check is cached under the rule's own parameters, so a refit is never read as the old fit's check
     rows = {name: cached(work, f"check-{digest(kw)}-n{n}-eps{eps}-steps{steps}",
-                         lambda kw=kw: measure(cvae, clf, xv, yv, n, eps, steps, **kw), say)
+                         lambda kw=kw: measure(cvae, clf, xv, yv, n, eps, steps,
+                                               **{**kw, **({"prior": prior} if "prior" in kw else {})}), say)
             for name, kw in rules.items()}
+    rows["the prior alone"] = cached(work, f"prior-{prior_sha[:16]}-n{n}-eps{eps}-steps{steps}",
+                                     lambda: measure_prior(prior, xv, yv, n, eps, steps), say)
     report = {"command": shlex.join(["python", "-m", "benchmarks.rule_probe", *sys.argv[1:]]),
               "commit": git_commit(ROOT), "model": model.as_posix(), "weights": model_weights(model),
               "software": {"torch": torch.__version__, "python": platform.python_version()},
               "machine": {"cpu": cpu_model(), "torch_threads": torch.get_num_threads()},
+              "prior": {"path": prior_path, "weights_sha256": prior_sha},
               "settings": {"n": n, "fit_n": fit_n, "eps": eps, "steps": steps, "rounds": rounds,
-                           "weight_steps": weight_steps, "weight_lr": weight_lr, "val_skip": VAL_SKIP, "seed": 0},
+                           "weight_steps": weight_steps, "weight_lr": weight_lr, "prior_mu": mus, "val_skip": VAL_SKIP,
+                           "seed": 0},
               "offsets": {k: v for k, v in fitted.items()},
               "weights": {k: v for k, v in weights.items() if k != "logw"}, "rows": rows,
               "seconds": time.perf_counter() - start}
@@ -245,7 +278,9 @@ def render(report: dict) -> str:
             f"{100 * o['fit_robust'][1]:.1f}%, clean selection {100 * o['fit_clean_selection'][0]:.1f}% -> "
             f"{100 * o['fit_clean_selection'][1]:.1f}%; offsets (x 1e-3) "
             f"{', '.join(f'{1e3 * v:.1f}' for v in o['offsets'])}. Pixel weights: {s['weight_steps']} steps of "
-            f"batch 128, lr {s['weight_lr']}; weights {w['weight_range'][0]:.2f} to {w['weight_range'][1]:.2f}.\n\n"
+            f"batch 128, lr {s['weight_lr']}; weights {w['weight_range'][0]:.2f} to {w['weight_range'][1]:.2f}. "
+            f"Robust prior: `{report['prior']['path']}`; the prior alone: PGD-{s['steps']} on its cross-entropy, "
+            f"random start, on the same images.\n\n"
             + markdown_table(["decision rule", "clean (validation)", "adaptive check (validation)"], rows))
 
 
