@@ -113,8 +113,8 @@ def capacity_rows(middleware: str) -> list[Row]:
         Row("A: the wider CVAE, 1 epoch more", f"{d}/wide-smooth200-more/classifier",
             f"{d}/wide-smooth200-more/cvae", "from the row above; the same recipe, a fresh cosine schedule"),
         Row("A: the wider CVAE, 1 epoch more at selection temperature 0.003", f"{d}/wide-smooth200-tau3/classifier",
-            f"{d}/wide-smooth200-tau3/cvae", "from the row above; the same recipe, selection CE and smoothness KL over "
-            "-MSE / 0.003 (was 0.001)"),
+            f"{d}/wide-smooth200-tau3/cvae", "from 'the wider CVAE, 1 epoch more'; the same recipe, selection CE and "
+            "smoothness KL over -MSE / 0.003 (was 0.001)"),
     ]
 
 

@@ -8,8 +8,9 @@ that difference is more than chance (the exact two-sided McNemar test on those d
 When two rows agree on most images, their difference is far less uncertain than their separate standard errors
 suggest: the paired count is the test for picking one row over another. The default mask is the per-image worst
 case the rows' headline figure counts (``adaptive_robust``: every adaptive attack, targeted ones included); both
-rows must have been measured with the same attack settings (their ``profile`` and targeted runner-up classes,
-where both record them). ``--labels DATASET`` adds each row's figure per class, on the labels of the first test
+rows must have been measured with the same attack settings (their ``profile`` and, for two purifier rows, their
+targeted runner-up classes, where both record them; targeted attacks aim at a purifier's selection, so a
+classifier row records 0 and pairs with any purifier row of its profile). ``--labels DATASET`` adds each row's figure per class, on the labels of the first test
 images of DATASET (the images the benchmarks attack, in order).
 """
 from __future__ import annotations
@@ -46,10 +47,10 @@ def compare(rows: dict, a: str, b: str, mask: str = "adaptive_robust") -> dict:
             raise ValueError(f"no row {name!r} in the results file (rows: {', '.join(rows)})")
         if not isinstance(rows[name].get(mask), list):
             raise ValueError(f"row {name!r} has no per-image {mask!r} list")
-    # where both rows record it (older rows may not); targeted attacks exist only against a purifier (a row with a
-    # CVAE), so a classifier row's targeted 0 beside a purifier's is the same suite
-    purifiers = all(rows[n].get("cvae") is not None for n in (a, b)) or not all("cvae" in rows[n] for n in (a, b))
-    for key in ("profile", "targeted") if purifiers else ("profile",):
+    # where both rows record it (older rows may not); targeted is not an attack setting of a classifier row (no
+    # CVAE, no selection to target), so it is compared only between purifier rows
+    check_targeted = not any(n_row.get("cvae", "") is None for n_row in (rows[a], rows[b]))
+    for key in ("profile", "targeted") if check_targeted else ("profile",):
         if key in rows[a] and key in rows[b] and rows[a][key] != rows[b][key]:
             raise ValueError(f"rows {a!r} and {b!r} were measured with different {key} ({rows[a].get(key)!r} "
                              f"against {rows[b].get(key)!r}): not the same attacks")
@@ -93,6 +94,7 @@ def render(report: dict) -> str:
 
 
 def render_classes(report: dict) -> str:
+    """The per-class table, when the report has one."""
     if "per_class" not in report:
         return ""
     c = report["comparison"]

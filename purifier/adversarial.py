@@ -125,15 +125,17 @@ def purified_accuracy(cvae: CVAE, classifier: nn.Module, x: torch.Tensor, y: tor
 
 def adaptive_check(cvae: CVAE, classifier: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int,
                    seed: int = 0, targeted: int = 1) -> dict:
-    """A cheap adaptive check for training logs: selection and full-gradient PGD (best iterate), then the targeted
-    attacks toward the ``targeted`` runner-up classes (selection and logit margins), per-image worst case. Upper
-    bound only; the benchmark measures properly."""
-    return pipeline_check(Purifier(cvae), classifier, x, y, eps, steps, seed, targeted)
+    """``pipeline_check`` of ``Purifier(cvae)``, the figures a training log records."""
+    out = pipeline_check(Purifier(cvae), classifier, x, y, eps, steps, seed, targeted)
+    return {k: v for k, v in out.items() if k != "robust"}
 
 
-def pipeline_check(purifier: Purifier, classifier: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
+def pipeline_check(purifier: nn.Module, classifier: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
                    steps: int, seed: int = 0, targeted: int = 1) -> dict:
-    """``adaptive_check`` against any purifier module (one whose decision rule is not ``Purifier(cvae)``'s)."""
+    """A cheap adaptive check of any purifier module (``Purifier`` or one with another decision rule) in front of
+    ``classifier``: selection and full-gradient PGD (best iterate), then the targeted attacks toward the
+    ``targeted`` runner-up classes (selection and logit margins), per-image worst case; ``robust`` holds the
+    per-image result. Upper bound only; the benchmark measures properly."""
     from .robust import pgd_attack, targeted_attacks, worst_case
 
     purifier.eval()
@@ -148,7 +150,7 @@ def pipeline_check(purifier: Purifier, classifier: nn.Module, x: torch.Tensor, y
 
     res = worst_case(attacks, holds, x, y, batch_size=len(x))
     return {"val_adaptive": res["accuracy"], "val_adaptive_n": len(x), "val_adaptive_steps": steps,
-            "val_adaptive_targeted": targeted}
+            "val_adaptive_targeted": targeted, "robust": res["robust"].tolist()}
 
 
 def train_pipeline_adversarial(cvae: CVAE, target: nn.Module, source: nn.Module, x: torch.Tensor, y: torch.Tensor,
