@@ -132,7 +132,11 @@ def test_concurrent_requests_meet_in_one_batch_and_each_gets_its_own_answer(clie
     before = counts()
     pending = [client.async_infer(NAME, [http_input(x[i:i + 1])]) for i in range(16)]
     results = [p.get_result() for p in pending]
-    after = counts()
+    # Triton records an execution's statistics after it has sent the responses: wait (up to 10 s) for the count
+    # to reach the 16 requests, so the check below reads settled figures
+    deadline = time.monotonic() + 10
+    while (after := counts())[0] - before[0] < 16 and time.monotonic() < deadline:
+        time.sleep(0.05)
     direct = runtime(x)
     for i, r in enumerate(results):
         assert_same(r, {k: v[i:i + 1] for k, v in direct.items()}, ["chosen_class", "margin", "predicted_class"])
