@@ -198,26 +198,30 @@ def measure(cvae, clf, xv, yv, n: int, eps: float, steps: int, bias=None, logw=N
 
     probe = ProbePurifier(cvae, bias, logw, prior, mu).eval()
     xs, ys = xv[VAL_SKIP:VAL_SKIP + n], yv[VAL_SKIP:VAL_SKIP + n]
-    with torch.no_grad():
-        clean = torch.cat([clf(probe(xv[i:i + 500])["purified"]).argmax(1) for i in range(0, len(xv), 500)])
     check = pipeline_check(probe, clf, xs, ys, eps, steps)
-    return {"adaptive": check["val_adaptive"], "robust": check["robust"],
-            "clean": float((clean == yv).float().mean()), "clean_n": len(yv)}
+    return {"adaptive": check["val_adaptive"], "robust": check["robust"], "clean": accuracy(probe, clf, xv, yv),
+            "clean_n": len(yv)}
+
+
+def accuracy(probe: ProbePurifier, clf, x, y) -> float:
+    """Clean accuracy of ``clf`` behind ``probe``."""
+    from purifier.pipeline import purify
+    from purifier.train import predict
+
+    return float((predict(clf, purify(probe, x, batch_size=500)["purified"]) == y).float().mean())
 
 
 def paired(rows: dict) -> dict:
     """Each changed rule against the unchanged one on the same images: images only it holds, only the unchanged
     rule holds, and the exact McNemar p."""
-    from benchmarks.paired import mcnemar_p
+    from benchmarks.paired import compare
 
-    base = rows["unchanged (MSE)"]["robust"]
+    base = "unchanged (MSE)"
     out = {}
     for name, r in rows.items():
-        if name == "unchanged (MSE)" or "robust" not in r:
-            continue
-        gained = sum(1 for a, b in zip(base, r["robust"]) if b and not a)
-        lost = sum(1 for a, b in zip(base, r["robust"]) if a and not b)
-        out[name] = {"gained": gained, "lost": lost, "mcnemar_p": mcnemar_p(gained, lost)}
+        if name != base and "robust" in r:
+            c = compare(rows, base, name, mask="robust")
+            out[name] = {"gained": c["only_b"], "lost": c["only_a"], "mcnemar_p": c["mcnemar_p"]}
     return out
 
 
@@ -227,10 +231,7 @@ def test_clean(cvae, clf, dataset: str, bias=None, logw=None, prior=None, mu=0.0
 
     probe = ProbePurifier(cvae, bias, logw, prior, mu).eval()
     te = load_dataset(dataset, "test")
-    x, y = torch.from_numpy(te.x), torch.from_numpy(te.y)
-    with torch.no_grad():
-        pred = torch.cat([clf(probe(x[i:i + 500])["purified"]).argmax(1) for i in range(0, len(x), 500)])
-    return {"test_clean": float((pred == y).float().mean()), "test_n": len(y)}
+    return {"test_clean": accuracy(probe, clf, torch.from_numpy(te.x), torch.from_numpy(te.y)), "test_n": len(te.y)}
 
 
 def measure_prior(prior, xv, yv, n: int, eps: float, steps: int) -> dict:
@@ -283,15 +284,15 @@ def main(model, n, fit_n, eps, steps, rounds, weight_steps, weight_lr, prior_pat
     prior_sha = checkpoint.read_record(ROOT / prior_path)["weights_sha256"]
     mus = [float(v) for v in prior_mu.split(",") if v.strip()]
     rules.update({f"robust prior, mu {mu:g}": {"prior": prior_sha, "mu": mu} for mu in mus})
-    # each check is cached under the rule's own parameters, so a refit is never read as the old fit's check
-    rows = {name: cached(work, f"check-{digest(kw)}-n{n}-eps{eps}-steps{steps}",
-                         lambda kw=kw: measure(cvae, clf, xv, yv, n, eps, steps,
-                                               **{**kw, **({"prior": prior} if "prior" in kw else {})}), say)
-            for name, kw in rules.items()}
+    # each section is cached under the rule's own parameters (the prior by its sha256), so a refit is never read as
+    # the old fit's figures
+    rows = {}
     for name, kw in rules.items():
-        with_prior = {**kw, **({"prior": prior} if "prior" in kw else {})}
-        rows[name] = {**rows[name], **cached(work, f"test-clean-{digest(kw)}",
-                                             lambda kw=with_prior: test_clean(cvae, clf, meta["dataset"], **kw), say)}
+        args = {**kw, "prior": prior} if "prior" in kw else kw
+        rows[name] = {**cached(work, f"check-{digest(kw)}-n{n}-eps{eps}-steps{steps}",
+                               lambda: measure(cvae, clf, xv, yv, n, eps, steps, **args), say),
+                      **cached(work, f"test-clean-{digest(kw)}",
+                               lambda: test_clean(cvae, clf, meta["dataset"], **args), say)}
     rows["the prior alone"] = cached(work, f"prior-{prior_sha[:16]}-n{n}-eps{eps}-steps{steps}",
                                      lambda: measure_prior(prior, xv, yv, n, eps, steps), say)
     report = {"command": shlex.join(["python", "-m", "benchmarks.rule_probe", *sys.argv[1:]]),
