@@ -44,8 +44,8 @@ def default_rows(plain: str, baselines: str, byo: str, middleware: str) -> list[
     from serve.models import MODELS
 
     default = MODELS["fashion-mnist"].path.resolve()
-    return [replace(r, note=f"{r.note}; the default") if r.cvae and (ROOT / r.cvae).parent.resolve() == default else r
-            for r in _rows(plain, baselines, byo, middleware)]
+    return [replace(r, note=f"{r.note}; the default") if r.cvae and r.purifier is None
+            and (ROOT / r.cvae).parent.resolve() == default else r for r in _rows(plain, baselines, byo, middleware)]
 
 
 def _rows(plain: str, baselines: str, byo: str, middleware: str) -> list[Row]:
@@ -81,6 +81,11 @@ def _rows(plain: str, baselines: str, byo: str, middleware: str) -> list[Row]:
             f"{middleware}-smooth200-worst/classifier", f"{middleware}-smooth200-worst/cvae",
             "from the weight-200 row; its recipe with every image under all four training attacks, its worst result "
             "kept (--adv-combine worst); A frozen"),
+        Row("A: the temperature-0.003 row with a robust prior, weight 0.001",
+            f"{middleware}-smooth200-tau3/classifier", f"{middleware}-smooth200-tau3/cvae",
+            "its CVAE and A unchanged; rule MSE_c - 0.001 * log p(c | x) under the converged PGD-AT of A "
+            "(benchmarks/rule_probe.py)", purifier={"selection": "mse", "prior_weight": 0.001},
+            prior=f"{baselines}/pgd-at-converged"),
         *capacity_rows(middleware),
         *converged_baselines(baselines, "A: "),
         Row("ResNet (factory): no defense", f"{byo}/resnet/classifier", note="standard training (train.json)"),

@@ -34,7 +34,7 @@ from purifier import __version__, checkpoint  # noqa: E402
 from purifier.checkpoint import write_json  # noqa: E402
 from purifier.attacks import PGD, RejectOption, ce_objective  # noqa: E402
 from purifier.data import load_dataset  # noqa: E402
-from purifier.designs import purifier_from_spec  # noqa: E402
+from purifier.designs import load_prior, prior_path, purifier_from_spec  # noqa: E402
 from purifier.provenance import cpu_model, git_commit  # noqa: E402
 from purifier.robust import chunked, pgd_attack, purifier_attacks, purifier_objectives, worst_case  # noqa: E402
 
@@ -87,6 +87,7 @@ class Row:
     cvae: str | None = None   # None: the classifier alone, no purifier
     note: str = ""
     purifier: dict | None = None  # the purifier spec around the model (None: the one its checkpoint records)
+    prior: str | None = None      # checkpoint of a spec's prior classifier (None: the one beside the model)
 
 
 CONVERGED = (("PGD-AT (converged)", "pgd-at-converged", "PGD-10"),
@@ -122,7 +123,11 @@ def checkpoints_of(row: Row) -> dict:
     """sha256 of the row's weights: a cached row is reused only while they are unchanged."""
     out = {"classifier": checkpoint.read_record(ROOT / row.classifier)["weights_sha256"]}
     if row.cvae:
-        out["cvae"] = checkpoint.read_record(ROOT / row.cvae)["weights_sha256"]
+        record = checkpoint.read_record(ROOT / row.cvae)
+        out["cvae"] = record["weights_sha256"]
+        if (row.purifier or record["meta"].get("purifier") or {}).get("prior_weight"):
+            prior = ROOT / row.prior if row.prior else prior_path(ROOT / row.cvae)
+            out["prior"] = checkpoint.read_record(prior)["weights_sha256"]
     if row.purifier:
         out["purifier"] = row.purifier
     return out
@@ -225,6 +230,10 @@ class Bench:
         models = [checkpoint.load(ROOT / row.classifier, expect="classifier")]
         if row.cvae is not None:
             models.append(checkpoint.load(ROOT / row.cvae, expect="cvae"))
+            spec = row.purifier or models[1].meta.get("purifier")
+            prior = load_prior(ROOT / row.cvae, spec, row.prior and ROOT / row.prior)
+            if prior is not None:
+                models.append(prior)
         for m in models:
             m.eval()
             if channels_last:
@@ -233,7 +242,7 @@ class Bench:
                 q.requires_grad_(False)
         if len(models) == 1:
             return models[0], None
-        pur = purifier_from_spec(models[1], row.purifier or models[1].meta.get("purifier"))
+        pur = purifier_from_spec(models[1], spec, prior=prior)
         # analysis by synthesis: attacks differentiate through the unrolled latent steps (the same forward)
         return models[0], (pur.attack_view() if hasattr(pur, "attack_view") else pur).eval()
 

@@ -13,8 +13,8 @@ on held-out validation images by attacks that know the changed rule:
                   on the clean and the attacked batch at its weight and temperature, TRADES's smoothness KL at its
                   weight) against PGD-7 selection and targeted selection attacks on the weighted rule.
   robust prior    score_c = MSE_c - mu * log p(c | x) under ``--prior``, an adversarially trained classifier of
-                  the project's (default: the converged PGD-AT of classifier A), for each mu in ``--prior-mu``: a
-                  product of experts in which the purifier's rule consults a robust classifier on the raw input.
+                  the project's (default: the converged PGD-AT of classifier A), for each mu in ``--prior-mu``
+                  (``Purifier(prior=..., prior_weight=mu)``, the rule the purifier ships): a product of experts in which the purifier's rule consults a robust classifier on the raw input.
                   The attacks' gradients flow through both experts. The prior alone (PGD on its cross-entropy,
                   ``purifier.train.robust_accuracy``) is its mu -> infinity limit.
 
@@ -56,12 +56,11 @@ GRID = np.round(np.arange(-100, 101) * 1e-4, 6)
 
 class ProbePurifier(Purifier):
     """``Purifier`` under the MSE rule with per-class offsets ``bias`` (K), per-class pixel log-weights ``logw``
-    (K x C x H x W) and ``mu`` times a ``prior`` classifier's negative log-probabilities; zeros for all three is the
+    (K x C x H x W) and the purifier's robust prior (``prior``, weight ``mu``); zeros for all three is the
     unchanged rule."""
 
     def __init__(self, cvae, bias=None, logw=None, prior=None, mu: float = 0.0):
-        super().__init__(cvae)
-        self.prior, self.mu = prior, mu
+        super().__init__(cvae, prior=prior, prior_weight=mu)
         k, shape = cvae.cfg.num_classes, cvae.cfg.image_shape
         self.bias = torch.nn.Parameter(torch.zeros(k) if bias is None else torch.as_tensor(bias, dtype=torch.float32))
         self.logw = torch.nn.Parameter(torch.zeros(k, *shape) if logw is None
@@ -74,8 +73,7 @@ class ProbePurifier(Purifier):
     def forward(self, x):
         out = self.cvae.reconstruct_all(x)
         scores = (self.weights() * (out["recon"] - x.unsqueeze(1)).pow(2)).flatten(2).mean(-1) + self.bias
-        if self.prior is not None and self.mu:
-            scores = scores - self.mu * F.log_softmax(self.prior(x), 1)
+        scores = self._with_prior(x, scores)
         purified, chosen = select(out["recon"], scores)
         return with_alias({"purified": purified, "chosen_class": chosen, "scores": scores, "recon": out["recon"]})
 

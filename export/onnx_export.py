@@ -31,7 +31,7 @@ from purifier.classifier_io import ClassifierSource, check_classifier, describe,
 from purifier.fitting import rejection_threshold
 from purifier.data import load_dataset, train_val_split
 from purifier.models.cvae import CVAE
-from purifier.designs import load_purifier
+from purifier.designs import load_purifier, prior_path
 from purifier.pipeline import Purifier
 
 from .outputs import ALIAS, PIPELINE_OUTPUTS, PURIFIER_OUTPUTS, SCORES, alias_scores
@@ -207,6 +207,8 @@ def export_run(cvae_path, classifier, out_dir, selection: str | None = None, per
         "purifier_version": __version__, "torch_version": torch.__version__,
         "cvae_sha256": checkpoint.read_record(cvae_path)["weights_sha256"],
     }
+    if purifier.prior_weight:
+        common["prior_sha256"] = checkpoint.read_record(prior_path(cvae_path))["weights_sha256"]
     out_dir = Path(out_dir)
     results = {"purifier": export_onnx(out_dir / "purifier.onnx", purifier, None, metadata={**common, "kind": "purifier"})}
     if source is None:

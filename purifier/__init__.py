@@ -11,7 +11,7 @@ _LAZY = {
     "Purifier": "pipeline", "PurifiedClassifier": "pipeline", "purify": "pipeline",
     "PuVAELoss": "losses", "TrainConfig": "train",
     "load_dataset": "data", "Dataset": "data",
-    "fit": "fitting", "FitConfig": "fitting", "ModelDir": "fitting", "ClassifierSource": "classifier_io",
+    "fit": "fitting", "attach_prior": "fitting", "FitConfig": "fitting", "ModelDir": "fitting", "ClassifierSource": "classifier_io",
     "load": "registry",
 }
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -77,28 +78,56 @@ def build_model(design: Design, dataset: str, image_shape, num_classes: int, **o
     return HCVAE(replace(base, image_shape=tuple(image_shape), num_classes=num_classes, **settings))
 
 
-def purifier_from_spec(model, spec: dict | None = None, ranker=None):
+def purifier_from_spec(model, spec: dict | None = None, ranker=None, prior=None):
     """The purifier ``spec`` (a design's ``purifier`` dict, as stored in checkpoints) describes, around ``model``;
-    ``ranker``: the classifier that picks the classes of a spec with ``candidates`` (see ``Purifier``)."""
+    ``ranker``: the classifier that picks the classes of a spec with ``candidates``, ``prior``: the classifier of a
+    spec with ``prior_weight`` (see ``Purifier``)."""
     from .abs import LatentOptPurifier
     from .pipeline import Purifier
 
     spec = dict(spec or {"selection": "mse"})
     kind = spec.pop("kind", "puvae")
     if kind == "abs":
-        if spec.get("candidates") is not None:
-            raise ValueError(f"candidates={spec['candidates']}: the candidate mode is an option of PuVAE's one-pass "
-                             f"purifier, not of analysis by synthesis")
+        for option in ("candidates", "prior_weight"):
+            if spec.get(option):
+                raise ValueError(f"{option}={spec[option]}: an option of PuVAE's one-pass purifier, not of analysis "
+                                 f"by synthesis")
         return LatentOptPurifier(model, **spec)
     if kind != "puvae":
         raise ValueError(f"unknown purifier kind {kind!r} in spec; known: puvae, abs")
-    return Purifier(model, **spec, ranker=ranker)
+    return Purifier(model, **spec, ranker=ranker, prior=prior)
 
 
-def load_purifier(path: str | os.PathLike, spec: dict | None = None):
+def prior_path(path: str | os.PathLike) -> Path:
+    """Where a model checkpoint's prior classifier lives: the checkpoint ``prior`` beside it (``MODEL/prior`` for
+    ``MODEL/cvae``)."""
+    return Path(path).with_name("prior")
+
+
+def load_prior(path: str | os.PathLike, spec: dict | None, prior: str | os.PathLike | None = None):
+    """The prior classifier a purifier ``spec`` with ``prior_weight`` needs, frozen in eval mode, from ``prior``
+    (a classifier checkpoint path) or else the checkpoint ``prior`` beside the model at ``path``; None when the
+    spec has no prior."""
+    from . import checkpoint
+
+    if not (spec or {}).get("prior_weight"):
+        return None
+    where = checkpoint._stem(prior if prior is not None else prior_path(path))
+    if not Path(f"{where}.json").is_file():
+        raise FileNotFoundError(f"purifier spec prior_weight={spec['prior_weight']} needs a prior classifier: "
+                                f"no checkpoint at {where}.json")
+    module = checkpoint.load(where, expect="classifier").eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module
+
+
+def load_purifier(path: str | os.PathLike, spec: dict | None = None, prior: str | os.PathLike | None = None):
     """Load a purifier model checkpoint and wrap it as its checkpoint says (``meta.purifier``; PuVAE's MSE rule
-    for checkpoints from before designs), or as ``spec`` says. Eval mode."""
+    for checkpoints from before designs), or as ``spec`` says. A spec with ``prior_weight`` loads its prior
+    classifier from ``prior`` or the checkpoint ``prior`` beside the model. Eval mode."""
     from . import checkpoint
 
     model = checkpoint.load(path, expect="cvae")
-    return purifier_from_spec(model, spec if spec is not None else model.meta.get("purifier")).eval()
+    spec = spec if spec is not None else model.meta.get("purifier")
+    return purifier_from_spec(model, spec, prior=load_prior(path, spec, prior)).eval()

@@ -18,14 +18,15 @@ def _rate(a: torch.Tensor) -> float:
 
 def evaluate(classifier: nn.Module, cvae: CVAE, x: torch.Tensor, y: torch.Tensor,
              selections=("mse", "likelihood"), class_names=None, batch_size: int = 500,
-             candidates: int | None = None) -> dict:
+             candidates: int | None = None, prior: nn.Module | None = None) -> dict:
     """Accuracy of ``classifier`` on x, and of classifier(purifier(x)) for each selection rule.
 
     A rule is ``mse``, ``likelihood``, ``iwae`` or ``design``: the purifier the model's checkpoint records
     (analysis by synthesis, say). For each rule: ``accuracy`` (purified prediction = label), ``argmin_acc`` (chosen class = label),
     ``pred_eq_argmin`` (purified prediction = chosen class), all per class too, and seconds taken.
     ``candidates`` = k: every purifier reconstructs only the k classes ``classifier`` ranks highest on the raw
-    input (``Purifier(candidates=k)``).
+    input (``Purifier(candidates=k)``). ``prior``: the prior classifier of a recorded purifier with
+    ``prior_weight`` (``designs.load_prior``), for the ``design`` rule.
     """
     classifier.eval()
     cvae.eval()
@@ -40,7 +41,7 @@ def evaluate(classifier: nn.Module, cvae: CVAE, x: torch.Tensor, y: torch.Tensor
             spec = dict(getattr(cvae, "meta", {}).get("purifier") or {"selection": "mse"})
             if candidates is not None:
                 spec["candidates"] = candidates
-            purifier = purifier_from_spec(cvae, spec, ranker=classifier)
+            purifier = purifier_from_spec(cvae, spec, ranker=classifier, prior=prior)
         else:
             purifier = Purifier(cvae, selection, candidates=candidates, ranker=classifier)
         out = purify(purifier, x, batch_size)

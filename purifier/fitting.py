@@ -267,10 +267,60 @@ def fit(classifier, data, out, config: FitConfig = FitConfig(), *, target=None, 
     return ModelDir(out)
 
 
+def attach_prior(model, prior, weight: float, out, *, command: str | None = None) -> ModelDir:
+    """A copy of the model directory ``model`` whose purifier also consults ``prior``, a project classifier
+    checkpoint (usually an adversarially trained one): score_c - weight * log p_prior(c | x) (``Purifier``'s
+    robust prior; ``weight`` in the units of the rule's scores, per-pixel MSE under PuVAE's rule).
+
+    The CVAE and the target classifier are copied with their weights unchanged, the prior's checkpoint is copied
+    to OUT/prior, and the CVAE's record gets the purifier spec with ``prior_weight``, the prior's sha256 and a
+    rejection threshold recalibrated under the new rule on the model's own validation split. ``out`` must not
+    exist; the directory appears whole or not at all.
+    """
+    src, out = ModelDir(Path(model)), Path(out)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < float("inf"):
+        raise ValueError(f"weight must be a finite number > 0, got {weight!r}")
+    if out.exists():
+        raise FileExistsError(f"{out} exists; attach_prior writes a new model directory")
+    meta = copy.deepcopy(src.record["meta"])
+    cvae = checkpoint.load(src.path / "cvae", expect="cvae").eval()
+    prior_stem = checkpoint._stem(prior)
+    prior_module = checkpoint.load(prior_stem, expect="classifier").eval()
+    check_classifier(prior_module, cvae.cfg.image_shape, cvae.cfg.num_classes, f"prior {prior}")
+    spec = {**(meta.get("purifier") or {"selection": "mse"}), "prior_weight": weight}
+    purifier = designs.purifier_from_spec(cvae, spec, prior=prior_module).eval()  # checks the weight
+    if not {"dataset", "n_val", "train"} <= set(meta) or meta["dataset"] == "arrays":
+        raise FitError(f"{src.path}: the CVAE's record names no dataset and validation split to recalibrate the "
+                       f"rejection threshold on")
+    _, _, xv, _ = split(load_dataset(meta["dataset"], "train"), meta["n_val"], meta["train"]["seed"])
+    percentile = (meta.get("rejection_calibration") or {}).get("percentile", 99.0)
+    meta.update(purifier=purifier.spec, prior={
+        "from": str(prior), "sha256": checkpoint.read_record(prior_stem)["weights_sha256"], "weight": weight,
+        "from_model": str(src.path), "attached": provenance(command or "purifier.attach_prior (Python API)")},
+        rejection_calibration=rejection_threshold(
+            purifier, xv, percentile, f"{meta['dataset']} validation split ({len(xv)} images, seed "
+                                      f"{meta['train']['seed']}), under the rule with the prior"))
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        for f in src.path.iterdir():
+            if f.is_file() and f.name.startswith("classifier"):
+                shutil.copyfile(f, tmp / f.name)
+        for suffix in (".json", ".safetensors"):
+            shutil.copyfile(f"{prior_stem}{suffix}", tmp / f"prior{suffix}")
+        checkpoint.save(cvae, tmp / "cvae", meta)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return ModelDir(out)
+
+
 def _name(ref: ClassifierSource | None, module: nn.Module) -> str:
     if ref is None:
         return f"<{type(module).__name__} given in Python>"
     return {"checkpoint": ref.path, "onnx": ref.path, "factory": f"{ref.factory} + {ref.weights}"}[ref.kind]
 
 
-__all__ = ["fit", "FitConfig", "FitError", "ModelDir", "as_dataset", "split", "n_val", "rejection_threshold", "provenance"]
+__all__ = ["fit", "attach_prior", "FitConfig", "FitError", "ModelDir", "as_dataset", "split", "n_val", "rejection_threshold", "provenance"]

@@ -89,6 +89,16 @@ def check_candidates(candidates: int | None, num_classes: int) -> int | None:
     return candidates
 
 
+def check_prior(prior: nn.Module | None, prior_weight: float) -> float:
+    """``prior_weight`` must be a finite number >= 0, and > 0 only with a prior classifier; returns it as a float."""
+    if isinstance(prior_weight, bool) or not isinstance(prior_weight, (int, float)) or not 0 <= prior_weight < math.inf:
+        raise ValueError(f"prior_weight must be a finite number >= 0, got {prior_weight!r}")
+    if prior_weight and prior is None:
+        raise ValueError(f"prior_weight={prior_weight} needs a prior: the classifier whose log-posterior on the raw "
+                         f"input joins the rule's scores (a model directory's 'prior' checkpoint)")
+    return float(prior_weight)
+
+
 def rank_candidates(ranker: nn.Module, x: torch.Tensor, k: int) -> torch.Tensor:
     """The k classes ``ranker`` scores highest on x, B x k, in ascending class order (so k = K is ``arange(K)`` per
     image, the full purifier's batch, and ties in the scores break toward the lower class as the full argmin does).
@@ -128,8 +138,11 @@ class Purifier(nn.Module):
     """
 
     def __init__(self, cvae: CVAE, selection: str = "mse", samples: int = 8, noise_seed: int = 0,
-                 candidates: int | None = None, ranker: nn.Module | None = None):
+                 candidates: int | None = None, ranker: nn.Module | None = None, prior: nn.Module | None = None,
+                 prior_weight: float = 0.0):
         super().__init__()
+        self.prior_weight = check_prior(prior, prior_weight)
+        self.prior = prior if self.prior_weight else None
         self.candidates = check_candidates(candidates, cvae.cfg.num_classes)
         if self.candidates is not None and ranker is None:
             raise ValueError(f"candidates={candidates} needs a ranker: the classifier whose logits on the raw input "
@@ -161,6 +174,8 @@ class Purifier(nn.Module):
             out.update(samples=self.samples, noise_seed=self.noise_seed)
         if self.candidates is not None:
             out["candidates"] = self.candidates
+        if self.prior_weight:
+            out["prior_weight"] = self.prior_weight
         return out
 
     @property
@@ -180,13 +195,23 @@ class Purifier(nn.Module):
             scores = iwae_scores(self.cvae, x, out, self.noise)
         else:
             scores = class_scores(x, out, self.selection)
+        scores = self._with_prior(x, scores)
         purified, chosen = select(out["recon"], scores)
         return with_alias({"purified": purified, "chosen_class": chosen, "scores": scores, "recon": out["recon"]})
+
+    def _with_prior(self, x: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor | None = None) -> torch.Tensor:
+        """``scores`` (B x K, or B x k for ``classes``) minus prior_weight times the prior's log-posterior."""
+        if not self.prior_weight:
+            return scores
+        log_p = F.log_softmax(self.prior(x), dim=1)
+        if classes is not None:
+            log_p = log_p.gather(1, classes)
+        return scores - self.prior_weight * log_p
 
     def _forward_candidates(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         classes = rank_candidates(self.ranker, x, self.candidates)          # B x k
         out = self.cvae.reconstruct_all(x, classes=classes)
-        scores_k = class_scores(x, out, self.selection)                     # B x k
+        scores_k = self._with_prior(x, class_scores(x, out, self.selection), classes)  # B x k
         purified, pick = select(out["recon"], scores_k)
         b, k = x.shape[0], self.num_classes
         # scattered back to B x K: indexing by class stays as in the full purifier; excluded classes never win

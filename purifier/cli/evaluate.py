@@ -39,6 +39,7 @@ def evaluate_cmd(model_dir, cvae, classifier_source, data, split, n, selections,
 
     from .. import checkpoint
     from ..checkpoint import write_json
+    from ..designs import load_prior
     from ..evaluate import evaluate
     from ..pipeline import check_candidates
 
@@ -59,7 +60,11 @@ def evaluate_cmd(model_dir, cvae, classifier_source, data, split, n, selections,
                                f"{data} holds {ds.image_shape} x {ds.num_classes} classes")
     x, y = torch.from_numpy(ds.x[:n]), torch.from_numpy(ds.y[:n])
     try:
-        report = evaluate(clf, cvae_m, x, y, selections, ds.class_names, candidates=candidates)
+        prior = load_prior(cvae_path, cvae_m.meta.get("purifier")) if "design" in selections else None
+    except FileNotFoundError as exc:
+        raise click.UsageError(f"--selection design: {exc}") from None
+    try:
+        report = evaluate(clf, cvae_m, x, y, selections, ds.class_names, candidates=candidates, prior=prior)
     except ValueError as exc:  # a rule the candidate mode does not take (iwae, analysis by synthesis)
         if candidates is None:
             raise

@@ -1,4 +1,4 @@
-"""``purifier train``: one call of ``purifier.fit``."""
+"""``purifier train``: one call of ``purifier.fit``; ``purifier attach-prior``: one call of ``purifier.attach_prior``."""
 from __future__ import annotations
 
 import shlex
@@ -152,3 +152,35 @@ def train_cmd(data, classifier_source, out, epochs, batch_size, lr, seed, precis
         click.echo(f"adversarial {adversarial}: validation purified accuracy {meta['val_purified_acc']:.4f}, adaptive "
                    f"check {meta['val_adaptive']:.4f} ({adv.val_n} images, {adv.val_steps}-step selection + full "
                    f"gradient) in {meta['train_seconds']:.0f} s -> {run.path}")
+
+
+@main.command("attach-prior")
+@click.argument("model_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--prior", required=True, type=click.Path(),
+              help="A project classifier checkpoint (usually adversarially trained) whose log-posterior on the raw "
+                   "input joins the purifier's rule.")
+@click.option("--weight", required=True, type=float,
+              help="mu in score_c - mu * log p_prior(c | x), in the units of the rule's scores (per-pixel MSE).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="The new model directory (must not exist).")
+def attach_prior_cmd(model_dir, prior, weight, out):
+    """A copy of MODEL_DIR whose purifier also consults a robust prior classifier; the CVAE and the target
+    classifier are unchanged, the rejection threshold is recalibrated under the new rule. Export it with
+    ``purifier export OUT``.
+
+    Example: purifier attach-prior models/middleware/cvae-alone-smooth200-tau3 --prior
+    models/baselines/pgd-at-converged --weight 0.001 --out runs/with-prior
+    """
+    from .. import checkpoint
+    from ..classifier_io import ClassifierError
+    from ..fitting import FitError, attach_prior
+
+    if not Path(f"{checkpoint._stem(prior)}.json").is_file():
+        raise click.BadParameter(f"{checkpoint._stem(prior)}.json does not exist: --prior must be a project classifier "
+                                 f"checkpoint", param_hint="--prior")
+    try:
+        run = attach_prior(model_dir, prior, weight, out, command=shlex.join(["purifier", *sys.argv[1:]]))
+    except (ClassifierError, FitError, FileExistsError, ValueError) as exc:
+        raise click.UsageError(str(exc)) from exc
+    calib = run.record["meta"]["rejection_calibration"]
+    click.echo(f"{run.path}: purifier {run.record['meta']['purifier']}, rejection threshold {calib['threshold']:.5f} "
+               f"({calib['percentile']}th percentile of {calib['n']} validation images)")

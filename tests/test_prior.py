@@ -1,0 +1,153 @@
+"""The robust prior in the purifier's rule: score_c - mu * log p_prior(c | x), from ``Purifier`` through a model
+directory (``attach_prior``), the benchmarks' rows and the ONNX export to onnxruntime."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from torch.nn import functional as F
+
+from benchmarks.protocol import Bench, Row, checkpoints_of, PROFILES
+from purifier import checkpoint
+from purifier.cli import main
+from purifier.designs import load_purifier
+from purifier.fitting import ModelDir, attach_prior
+from purifier.pipeline import Purifier, PurifiedClassifier
+from serve.models import MODELS
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = MODELS["fashion-mnist"].path
+PRIOR = ROOT / "models/baselines/pgd-at-converged"
+
+
+@pytest.fixture(scope="module")
+def with_prior(tmp_path_factory):
+    """The shipped default with the converged PGD-AT attached at mu 0.001, exported."""
+    from export.onnx_export import export_run
+
+    out = tmp_path_factory.mktemp("prior") / "model"
+    run = attach_prior(MODEL, PRIOR, 0.001, out)
+    export_run(out / "cvae", str(out / "classifier"), out)
+    return run
+
+
+def test_the_rule_adds_mu_times_the_priors_negative_log_posterior(small_cvae, small_classifier, batch):
+    plain = Purifier(small_cvae).eval()(batch)
+    mixed = Purifier(small_cvae, prior=small_classifier, prior_weight=0.5).eval()(batch)
+    expected = plain["scores"] - 0.5 * F.log_softmax(small_classifier(batch), 1)
+    assert torch.allclose(mixed["scores"], expected, atol=1e-6)
+    assert torch.equal(mixed["chosen_class"], expected.argmin(1))
+    assert mixed["recon"].equal(plain["recon"])
+    assert Purifier(small_cvae, prior=small_classifier, prior_weight=0.5).spec == {"selection": "mse",
+                                                                                    "prior_weight": 0.5}
+    off = Purifier(small_cvae, prior=small_classifier, prior_weight=0.0)
+    assert off.prior is None and "prior_weight" not in off.spec
+    assert off.eval()(batch)["scores"].equal(plain["scores"])
+
+
+def test_a_heavy_prior_decides_the_class_and_candidates_see_it_too(small_cvae, small_classifier, batch):
+    heavy = Purifier(small_cvae, prior=small_classifier, prior_weight=1e4).eval()(batch)
+    assert torch.equal(heavy["chosen_class"], small_classifier(batch).argmax(1))
+    cand = Purifier(small_cvae, candidates=10, ranker=small_classifier, prior=small_classifier,
+                    prior_weight=1e4).eval()(batch)
+    for key in ("purified", "chosen_class", "scores"):
+        assert torch.allclose(cand[key].float(), heavy[key].float(), atol=1e-4), key
+
+
+@pytest.mark.parametrize("weight, match", [(-1.0, "finite number >= 0, got -1.0"), (float("inf"), "got inf"),
+                                           (True, "got True"), ("0.1", "got '0.1'")])
+def test_a_bad_weight_is_named(small_cvae, small_classifier, weight, match):
+    with pytest.raises(ValueError, match=match):
+        Purifier(small_cvae, prior=small_classifier, prior_weight=weight)
+
+
+def test_a_weight_without_a_prior_says_what_is_missing(small_cvae):
+    with pytest.raises(ValueError, match="prior_weight=0.1 needs a prior"):
+        Purifier(small_cvae, prior_weight=0.1)
+
+
+def test_attacks_differentiate_through_the_prior(small_cvae, small_classifier, batch):
+    """The full-gradient pipeline's input gradient changes when the prior joins the rule: an attack on the purifier
+    attacks the prior too (through the scores, which the softmin mode weights the reconstructions by)."""
+    grads = []
+    for weight in (0.0, 1.0):
+        pur = Purifier(small_cvae, prior=small_classifier, prior_weight=weight).eval()
+        x = batch.clone().requires_grad_(True)
+        PurifiedClassifier(small_classifier, pur, grad="softmin", tau=1.0)(x).logsumexp(1).sum().backward()
+        grads.append(x.grad)
+    assert grads[1].abs().sum() > 0 and not torch.allclose(grads[0], grads[1])
+
+
+def test_attach_prior_writes_a_model_directory_the_loaders_rebuild(with_prior, fmnist_test):
+    meta = with_prior.record["meta"]
+    assert meta["purifier"] == {"selection": "mse", "prior_weight": 0.001}
+    assert meta["prior"]["sha256"] == checkpoint.read_record(PRIOR)["weights_sha256"]
+    assert with_prior.record["weights_sha256"] == checkpoint.read_record(MODEL / "cvae")["weights_sha256"]
+    old = checkpoint.read_record(MODEL / "cvae")["meta"]["rejection_calibration"]["threshold"]
+    assert with_prior.threshold > old  # -mu log p >= 0 raises every chosen score
+    pur = ModelDir(with_prior.path).purifier()
+    assert pur.prior_weight == 0.001 and pur.prior is not None
+    x = torch.from_numpy(fmnist_test.x[:64])
+    by_hand = Purifier(checkpoint.load(MODEL / "cvae").eval(), prior=checkpoint.load(PRIOR).eval(),
+                       prior_weight=0.001).eval()
+    with torch.no_grad():
+        assert torch.allclose(pur(x)["scores"], by_hand(x)["scores"], atol=1e-7)
+
+
+def test_attach_prior_refuses_an_existing_directory_and_a_bad_weight(with_prior, tmp_path):
+    with pytest.raises(FileExistsError, match="exists"):
+        attach_prior(MODEL, PRIOR, 0.001, with_prior.path)
+    with pytest.raises(ValueError, match="finite number > 0, got 0"):
+        attach_prior(MODEL, PRIOR, 0, tmp_path / "zero")
+    assert not (tmp_path / "zero").exists()
+
+
+def test_a_missing_prior_checkpoint_is_named(with_prior, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in with_prior.path.glob("cvae.*"):
+        (broken / f.name).write_bytes(f.read_bytes())
+    with pytest.raises(FileNotFoundError, match=r"prior_weight=0.001 needs a prior classifier: no checkpoint at "
+                                                r".*broken/prior.json"):
+        load_purifier(broken / "cvae")
+    r = CliRunner().invoke(main, ["evaluate", "--cvae", str(broken / "cvae"), "--classifier", str(MODEL / "classifier"),
+                                  "--selection", "design", "--n", "10"])
+    assert r.exit_code == 2 and "broken/prior.json" in r.output
+
+
+def test_the_exported_graph_holds_the_prior(with_prior, fmnist_test):
+    from serve.runtime import OnnxPurifier
+
+    onnx = OnnxPurifier(with_prior.path / "pipeline.onnx", device="cpu")
+    assert onnx.metadata["prior_sha256"] == checkpoint.read_record(PRIOR)["weights_sha256"]
+    x = fmnist_test.x[:128]
+    got = onnx(x)
+    with torch.no_grad():
+        ref = ModelDir(with_prior.path).purifier()(torch.from_numpy(x))
+    np.testing.assert_allclose(got["scores"], ref["scores"].numpy(), atol=1e-5)
+    assert (got["chosen_class"] == ref["chosen_class"].numpy()).all()
+
+
+def test_a_benchmark_row_loads_its_prior_and_keys_its_cache_by_it(tmp_path):
+    row = Row("r", f"{MODEL}/classifier", f"{MODEL}/cvae", purifier={"selection": "mse", "prior_weight": 0.001},
+              prior=str(PRIOR))
+    _, pur = Bench(PROFILES["quick"], tmp_path, lambda m: None).load(row)
+    assert pur.prior_weight == 0.001 and not any(p.requires_grad for p in pur.parameters())
+    keys = checkpoints_of(row)
+    assert keys["prior"] == checkpoint.read_record(PRIOR)["weights_sha256"]
+    other = checkpoints_of(Row("r", row.classifier, row.cvae, purifier=row.purifier,
+                               prior=str(ROOT / "models/baselines/trades-converged")))
+    assert other["prior"] != keys["prior"]
+    assert "prior" not in checkpoints_of(Row("r", row.classifier, row.cvae))
+
+
+def test_the_cli_attaches_a_prior(tmp_path):
+    out = tmp_path / "cli"
+    r = CliRunner().invoke(main, ["attach-prior", str(MODEL), "--prior", str(PRIOR), "--weight", "0.002",
+                                  "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "'prior_weight': 0.002" in r.output and (out / "prior.safetensors").is_file()
+    r = CliRunner().invoke(main, ["attach-prior", str(MODEL), "--prior", str(tmp_path / "nope"), "--weight", "1",
+                                  "--out", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "nope.json does not exist" in r.output
