@@ -309,6 +309,17 @@ middleware-wide-tau: setup
 	$(call mw_train,$(WIDE)-smooth200-more,$(WIDE)-smooth200-tau3,1,200,--sel-tau 0.003)
 	$(call mw_eval,make middleware-wide-tau,$(WIDE)-smooth200-tau3)
 
+# The robust prior trained through: the default's recipe 1 epoch more from it with the converged PGD-AT of A in the
+# purifier's rule at mu 0.001 (score_c = MSE_c - 0.001 * log p(c | x)): the training attacks, the selection CE and
+# the smoothness KL see the rule with the prior, so the CVAE is trained for the images the prior does not hold
+.PHONY: middleware-prior
+middleware-prior: setup converged-baselines
+	$(call mw_train,$(MIDDLEWARE)-smooth200-tau3,$(MIDDLEWARE)-smooth200-tau3-prior1,1,200,--sel-tau 0.003 \
+		--adv-prior-weight 0.001 --prior $(BASELINES)/pgd-at-converged)
+	$(PY) -m purifier.cli evaluate --model $(MIDDLEWARE)-smooth200-tau3-prior1 --selection design --selection mse \
+		--out results/eval-middleware-cvae-alone-smooth200-tau3-prior1.json
+	$(call card,make middleware-prior,$(MIDDLEWARE)-smooth200-tau3-prior1,results/eval-middleware-cvae-alone-smooth200-tau3-prior1.json)
+
 # The weight-200 model's recipe 1 epoch more from it with one setting changed, against its saturated curve:
 # the training attacks at eps 0.125 instead of 0.1 (the validation check stays at 0.1), or the selection
 # temperature at 0.003 or 0.01 instead of 0.001 (at 0.003 the selection CE and the smoothness KL keep pushing the

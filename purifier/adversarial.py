@@ -95,18 +95,23 @@ def worst_of(classifier: nn.Module, purifier: Purifier, candidates: list[torch.T
 
 
 def cvae_adversarial_terms(cvae: CVAE, target: nn.Module, xa: torch.Tensor, y: torch.Tensor,
-                           sel_tau: float, clean: torch.Tensor | None = None) -> dict:
+                           sel_tau: float, clean: torch.Tensor | None = None, purifier: Purifier | None = None) -> dict:
     """Selection CE and the target's CE on the true class's reconstruction, both on the attacked batch; with
     ``clean`` (the batch before the attack), also ``adv_smooth``: the KL divergence from the selection softmax
-    (over -MSE / sel_tau) on the clean batch to the one on the attacked batch, gradients through both."""
+    (over -score / sel_tau) on the clean batch to the one on the attacked batch, gradients through both. The
+    scores are the MSE, plus ``purifier``'s robust prior term when it has one (``Purifier.with_prior``)."""
+    def scores_of(x, out):
+        s = class_scores(x, out, "mse")
+        return purifier.with_prior(x, s) if purifier is not None else s
+
     out = cvae.reconstruct_all(xa, deterministic=True)
-    scores = class_scores(xa, out, "mse")
+    scores = scores_of(xa, out)
     true_recon = out["recon"][torch.arange(len(y)), y]
     terms = {"adv_sel": F.cross_entropy(-scores / sel_tau, y),
              "adv_sel_acc": (scores.argmin(1) == y).float().mean(),
              "adv_pipe": F.cross_entropy(target(true_recon), y)}
     if clean is not None:
-        clean_scores = class_scores(clean, cvae.reconstruct_all(clean, deterministic=True), "mse")
+        clean_scores = scores_of(clean, cvae.reconstruct_all(clean, deterministic=True))
         terms["adv_smooth"] = F.kl_div(F.log_softmax(-scores / sel_tau, 1), F.log_softmax(-clean_scores / sel_tau, 1),
                                        reduction="batchmean", log_target=True)
     return terms
@@ -118,15 +123,18 @@ def _freeze(module: nn.Module, frozen: bool) -> None:
 
 
 @torch.no_grad()
-def purified_accuracy(cvae: CVAE, classifier: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    purified = purify(Purifier(cvae), x)["purified"]
+def purified_accuracy(cvae: CVAE | Purifier, classifier: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Clean accuracy of ``classifier`` behind ``cvae`` (a model under PuVAE's rule, or a whole purifier)."""
+    purified = purify(cvae if isinstance(cvae, Purifier) else Purifier(cvae), x)["purified"]
     return float((predict(classifier, purified) == y).float().mean())
 
 
-def adaptive_check(cvae: CVAE, classifier: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int,
-                   seed: int = 0, targeted: int = 1) -> dict:
-    """``pipeline_check`` of ``Purifier(cvae)``, the figures a training log records."""
-    out = pipeline_check(Purifier(cvae), classifier, x, y, eps, steps, seed, targeted)
+def adaptive_check(cvae: CVAE | Purifier, classifier: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
+                   steps: int, seed: int = 0, targeted: int = 1) -> dict:
+    """``pipeline_check`` of ``Purifier(cvae)`` (or of ``cvae``, a whole purifier), the figures a training log
+    records."""
+    out = pipeline_check(cvae if isinstance(cvae, Purifier) else Purifier(cvae), classifier, x, y, eps, steps, seed,
+                         targeted)
     return {k: v for k, v in out.items() if k != "robust"}
 
 
@@ -157,13 +165,16 @@ def train_pipeline_adversarial(cvae: CVAE, target: nn.Module, source: nn.Module,
                                x_val: torch.Tensor, y_val: torch.Tensor, cfg: TrainConfig, loss: PuVAELoss,
                                adv: PipelineAdversarial, epochs: float,
                                on_step: StepCallback | None = None,
-                               snapshots: Snapshots | None = None) -> list[dict]:
+                               snapshots: Snapshots | None = None, prior: nn.Module | None = None) -> list[dict]:
     """Train ``cvae`` and/or ``target`` in place as ``adv.mode`` says, for ``epochs`` (may be fractional) passes
     over (x, y); returns a record every ``adv.val_every`` epochs (and at the end) with the mean training terms
     since the last one, validation clean purified accuracy and a cheap adaptive check. ``source`` (the CE term's
     classifier) is never trained; pass a copy if it is the same object as ``target``. On return every parameter
     of ``cvae`` and ``target`` requires grad again and both are in eval mode. ``snapshots``: save the full state
-    every ``snapshots.every`` steps and at each record, and resume from it (``resume.Snapshots``).
+    every ``snapshots.every`` steps and at each record, and resume from it (``resume.Snapshots``). ``prior``
+    (frozen, never trained): the robust prior of a run with ``adv.prior_weight`` > 0; the training attacks, the
+    selection terms and the validation check then use the purifier's rule with it (PuVAE's clean loss keeps the
+    plain MSE rule).
     """
     if source is target and adv.trains_classifier:
         raise ValueError("source and target are the same module; pass a frozen copy as the source")
@@ -173,7 +184,10 @@ def train_pipeline_adversarial(cvae: CVAE, target: nn.Module, source: nn.Module,
     _freeze(source, True)
     _freeze(cvae, not adv.trains_cvae)
     _freeze(target, not adv.trains_classifier)
-    purifier = Purifier(cvae)
+    if prior is not None:
+        prior.eval()
+        _freeze(prior, True)
+    purifier = Purifier(cvae, prior=prior, prior_weight=adv.prior_weight)
     pgd = PGD(eps=adv.eps, steps=adv.steps, best_iterate=False)
     steps_per_epoch = math.ceil(len(x) / cfg.batch_size)
     total = max(1, round(epochs * steps_per_epoch))
@@ -220,7 +234,8 @@ def train_pipeline_adversarial(cvae: CVAE, target: nn.Module, source: nn.Module,
         if turn in ("cvae", "joint"):
             cvae.train()
             clean = loss(cvae, source, xb, yb)
-            advt = cvae_adversarial_terms(cvae, target, xa, yb, loss.sel_tau, xb if adv.smooth_weight else None)
+            advt = cvae_adversarial_terms(cvae, target, xa, yb, loss.sel_tau, xb if adv.smooth_weight else None,
+                                          purifier)
             total_loss = total_loss + clean["loss"] + adv.sel_weight * advt["adv_sel"] + \
                 adv.pipe_weight * advt["adv_pipe"] + adv.smooth_weight * advt.get("adv_smooth", 0.0)
             terms.update({f"cvae_{k}" if k == "loss" else k: v for k, v in clean.items()}, **advt)
@@ -265,8 +280,8 @@ def train_pipeline_adversarial(cvae: CVAE, target: nn.Module, source: nn.Module,
             target.eval()
             record = {"epoch": (step + 1) / steps_per_epoch, **{k: v / counts[k] for k, v in sums.items()},
                       "seconds": before + time.perf_counter() - start,
-                      "val_purified_acc": purified_accuracy(cvae, target, x_val, y_val),
-                      **adaptive_check(cvae, target, x_val[:adv.val_n], y_val[:adv.val_n], adv.check_eps, adv.val_steps,
+                      "val_purified_acc": purified_accuracy(purifier, target, x_val, y_val),
+                      **adaptive_check(purifier, target, x_val[:adv.val_n], y_val[:adv.val_n], adv.check_eps, adv.val_steps,
                                         targeted=adv.val_targeted)}
             history.append(record)
             sums, counts, start, before = {}, {}, time.perf_counter(), 0.0

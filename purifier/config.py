@@ -100,6 +100,9 @@ class PipelineAdversarial:
     val_eps: float | None = None  # L-infinity budget of the validation check (None: eps, the training budget)
     # split: one slice of the batch per attack; worst: every image under every attack, its worst result kept
     combine: str = "split"
+    # mu of the purifier's robust prior (score_c - mu * log p_prior(c | x)) in the attacks and the selection terms;
+    # 0: PuVAE's MSE rule. The prior classifier itself is given to ``fit`` (``prior=``).
+    prior_weight: float = 0.0
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -119,6 +122,8 @@ class PipelineAdversarial:
             raise ValueError(f"smooth_weight must be >= 0, got {self.smooth_weight}")
         if not 0 <= self.clf_mix <= 1:
             raise ValueError(f"clf_mix must be in [0, 1], got {self.clf_mix}")
+        if not 0 <= self.prior_weight < float("inf"):
+            raise ValueError(f"prior_weight must be a finite number >= 0, got {self.prior_weight}")
 
     @property
     def check_eps(self) -> float:
@@ -133,10 +138,10 @@ class PipelineAdversarial:
         return self.mode != "cvae"
 
     def to_dict(self) -> dict:
-        # val_eps and combine are left out at their defaults, so the settings of runs saved before they existed
-        # still compare equal
+        # val_eps, combine and prior_weight are left out at their defaults, so the settings of runs saved before
+        # they existed still compare equal
         d = {**asdict(self), "attacks": list(self.attacks)}
-        default = {"val_eps": None, "combine": "split"}
+        default = {"val_eps": None, "combine": "split", "prior_weight": 0.0}
         return {k: v for k, v in d.items() if k not in default or v != default[k]}
 
 

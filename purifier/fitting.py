@@ -139,7 +139,7 @@ def _as_module(classifier, what: str):
 def fit(classifier, data, out, config: FitConfig = FitConfig(), *, target=None, init=None,
         classifier_source: ClassifierSource | None = None, target_source: ClassifierSource | None = None,
         class_names=None, command: str | None = None, on_step=None, resume: bool = False,
-        save_every: int = 200) -> ModelDir:
+        save_every: int = 200, prior=None) -> ModelDir:
     """Train a purifier for ``classifier`` on ``data`` and write the model directory ``out``; returns it.
 
     classifier: the frozen CE source (an ``nn.Module`` B x C x H x W in [0, 1] -> B x K logits, a
@@ -155,6 +155,9 @@ def fit(classifier, data, out, config: FitConfig = FitConfig(), *, target=None, 
     resume / save_every: each stage saves its full training state to OUT/.training-state/STAGE.safetensors every
         ``save_every`` steps; with ``resume`` a run continues from there (settings and data must match) and ends
         with the weights an uninterrupted run would have. The state is removed once the directory is written.
+    prior: a project classifier checkpoint (usually adversarially trained), the robust prior of an adversarial
+        stage with ``prior_weight`` > 0: the stage attacks and trains the purifier whose rule is score_c - mu *
+        log p_prior(c | x), and the directory holds it as OUT/prior (``attach_prior`` adds one without training).
     """
     from .adversarial import train_pipeline_adversarial
     from .losses import PuVAELoss
@@ -173,6 +176,19 @@ def fit(classifier, data, out, config: FitConfig = FitConfig(), *, target=None, 
     except ValueError as exc:
         raise FitError(str(exc)) from exc
     digest_before = state_digest(source)
+    weight = adv.prior_weight if adv is not None else 0.0
+    if bool(weight) != (prior is not None):
+        raise FitError(f"a robust prior needs both the prior classifier (prior=, --prior) and an adversarial stage "
+                       f"with prior_weight > 0; got prior={prior!r}, prior_weight={weight}")
+    prior_module = prior_stem = None
+    if prior is not None:
+        if design.purifier.get("kind", "puvae") != "puvae":
+            raise FitError(f"design {design.name}: the robust prior is an option of PuVAE's one-pass purifier")
+        prior_stem = checkpoint._stem(prior)
+        if not Path(f"{prior_stem}.json").is_file():
+            raise FitError(f"prior {prior}: no classifier checkpoint at {prior_stem}.json")
+        prior_module = checkpoint.load(prior_stem, expect="classifier").eval()
+        check_classifier(prior_module, ds.image_shape, ds.num_classes, f"the prior {prior}")
 
     seed_everything(config.seed)
     if init is not None:
@@ -189,16 +205,22 @@ def fit(classifier, data, out, config: FitConfig = FitConfig(), *, target=None, 
             raise FitError(f"design {design.name}: {exc}") from exc
 
     meta = {"dataset": ds.name, "class_names": list(ds.class_names), "loss": loss.to_dict(),
-            "design": design.name, "purifier": design.purifier, "fit": config.to_dict(),
+            "design": design.name, "fit": config.to_dict(),
+            "purifier": {**design.purifier, "prior_weight": weight} if weight else design.purifier,
             "classifier_source": src_ref.to_dict() if src_ref else {"kind": "module", "class": type(source).__name__},
             "source": _name(src_ref, source), "source_sha256": src_ref.sha256() if src_ref else digest_before,
             "n_train": len(x), "n_val": len(xv), **provenance(command)}
+    if prior_stem is not None:
+        meta["prior"] = {"from": str(prior), "sha256": checkpoint.read_record(prior_stem)["weights_sha256"],
+                         "weight": weight}
     state_dir = Path(out) / STATE_DIR
     if state_dir.exists() and not resume:
         raise FitError(f"{out} holds the saved state of an unfinished run ({state_dir}); resume it (resume=True, "
                        f"--resume) or delete that folder to start afresh")
     fingerprint = {"fit": config.to_dict(), "data": data_digest(x, y, xv, yv), "classifier": digest_before,
                    "init": checkpoint.read_record(Path(init) / "cvae")["weights_sha256"] if init else None}
+    if prior_stem is not None:
+        fingerprint["prior"] = meta["prior"]["sha256"]
 
     def snapshots(stage: str) -> Snapshots:
         return Snapshots(state_dir / f"{stage}.safetensors", save_every, resume, {**fingerprint, "stage": stage})
@@ -227,7 +249,7 @@ def fit(classifier, data, out, config: FitConfig = FitConfig(), *, target=None, 
                           seed=config.seed, precision=config.precision)
         snaps = snapshots("adversarial")
         history = train_pipeline_adversarial(cvae, tgt, source, x, y, xv, yv, cfg, loss, adv,
-                                             config.adversarial_epochs, on_step, snaps)
+                                             config.adversarial_epochs, on_step, snaps, prior_module)
         stages["adversarial"] = {"train": cfg.to_dict(), "history": history, "train_seconds": snaps.seconds,
                                  "resumed_at_step": snaps.resumed_at}
         if "puvae" in stages:
@@ -248,7 +270,7 @@ def fit(classifier, data, out, config: FitConfig = FitConfig(), *, target=None, 
                            f"{digest_after[:12]}); it must stay frozen")
     meta["classifier_frozen"] = {"state_sha256_before": digest_before, "state_sha256_after": digest_after}
 
-    purifier = designs.purifier_from_spec(cvae, design.purifier).eval()
+    purifier = designs.purifier_from_spec(cvae, meta["purifier"], prior=prior_module).eval()
     meta["rejection_calibration"] = rejection_threshold(
         purifier, xv, config.percentile, f"{ds.name} validation split ({len(xv)} images, seed {config.seed})")
     meta["fit_seconds"] = time.perf_counter() - start_all  # this sitting; train_seconds spans every sitting
@@ -262,9 +284,19 @@ def fit(classifier, data, out, config: FitConfig = FitConfig(), *, target=None, 
     elif adv is not None and adv.trains_classifier:
         raise ClassifierError("a trained target given as a plain nn.Module cannot be written into the model "
                               "directory; pass target_source (a ClassifierSource) to record it")
+    if prior_stem is not None:
+        copy_prior(prior_stem, out)
     checkpoint.save(cvae, out / "cvae", meta)
     shutil.rmtree(state_dir, ignore_errors=True)
     return ModelDir(out)
+
+
+def copy_prior(prior_stem: Path, out: Path) -> None:
+    """Copy the prior classifier checkpoint ``prior_stem`` (.json + .safetensors) to OUT/prior, each file atomically."""
+    from serve.files import atomic_write
+
+    for suffix in (".json", ".safetensors"):
+        atomic_write(out / f"prior{suffix}", lambda tmp, s=suffix: shutil.copyfile(f"{prior_stem}{s}", tmp))
 
 
 def attach_prior(model, prior, weight: float, out, *, command: str | None = None) -> ModelDir:
@@ -307,8 +339,7 @@ def attach_prior(model, prior, weight: float, out, *, command: str | None = None
         for f in src.path.iterdir():
             if f.is_file() and f.name.startswith("classifier"):
                 shutil.copyfile(f, tmp / f.name)
-        for suffix in (".json", ".safetensors"):
-            shutil.copyfile(f"{prior_stem}{suffix}", tmp / f"prior{suffix}")
+        copy_prior(prior_stem, tmp)
         checkpoint.save(cvae, tmp / "cvae", meta)
         tmp.rename(out)
     except BaseException:

@@ -195,11 +195,11 @@ class Purifier(nn.Module):
             scores = iwae_scores(self.cvae, x, out, self.noise)
         else:
             scores = class_scores(x, out, self.selection)
-        scores = self._with_prior(x, scores)
+        scores = self.with_prior(x, scores)
         purified, chosen = select(out["recon"], scores)
         return with_alias({"purified": purified, "chosen_class": chosen, "scores": scores, "recon": out["recon"]})
 
-    def _with_prior(self, x: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor | None = None) -> torch.Tensor:
+    def with_prior(self, x: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor | None = None) -> torch.Tensor:
         """``scores`` (B x K, or B x k for ``classes``) minus prior_weight times the prior's log-posterior."""
         if not self.prior_weight:
             return scores
@@ -211,7 +211,7 @@ class Purifier(nn.Module):
     def _forward_candidates(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         classes = rank_candidates(self.ranker, x, self.candidates)          # B x k
         out = self.cvae.reconstruct_all(x, classes=classes)
-        scores_k = self._with_prior(x, class_scores(x, out, self.selection), classes)  # B x k
+        scores_k = self.with_prior(x, class_scores(x, out, self.selection), classes)  # B x k
         purified, pick = select(out["recon"], scores_k)
         b, k = x.shape[0], self.num_classes
         # scattered back to B x K: indexing by class stays as in the full purifier; excluded classes never win

@@ -151,3 +151,43 @@ def test_the_cli_attaches_a_prior(tmp_path):
     r = CliRunner().invoke(main, ["attach-prior", str(MODEL), "--prior", str(tmp_path / "nope"), "--weight", "1",
                                   "--out", str(tmp_path / "x")])
     assert r.exit_code == 2 and "nope.json does not exist" in r.output
+
+
+def test_the_selection_terms_score_with_the_prior(small_cvae, small_classifier, batch):
+    from purifier.adversarial import cvae_adversarial_terms
+    from purifier.pipeline import class_scores
+
+    y = torch.arange(len(batch)) % 10
+    pur = Purifier(small_cvae, prior=small_classifier, prior_weight=0.5).eval()
+    with torch.no_grad():
+        got = cvae_adversarial_terms(small_cvae, small_classifier, batch, y, 0.1, clean=batch, purifier=pur)
+        mse = class_scores(batch, small_cvae.reconstruct_all(batch, deterministic=True))
+        plain = cvae_adversarial_terms(small_cvae, small_classifier, batch, y, 0.1)
+    expected = F.cross_entropy(-(mse - 0.5 * F.log_softmax(small_classifier(batch), 1)) / 0.1, y)
+    assert torch.allclose(got["adv_sel"], expected, atol=1e-5)
+    assert torch.allclose(plain["adv_sel"], F.cross_entropy(-mse / 0.1, y), atol=1e-5)
+    assert got["adv_smooth"].abs() < 1e-6  # the same batch clean and attacked
+
+
+def test_fit_trains_through_the_prior_and_writes_it(tmp_path, fmnist_test):
+    import purifier
+    from purifier.config import PipelineAdversarial
+    from purifier.fitting import FitError
+
+    data = (fmnist_test.x[:160], fmnist_test.y[:160])
+    adv = PipelineAdversarial(mode="cvae", steps=1, val_n=8, val_steps=1, val_every=1.0, prior_weight=0.001)
+    config = purifier.FitConfig(epochs=0, batch_size=64, val_size=32, adversarial=adv, adversarial_epochs=1.0)
+    run = purifier.fit(str(MODEL / "classifier"), data, tmp_path / "run", config, init=MODEL, prior=str(PRIOR))
+    meta = run.record["meta"]
+    assert meta["purifier"] == {"selection": "mse", "prior_weight": 0.001} and meta["adversarial"]["prior_weight"]
+    assert meta["prior"]["sha256"] == checkpoint.read_record(tmp_path / "run/prior")["weights_sha256"]
+    assert run.record["weights_sha256"] != checkpoint.read_record(MODEL / "cvae")["weights_sha256"]
+    assert run.purifier().prior_weight == 0.001
+    for kwargs, match in [({"prior": None}, "needs both the prior classifier"),
+                          ({"prior": str(tmp_path / "none")}, "no classifier checkpoint at")]:
+        with pytest.raises(FitError, match=match):
+            purifier.fit(str(MODEL / "classifier"), data, tmp_path / "bad", config, init=MODEL, **kwargs)
+    plain = purifier.FitConfig(epochs=0, batch_size=64, val_size=32, adversarial_epochs=1.0,
+                               adversarial=PipelineAdversarial(mode="cvae", steps=1, val_n=8, val_steps=1))
+    with pytest.raises(FitError, match="prior_weight=0.0"):
+        purifier.fit(str(MODEL / "classifier"), data, tmp_path / "bad", plain, init=MODEL, prior=str(PRIOR))

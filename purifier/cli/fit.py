@@ -65,6 +65,11 @@ from .common import (DATA_HELP, PRECISION_HELP, _classifier_path, _dataset, _loa
 @config_option(PipelineAdversarial, "smooth_weight", "--adv-smooth-weight",
                help="TRADES-style smoothness of the decision rule: KL(selection softmax, clean || attacked).")
 @config_option(PipelineAdversarial, "clf_mix", "--adv-clf-mix", help="Classifier loss: weight of the clean term.")
+@config_option(PipelineAdversarial, "prior_weight", "--adv-prior-weight",
+               help="mu of a robust prior in the purifier's rule (score_c - mu * log p_prior(c | x)), attacked and "
+                    "trained through; needs --prior.")
+@click.option("--prior", type=click.Path(),
+              help="The robust prior's classifier checkpoint (usually adversarially trained), copied to OUT/prior.")
 @config_option(PipelineAdversarial, "val_eps", "--adv-val-eps", type=float,
                help="L-infinity budget of the validation check [default: --adv-eps].")
 @config_option(PipelineAdversarial, "combine", "--adv-combine", type=click.Choice(COMBINE),
@@ -75,8 +80,8 @@ from .common import (DATA_HELP, PRECISION_HELP, _classifier_path, _dataset, _loa
 def train_cmd(data, classifier_source, out, epochs, batch_size, lr, seed, precision, val_size, latent_dim, channels,
               hidden, conditioning, arch, beta, ce_weight, sel_weight, sel_tau, sel_negatives, tc_weight, ks_weight,
               cv_weight, couple_alpha, adversarial, init_dir, target, adv_eps, adv_steps, adv_attacks,
-              adv_sel_weight, adv_pipe_weight, adv_smooth_weight, adv_clf_mix, adv_val_eps, adv_combine, resume,
-              save_every, quiet):
+              adv_sel_weight, adv_pipe_weight, adv_smooth_weight, adv_clf_mix, adv_prior_weight, prior, adv_val_eps,
+              adv_combine, resume, save_every, quiet):
     """Train the class-conditional VAE with the PuVAE loss (recon + beta*KL + ce_weight*CE [+ sel_weight*SEL])
     in front of a classifier (yours: --classifier-factory or --classifier-onnx), or another design of the
     purifier family (--design), or, with --adversarial, purifier and/or target classifier against attacks on the
@@ -119,7 +124,7 @@ def train_cmd(data, classifier_source, out, epochs, batch_size, lr, seed, precis
                                       attacks=tuple(a.strip() for a in adv_attacks.split(",") if a.strip()),
                                       sel_weight=adv_sel_weight, pipe_weight=adv_pipe_weight,
                                       smooth_weight=adv_smooth_weight, clf_mix=adv_clf_mix,
-                                      val_eps=adv_val_eps, combine=adv_combine)
+                                      val_eps=adv_val_eps, combine=adv_combine, prior_weight=adv_prior_weight)
         config = FitConfig(epochs=0 if adv else int(epochs), batch_size=batch_size, lr=lr, seed=seed,
                            precision=precision, val_size=_val_size(val_size), design=arch, loss=loss, model=model,
                            adversarial=adv, adversarial_epochs=epochs if adv else 0.0)
@@ -141,7 +146,7 @@ def train_cmd(data, classifier_source, out, epochs, batch_size, lr, seed, precis
         with progress(label, total, quiet) as on_step:
             run = fit(source, ds, out, config, target=tgt, init=init_dir, classifier_source=classifier_source,
                       target_source=tgt_src, command=shlex.join(["purifier", *sys.argv[1:]]), on_step=on_step,
-                      resume=resume, save_every=save_every)
+                      resume=resume, save_every=save_every, prior=prior)
     except (ClassifierError, FitError, StateError) as exc:
         raise click.UsageError(str(exc)) from exc
     meta = run.record["meta"]
