@@ -97,7 +97,10 @@ def adversarial_lines(cm: dict) -> list[str]:
           f"{adv['pipe_weight']}, classifier clean/adversarial mix {adv['clf_mix']}"
         + (f", smoothness of the decision rule (KL from the clean selection softmax to the attacked one) "
            f"{adv['smooth_weight']}." if adv.get("smooth_weight") else ".")
-        + (f" The adaptive check below attacks at eps {adv['val_eps']}." if adv.get("val_eps") is not None else ""),
+        + (f" The adaptive check below attacks at eps {adv['val_eps']}." if adv.get("val_eps") is not None else "")
+        + (f" The purifier's rule holds the robust prior `{cm['prior']['from']}` (`{cm['prior']['sha256'][:16]}…`, "
+           f"frozen) at mu {adv['prior_weight']}: score_c = MSE_c - mu * log p(c | x); the training attacks, the "
+           f"selection CE, the smoothness KL and the adaptive check score with it." if adv.get("prior_weight") else ""),
         "",
         *where_now(cm["init_sha256"], cm["init"]),
         "```",
@@ -115,14 +118,16 @@ def adversarial_lines(cm: dict) -> list[str]:
     ]
 
 
-def robustness_lines(cvae_sha: str, clf_sha: str, bench_paths: tuple[str, ...]) -> list[str]:
-    """Every row of each benchmark results file measured on these exact weights (matched by sha256): one table per
-    file, one line per row (several rows share weights when only the decision rule differs)."""
+def robustness_lines(cvae_sha: str, clf_sha: str, bench_paths: tuple[str, ...], prior_sha: str | None = None) -> list[str]:
+    """Every row of each benchmark results file measured on these exact weights (matched by sha256, the robust
+    prior's too: None for a model without one): one table per file, one line per row (several rows share weights
+    when only the decision rule differs)."""
     lines = []
     for bench_path in bench_paths:
         bench = json.loads(Path(bench_path).read_text())
         rows = [r for r in bench["rows"].values()
-                if r["checkpoints"].get("cvae") == cvae_sha and r["checkpoints"]["classifier"] == clf_sha]
+                if r["checkpoints"].get("cvae") == cvae_sha and r["checkpoints"]["classifier"] == clf_sha
+                and r["checkpoints"].get("prior") == prior_sha]
         if not rows:
             continue
         p = bench["profile"]
@@ -195,6 +200,11 @@ def main(model_dir: str, report_path: str, *bench_paths: str, made_by: str | Non
         f"target classifier, {classifier_words(clf)} | `{clf['weights_sha256'][:16]}…` |",
         f"| `cvae.safetensors` + `.json` | {model_words(cvae['kind'], c)} | `{cvae['weights_sha256'][:16]}…` |",
     ]
+    prior = cm.get("prior")
+    if prior:
+        record = json.loads((model_dir / "prior.json").read_text())
+        lines.append(f"| `prior.safetensors` + `.json` | robust prior in the rule at mu {prior['weight']} (from "
+                     f"`{prior['from']}`), {classifier_words(record)} | `{record['weights_sha256'][:16]}…` |")
     if cm.get("design", "puvae") != "puvae":
         lines[0] = f"# Model card: purifier design `{cm['design']}` for {cm['dataset']}"
         lines += ["", f"Design `{cm['design']}` (`purifier train --arch {cm['design']}`; docs/designs.md): "
@@ -210,16 +220,23 @@ def main(model_dir: str, report_path: str, *bench_paths: str, made_by: str | Non
                          f"{props['selection']}, rejection threshold {float(props['rejection_threshold']):.5f} "
                          f"({json.loads(props['rejection_calibration'])['percentile']}th percentile of clean "
                          f"validation error) | `{sha256(model_dir / name)[:16]}…` |")
+    if prior and prior.get("attached"):
+        lines += ["", f"The prior was attached to the trained model without retraining it (`{prior['attached']['command']}`); "
+                      "the rejection threshold is recalibrated under the rule with it. The training below is the "
+                      "CVAE's, under the rule without it."]
     if "adversarial" in cm:
         lines += adversarial_lines(cm)
     else:
         lines += trained_lines(cm, km, total, source_note)
-    robust = robustness_lines(cvae["weights_sha256"], clf["weights_sha256"], bench_paths)
+    robust = robustness_lines(cvae["weights_sha256"], clf["weights_sha256"], bench_paths,
+                              prior["sha256"] if prior else None)
     lines += robust
     lines += [
         f"## Clean accuracy ({report['dataset']} {report['split']} split, {report['n']} images)",
         "```",
-        f"purifier evaluate --model {model_dir} --out {report_path}",
+        f"purifier evaluate --model {model_dir} "
+        + ("".join(f"--selection {sel} " for sel in report["selections"])
+           if list(report["selections"]) != ["mse", "likelihood"] else "") + f"--out {report_path}",
         "```",
         "| pipeline | accuracy | argmin = label | prediction = argmin |",
         "| --- | --- | --- | --- |",
