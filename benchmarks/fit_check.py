@@ -75,13 +75,14 @@ def weights(path: str) -> tuple[bool, dict]:
 def measure(path: str, n: int, eps: float, steps: int) -> dict:
     """One row: robust accuracy on each set, the training log's last attacked-selection accuracy where it has one."""
     from purifier.adversarial import adaptive_check
+    from purifier.designs import load_purifier
     from purifier.train import robust_accuracy
 
     purifier, record = weights(path)
     meta = record["meta"]
-    if purifier:
-        cvae, clf = checkpoint.load(ROOT / path / "cvae"), checkpoint.load(ROOT / path / "classifier")
-        attack = lambda x, y: adaptive_check(cvae, clf, x, y, eps, steps, targeted=1)["val_adaptive"]  # noqa: E731
+    if purifier:  # the purifier its directory records (a robust prior's classifier too)
+        pur, clf = load_purifier(ROOT / path / "cvae"), checkpoint.load(ROOT / path / "classifier")
+        attack = lambda x, y: adaptive_check(pur, clf, x, y, eps, steps, targeted=1)["val_adaptive"]  # noqa: E731
     else:
         clf = checkpoint.load(ROOT / path)
         attack = lambda x, y: robust_accuracy(clf, x, y, eps, steps)  # noqa: E731
@@ -117,8 +118,10 @@ def main(n, eps, steps, out, work, threads):
               "machine": {"cpu": cpu_model(), "torch_threads": torch.get_num_threads()},
               "settings": {"n": n, "eps": eps, "steps": steps, "val_skip": VAL_SKIP, "seed": 0}, "rows": {}}
     for name, path, what in ROWS:
-        sha = weights(path)[1]["weights_sha256"]
-        key = f"row-{sha[:16]}-n{n}-eps{eps}-steps{steps}"
+        record = weights(path)[1]
+        prior = record["meta"].get("prior")  # rows that share a CVAE differ by their prior
+        key = (f"row-{record['weights_sha256'][:16]}" + (f"-prior{prior['sha256'][:16]}" if prior else "")
+               + f"-n{n}-eps{eps}-steps{steps}")
         report["rows"][name] = {"path": path, "classifier": what,
                                 **cached(work, key, lambda: measure(path, n, eps, steps),
                                          lambda m: click.echo(m, err=True))}

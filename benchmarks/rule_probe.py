@@ -73,7 +73,7 @@ class ProbePurifier(Purifier):
     def forward(self, x):
         out = self.cvae.reconstruct_all(x)
         scores = (self.weights() * (out["recon"] - x.unsqueeze(1)).pow(2)).flatten(2).mean(-1) + self.bias
-        scores = self._with_prior(x, scores)
+        scores = self.with_prior(x, scores)
         purified, chosen = select(out["recon"], scores)
         return with_alias({"purified": purified, "chosen_class": chosen, "scores": scores, "recon": out["recon"]})
 
