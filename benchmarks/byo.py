@@ -86,6 +86,10 @@ def _rows(plain: str, baselines: str, byo: str, middleware: str) -> list[Row]:
             "its CVAE and A unchanged; rule MSE_c - 0.001 * log p(c | x) under the converged PGD-AT of A "
             "(benchmarks/rule_probe.py)", purifier={"selection": "mse", "prior_weight": 0.001},
             prior=f"{baselines}/pgd-at-converged"),
+        Row("A: the temperature-0.003 row, 1 epoch more through the robust prior",
+            f"{middleware}-smooth200-tau3-prior1/classifier", f"{middleware}-smooth200-tau3-prior1/cvae",
+            "from the temperature-0.003 row; its recipe with the converged PGD-AT of A in the rule at mu 0.001, "
+            "attacked and trained through (make middleware-prior); A frozen"),
         *capacity_rows(middleware),
         *converged_baselines(baselines, "A: "),
         Row("ResNet (factory): no defense", f"{byo}/resnet/classifier", note="standard training (train.json)"),

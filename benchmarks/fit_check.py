@@ -39,6 +39,8 @@ ROWS = [
     ("CVAE alone, weight-200 smoothness", "models/middleware/cvae-alone-smooth200", "frozen standard A"),
     ("the same, 1 epoch more at selection temperature 0.003 (the default)",
      "models/middleware/cvae-alone-smooth200-tau3", "frozen standard A"),
+    ("the default's recipe 1 epoch more through a robust prior (converged PGD-AT, mu 0.001)",
+     "models/middleware/cvae-alone-smooth200-tau3-prior1", "frozen standard A"),
     ("the wider CVAE, 1 epoch more", "models/middleware/wide-smooth200-more", "frozen standard A"),
     ("ks-cov-coupled + adv. training, + smoothness term", "models/variants/ks-cov-coupled/adversarial-smooth",
      "classifier trained with it"),
@@ -120,7 +122,7 @@ def main(n, eps, steps, out, work, threads):
     for name, path, what in ROWS:
         record = weights(path)[1]
         prior = record["meta"].get("prior")  # rows that share a CVAE differ by their prior
-        key = (f"row-{record['weights_sha256'][:16]}" + (f"-prior{prior['sha256'][:16]}" if prior else "")
+        key = (f"row-{record['weights_sha256'][:16]}" + (f"-prior{prior['sha256'][:16]}-mu{prior['weight']}" if prior else "")
                + f"-n{n}-eps{eps}-steps{steps}")
         report["rows"][name] = {"path": path, "classifier": what,
                                 **cached(work, key, lambda: measure(path, n, eps, steps),

@@ -118,16 +118,18 @@ def adversarial_lines(cm: dict) -> list[str]:
     ]
 
 
-def robustness_lines(cvae_sha: str, clf_sha: str, bench_paths: tuple[str, ...], prior_sha: str | None = None) -> list[str]:
+def robustness_lines(cvae_sha: str, clf_sha: str, bench_paths: tuple[str, ...], prior_sha: str | None = None,
+                     prior_weight: float | None = None) -> list[str]:
     """Every row of each benchmark results file measured on these exact weights (matched by sha256, the robust
-    prior's too: None for a model without one): one table per file, one line per row (several rows share weights
+    prior's and its weight too: None for a model without one): one table per file, one line per row (several rows share weights
     when only the decision rule differs)."""
     lines = []
     for bench_path in bench_paths:
         bench = json.loads(Path(bench_path).read_text())
         rows = [r for r in bench["rows"].values()
                 if r["checkpoints"].get("cvae") == cvae_sha and r["checkpoints"]["classifier"] == clf_sha
-                and r["checkpoints"].get("prior") == prior_sha]
+                and r["checkpoints"].get("prior") == prior_sha
+                and (r["checkpoints"].get("purifier") or {}).get("prior_weight") == prior_weight]
         if not rows:
             continue
         p = bench["profile"]
@@ -229,7 +231,7 @@ def main(model_dir: str, report_path: str, *bench_paths: str, made_by: str | Non
     else:
         lines += trained_lines(cm, km, total, source_note)
     robust = robustness_lines(cvae["weights_sha256"], clf["weights_sha256"], bench_paths,
-                              prior["sha256"] if prior else None)
+                              prior["sha256"] if prior else None, prior["weight"] if prior else None)
     lines += robust
     lines += [
         f"## Clean accuracy ({report['dataset']} {report['split']} split, {report['n']} images)",

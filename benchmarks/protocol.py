@@ -35,6 +35,7 @@ from purifier.checkpoint import write_json  # noqa: E402
 from purifier.attacks import PGD, RejectOption, ce_objective  # noqa: E402
 from purifier.data import load_dataset  # noqa: E402
 from purifier.designs import load_prior, prior_path, purifier_from_spec  # noqa: E402
+from purifier.pipeline import Purifier  # noqa: E402
 from purifier.provenance import cpu_model, git_commit  # noqa: E402
 from purifier.robust import chunked, pgd_attack, purifier_attacks, purifier_objectives, worst_case  # noqa: E402
 
@@ -125,12 +126,18 @@ def checkpoints_of(row: Row) -> dict:
     if row.cvae:
         record = checkpoint.read_record(ROOT / row.cvae)
         out["cvae"] = record["weights_sha256"]
-        if (row.purifier or record["meta"].get("purifier") or {}).get("prior_weight"):
-            prior = ROOT / row.prior if row.prior else prior_path(ROOT / row.cvae)
-            out["prior"] = checkpoint.read_record(prior)["weights_sha256"]
+        spec = row.purifier or record["meta"].get("purifier") or {}
+        if spec.get("prior_weight"):  # the prior and its weight, wherever the spec comes from
+            out["prior"] = checkpoint.read_record(row_prior(row))["weights_sha256"]
+            out["purifier"] = spec
     if row.purifier:
         out["purifier"] = row.purifier
     return out
+
+
+def row_prior(row: Row) -> Path:
+    """The checkpoint of the row's robust prior: ``row.prior``, or the one beside its CVAE."""
+    return ROOT / row.prior if row.prior else prior_path(ROOT / row.cvae)
 
 
 # profile settings that change no row's figures: the speed section's, and the suite, which ``targeted_of`` reads off
@@ -429,7 +436,7 @@ class Bench:
         p = self.p
         clf, pur = self.load(row)
         parts, save = self.partial(f"reject-{slug(row.name)}", checkpoints_of(row))
-        calib = calibrate_threshold(pur.cvae, "mse", 99.0)
+        calib = calibrate_threshold(pur if isinstance(pur, Purifier) else pur.cvae, "mse", 99.0)  # the row's rule
         thr = calib["threshold"]
 
         def best_error(x):
@@ -537,8 +544,16 @@ def output_paths(stem: str, profile_name: str, out: str | None, work: str | None
 
 
 def has_checkpoints(row: Row) -> bool:
-    """Whether the row's classifier (and CVAE) checkpoints are on disk."""
-    return (ROOT / f"{row.classifier}.json").is_file() and (not row.cvae or (ROOT / f"{row.cvae}.json").is_file())
+    """Whether the row's classifier (and CVAE, and robust prior) checkpoints are on disk."""
+    if not (ROOT / f"{row.classifier}.json").is_file():
+        return False
+    if not row.cvae:
+        return True
+    cvae = ROOT / f"{row.cvae}.json"
+    if not cvae.is_file():
+        return False
+    spec = row.purifier or json.loads(cvae.read_text())["meta"].get("purifier") or {}
+    return not spec.get("prior_weight") or row_prior(row).with_suffix(".json").is_file()
 
 
 def choose_rows(all_rows: list[Row], wanted, hint: str) -> list[Row]:

@@ -114,7 +114,8 @@ class Bench(protocol.Bench):
         self.labels, self.notes = {}, {}
         for d, path in (("PGD-AT", pgd_at), ("FGSM-AT", baselines / "fgsm-at")):
             self.labels[d], self.notes[d] = baseline_label(d, path)
-        self.checkpoints = {"cvae": checkpoints_of(self.rows["PuVAE purifier"])["cvae"],
+        self.checkpoints = {**{k: v for k, v in checkpoints_of(self.rows["PuVAE purifier"]).items()
+                               if k in ("cvae", "prior", "purifier")},  # the prior of a model with one
                             **{k: checkpoints_of(self.rows[d])["classifier"] for k, d in
                                (("classifier", "no defense"), ("pgd-at", "PGD-AT"), ("fgsm-at", "FGSM-AT"))},
                             "defensegan-vae": checkpoint.read_record(baselines / "defensegan-vae")["weights_sha256"]}

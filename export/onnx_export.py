@@ -185,7 +185,11 @@ def export_run(cvae_path, classifier, out_dir, selection: str | None = None, per
     graph as it is (``export.compose``); any other is exported with the purifier from torch. The purifier is the
     one the model's checkpoint records (its design), or PuVAE's with ``selection``'s rule.
     """
-    purifier = load_purifier(cvae_path, None if selection is None else {"selection": selection})
+    recorded = checkpoint.read_record(cvae_path)["meta"].get("purifier") or {}
+    # another rule keeps the model's robust prior: the exported graph is the purifier the model directory describes
+    spec = None if selection is None else {"selection": selection, **{k: v for k, v in recorded.items()
+                                                                       if k == "prior_weight"}}
+    purifier = load_purifier(cvae_path, spec)
     cvae = purifier.cvae
     if not_exportable(purifier):
         raise ExportError(f"{cvae_path}: {not_exportable(purifier)}")

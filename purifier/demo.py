@@ -16,7 +16,8 @@ from serve.runtime import OnnxPurifier
 from . import checkpoint, registry
 from .attacks import PGD, selection_loss
 from .data import load_dataset
-from .pipeline import PurifiedClassifier, Purifier
+from .designs import load_purifier
+from .pipeline import PurifiedClassifier
 from .provenance import cpu_model, git_commit
 from .train import predict
 
@@ -78,7 +79,7 @@ def run_demo(model_dir: str | Path, n: int = 1000, eps: float = 0.1, steps: int 
     ds = load_dataset(cvae.meta.get("dataset", "fashion-mnist"), "test")
     x, y = torch.from_numpy(ds.x[:n]), torch.from_numpy(ds.y[:n])
     attack = PGD(eps=eps, steps=steps, seed=seed)
-    purifier = Purifier(cvae)
+    purifier = load_purifier(model_dir / "cvae")  # the rule pipeline.onnx runs (a robust prior included)
 
     outcomes = {}
 

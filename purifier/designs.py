@@ -104,6 +104,18 @@ def prior_path(path: str | os.PathLike) -> Path:
     return Path(path).with_name("prior")
 
 
+def prior_record(path: str | os.PathLike) -> dict:
+    """The checkpoint record of a robust prior at ``path``, which must be a project classifier checkpoint (JSON +
+    safetensors, ``purifier train-classifier``): ``FileNotFoundError`` or ``ValueError`` naming the path otherwise."""
+    from . import checkpoint
+
+    record = checkpoint.read_record(path)
+    if record["kind"] != "classifier":
+        raise ValueError(f"{path}: a robust prior must be a project classifier checkpoint (purifier "
+                         f"train-classifier), got a {record['kind']!r} checkpoint")
+    return record
+
+
 def load_prior(path: str | os.PathLike, spec: dict | None, prior: str | os.PathLike | None = None):
     """The prior classifier a purifier ``spec`` with ``prior_weight`` needs, frozen in eval mode, from ``prior``
     (a classifier checkpoint path) or else the checkpoint ``prior`` beside the model at ``path``; None when the
@@ -113,9 +125,11 @@ def load_prior(path: str | os.PathLike, spec: dict | None, prior: str | os.PathL
     if not (spec or {}).get("prior_weight"):
         return None
     where = checkpoint._stem(prior if prior is not None else prior_path(path))
-    if not Path(f"{where}.json").is_file():
+    try:
+        prior_record(where)
+    except FileNotFoundError:
         raise FileNotFoundError(f"purifier spec prior_weight={spec['prior_weight']} needs a prior classifier: "
-                                f"no checkpoint at {where}.json")
+                                f"no checkpoint at {where.with_suffix('.json')}") from None
     module = checkpoint.load(where, expect="classifier").eval()
     for p in module.parameters():
         p.requires_grad_(False)

@@ -185,8 +185,10 @@ def fit(classifier, data, out, config: FitConfig = FitConfig(), *, target=None, 
         if design.purifier.get("kind", "puvae") != "puvae":
             raise FitError(f"design {design.name}: the robust prior is an option of PuVAE's one-pass purifier")
         prior_stem = checkpoint._stem(prior)
-        if not Path(f"{prior_stem}.json").is_file():
-            raise FitError(f"prior {prior}: no classifier checkpoint at {prior_stem}.json")
+        try:
+            designs.prior_record(prior_stem)
+        except (FileNotFoundError, ValueError) as exc:
+            raise FitError(f"prior {prior}: {exc}") from None
         prior_module = checkpoint.load(prior_stem, expect="classifier").eval()
         check_classifier(prior_module, ds.image_shape, ds.num_classes, f"the prior {prior}")
 
@@ -296,7 +298,7 @@ def copy_prior(prior_stem: Path, out: Path) -> None:
     from serve.files import atomic_write
 
     for suffix in (".json", ".safetensors"):
-        atomic_write(out / f"prior{suffix}", lambda tmp, s=suffix: shutil.copyfile(f"{prior_stem}{s}", tmp))
+        atomic_write(out / f"prior{suffix}", lambda tmp, s=suffix: shutil.copyfile(prior_stem.with_suffix(s), tmp))
 
 
 def attach_prior(model, prior, weight: float, out, *, command: str | None = None) -> ModelDir:
@@ -317,6 +319,10 @@ def attach_prior(model, prior, weight: float, out, *, command: str | None = None
     meta = copy.deepcopy(src.record["meta"])
     cvae = checkpoint.load(src.path / "cvae", expect="cvae").eval()
     prior_stem = checkpoint._stem(prior)
+    try:
+        designs.prior_record(prior_stem)
+    except (FileNotFoundError, ValueError) as exc:
+        raise FitError(f"prior {prior}: {exc}") from None
     prior_module = checkpoint.load(prior_stem, expect="classifier").eval()
     check_classifier(prior_module, cvae.cfg.image_shape, cvae.cfg.num_classes, f"prior {prior}")
     spec = {**(meta.get("purifier") or {"selection": "mse"}), "prior_weight": weight}
@@ -341,6 +347,8 @@ def attach_prior(model, prior, weight: float, out, *, command: str | None = None
                 shutil.copyfile(f, tmp / f.name)
         copy_prior(prior_stem, tmp)
         checkpoint.save(cvae, tmp / "cvae", meta)
+        if out.exists():
+            raise FileExistsError(f"{out} appeared while attach_prior wrote it; left as it is")
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

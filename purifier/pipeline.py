@@ -135,6 +135,13 @@ class Purifier(nn.Module):
     reconstruct only the k classes ``ranker`` scores highest on x. The other classes' scores are +inf and their
     reconstructions zero, so every output keeps its B x K shape and class indexing; ``candidates`` B x k (int64)
     is added. k = K gives the full purifier's outputs exactly.
+
+    ``prior_weight`` = mu > 0 (with ``prior``, a classifier B x C x H x W -> logits B x K, usually an adversarially
+    trained one): the rule's score of class c becomes score_c - mu * log p_prior(c | x), a product of the
+    reconstruction rule and the prior classifier's posterior on the raw input; mu is in the units of the rule's
+    scores (per-pixel MSE under ``mse``). The scores' gradient flows through both parts, so the attacks on the
+    scores (selection, targeted selection, softmin) attack the prior too; the purifier then holds that
+    classifier's robustness as well as its own.
     """
 
     def __init__(self, cvae: CVAE, selection: str = "mse", samples: int = 8, noise_seed: int = 0,

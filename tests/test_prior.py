@@ -46,13 +46,19 @@ def test_the_rule_adds_mu_times_the_priors_negative_log_posterior(small_cvae, sm
     assert off.eval()(batch)["scores"].equal(plain["scores"])
 
 
-def test_a_heavy_prior_decides_the_class_and_candidates_see_it_too(small_cvae, small_classifier, batch):
+def test_a_heavy_prior_decides_the_class(small_cvae, small_classifier, batch):
     heavy = Purifier(small_cvae, prior=small_classifier, prior_weight=1e4).eval()(batch)
     assert torch.equal(heavy["chosen_class"], small_classifier(batch).argmax(1))
-    cand = Purifier(small_cvae, candidates=10, ranker=small_classifier, prior=small_classifier,
-                    prior_weight=1e4).eval()(batch)
-    for key in ("purified", "chosen_class", "scores"):
-        assert torch.allclose(cand[key].float(), heavy[key].float(), atol=1e-4), key
+
+
+def test_candidates_score_their_classes_with_the_prior(small_cvae, small_classifier, batch):
+    """k = 3 < K: each candidate class's score is the full purifier's score of that class, prior term included."""
+    ranker = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10)).eval()  # another ranking than the prior's
+    full = Purifier(small_cvae, prior=small_classifier, prior_weight=0.5).eval()(batch)
+    cand = Purifier(small_cvae, candidates=3, ranker=ranker, prior=small_classifier, prior_weight=0.5).eval()(batch)
+    kept = torch.isfinite(cand["scores"])
+    assert kept.sum(1).eq(3).all()
+    assert torch.allclose(cand["scores"][kept], full["scores"][kept], atol=1e-6)
 
 
 @pytest.mark.parametrize("weight, match", [(-1.0, "finite number >= 0, got -1.0"), (float("inf"), "got inf"),
@@ -67,16 +73,23 @@ def test_a_weight_without_a_prior_says_what_is_missing(small_cvae):
         Purifier(small_cvae, prior_weight=0.1)
 
 
-def test_attacks_differentiate_through_the_prior(small_cvae, small_classifier, batch):
-    """The full-gradient pipeline's input gradient changes when the prior joins the rule: an attack on the purifier
-    attacks the prior too (through the scores, which the softmin mode weights the reconstructions by)."""
-    grads = []
-    for weight in (0.0, 1.0):
-        pur = Purifier(small_cvae, prior=small_classifier, prior_weight=weight).eval()
+def test_attacks_differentiate_through_the_frozen_prior(small_cvae, small_classifier, batch):
+    """The input gradient of the scores (what the selection, targeted and softmin attacks follow) is the MSE's plus
+    mu times the prior's negative log-posterior's, with the prior's own parameters frozen as the loaders leave them."""
+    for p in small_classifier.parameters():
+        p.requires_grad_(False)
+    pick = torch.randn(len(batch), 10, generator=torch.Generator().manual_seed(2))
+
+    def grad(fn):
         x = batch.clone().requires_grad_(True)
-        PurifiedClassifier(small_classifier, pur, grad="softmin", tau=1.0)(x).logsumexp(1).sum().backward()
-        grads.append(x.grad)
-    assert grads[1].abs().sum() > 0 and not torch.allclose(grads[0], grads[1])
+        (fn(x) * pick).sum().backward()
+        return x.grad
+
+    with_prior = grad(lambda x: Purifier(small_cvae, prior=small_classifier, prior_weight=0.5).eval()(x)["scores"])
+    mse = grad(lambda x: Purifier(small_cvae).eval()(x)["scores"])
+    prior = grad(lambda x: -0.5 * F.log_softmax(small_classifier(x), 1))
+    assert prior.abs().sum() > 0
+    assert torch.allclose(with_prior, mse + prior, atol=1e-5)
 
 
 def test_attach_prior_writes_a_model_directory_the_loaders_rebuild(with_prior, fmnist_test):
@@ -95,12 +108,30 @@ def test_attach_prior_writes_a_model_directory_the_loaders_rebuild(with_prior, f
         assert torch.allclose(pur(x)["scores"], by_hand(x)["scores"], atol=1e-7)
 
 
-def test_attach_prior_refuses_an_existing_directory_and_a_bad_weight(with_prior, tmp_path):
+def test_attach_prior_refuses_an_existing_directory_a_bad_weight_and_a_prior_that_is_no_classifier(with_prior,
+                                                                                                    tmp_path):
+    from purifier.fitting import FitError
+
     with pytest.raises(FileExistsError, match="exists"):
         attach_prior(MODEL, PRIOR, 0.001, with_prior.path)
     with pytest.raises(ValueError, match="finite number > 0, got 0"):
         attach_prior(MODEL, PRIOR, 0, tmp_path / "zero")
-    assert not (tmp_path / "zero").exists()
+    with pytest.raises(FitError, match="must be a project classifier checkpoint .* got a 'cvae'"):
+        attach_prior(MODEL, MODEL / "cvae", 0.001, tmp_path / "cvae-prior")
+
+
+def test_attach_prior_leaves_nothing_when_it_fails_midway(tmp_path, monkeypatch):
+    """A failure after the classifier and the prior were copied (here: writing the CVAE) leaves neither the new
+    directory nor its temporary folder."""
+    import purifier.fitting as fitting
+
+    def broken_save(module, path, meta=None):
+        raise OSError(f"disk full writing {path}")
+
+    monkeypatch.setattr(fitting.checkpoint, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        attach_prior(MODEL, PRIOR, 0.001, tmp_path / "new")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_missing_prior_checkpoint_is_named(with_prior, tmp_path):
@@ -184,10 +215,23 @@ def test_fit_trains_through_the_prior_and_writes_it(tmp_path, fmnist_test):
     assert run.record["weights_sha256"] != checkpoint.read_record(MODEL / "cvae")["weights_sha256"]
     assert run.purifier().prior_weight == 0.001
     for kwargs, match in [({"prior": None}, "needs both the prior classifier"),
-                          ({"prior": str(tmp_path / "none")}, "no classifier checkpoint at")]:
+                          ({"prior": str(tmp_path / "none")}, r"none.json does not exist"),
+                          ({"prior": str(MODEL / "cvae")}, "must be a project classifier checkpoint")]:
         with pytest.raises(FitError, match=match):
             purifier.fit(str(MODEL / "classifier"), data, tmp_path / "bad", config, init=MODEL, **kwargs)
     plain = purifier.FitConfig(epochs=0, batch_size=64, val_size=32, adversarial_epochs=1.0,
                                adversarial=PipelineAdversarial(mode="cvae", steps=1, val_n=8, val_steps=1))
     with pytest.raises(FitError, match="prior_weight=0.0"):
         purifier.fit(str(MODEL / "classifier"), data, tmp_path / "bad", plain, init=MODEL, prior=str(PRIOR))
+
+
+def test_evaluate_reports_the_rule_with_the_prior_by_default(with_prior, tmp_path):
+    import json
+
+    r = CliRunner().invoke(main, ["evaluate", "--model", str(with_prior.path), "--n", "50",
+                                  "--out", str(tmp_path / "eval.json")])
+    assert r.exit_code == 0, r.output
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert list(report["selections"]) == ["design", "mse", "likelihood"]
+    assert report["purifier"]["prior_weight"] == 0.001
+    assert report["prior_sha256"] == checkpoint.read_record(PRIOR)["weights_sha256"]

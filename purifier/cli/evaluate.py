@@ -28,8 +28,9 @@ def _table(report: dict) -> str:
 @click.option("--split", type=click.Choice(["test", "train"]), default="test", show_default=True)
 @click.option("--n", type=int, help="Evaluate on the first N images only.")
 @click.option("--selection", "selections", multiple=True,
-              type=click.Choice(["mse", "likelihood", "iwae", "design"]), default=("mse", "likelihood"),
-              show_default=True, help="Decision rules to compare; design: the purifier the model's checkpoint records.")
+              type=click.Choice(["mse", "likelihood", "iwae", "design"]),
+              help="Decision rules to compare; design: the purifier the model's checkpoint records. [default: mse "
+                   "and likelihood, with design first when the model's rule holds a robust prior]")
 @click.option("--candidates", type=int, help="Reconstruct only the K classes the classifier ranks highest on the raw "
                                              "input (1 <= K <= the model's classes; default: every class).")
 @click.option("--out", type=click.Path(), help="Write the full report (per class too) as JSON.")
@@ -39,7 +40,7 @@ def evaluate_cmd(model_dir, cvae, classifier_source, data, split, n, selections,
 
     from .. import checkpoint
     from ..checkpoint import write_json
-    from ..designs import load_prior
+    from ..designs import load_prior, prior_path
     from ..evaluate import evaluate
     from ..pipeline import check_candidates
 
@@ -59,8 +60,11 @@ def evaluate_cmd(model_dir, cvae, classifier_source, data, split, n, selections,
         raise click.UsageError(f"the model expects {cvae_m.cfg.image_shape} x {cvae_m.cfg.num_classes} classes, "
                                f"{data} holds {ds.image_shape} x {ds.num_classes} classes")
     x, y = torch.from_numpy(ds.x[:n]), torch.from_numpy(ds.y[:n])
+    spec = cvae_m.meta.get("purifier") or {"selection": "mse"}
+    if not selections:
+        selections = ("design", "mse", "likelihood") if spec.get("prior_weight") else ("mse", "likelihood")
     try:
-        prior = load_prior(cvae_path, cvae_m.meta.get("purifier")) if "design" in selections else None
+        prior = load_prior(cvae_path, spec) if "design" in selections else None
     except FileNotFoundError as exc:
         raise click.UsageError(f"--selection design: {exc}") from None
     try:
@@ -72,7 +76,9 @@ def evaluate_cmd(model_dir, cvae, classifier_source, data, split, n, selections,
     report.update({"dataset": ds.name, "split": split, "cvae_path": cvae_path,
                    "classifier_path": classifier_source.path or classifier_source.factory,
                    "classifier_source": classifier_source.to_dict(),
-                   "cvae_sha256": checkpoint.read_record(cvae_path)["weights_sha256"],
+                   "cvae_sha256": checkpoint.read_record(cvae_path)["weights_sha256"], "purifier": spec,
+                   **({"prior_sha256": checkpoint.read_record(prior_path(cvae_path))["weights_sha256"]}
+                      if prior is not None else {}),
                    "classifier_sha256": classifier_source.sha256(),
                    "torch": torch.__version__, "threads": torch.get_num_threads()})
     ranked = f"; purifier reconstructs the {candidates} classes the classifier ranks highest" if candidates else ""

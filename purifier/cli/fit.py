@@ -117,6 +117,10 @@ def train_cmd(data, classifier_source, out, epochs, batch_size, lr, seed, precis
     if init_dir and model:
         raise click.UsageError("--init takes the architecture of its CVAE; drop --latent-dim/--channels/--hidden/"
                                "--conditioning")
+    if (adv_prior_weight or prior) and (adversarial == "none" or not adv_prior_weight or not prior):
+        raise click.UsageError(f"a robust prior trains with --adversarial, --adv-prior-weight > 0 and --prior "
+                               f"together; got --adversarial {adversarial}, --adv-prior-weight {adv_prior_weight}, "
+                               f"--prior {prior}")
     try:
         adv = None
         if adversarial != "none":
@@ -175,16 +179,22 @@ def attach_prior_cmd(model_dir, prior, weight, out):
     Example: purifier attach-prior models/middleware/cvae-alone-smooth200-tau3 --prior
     models/baselines/pgd-at-converged --weight 0.001 --out runs/with-prior
     """
-    from .. import checkpoint
     from ..classifier_io import ClassifierError
+    from ..designs import prior_record
     from ..fitting import FitError, attach_prior
 
-    if not Path(f"{checkpoint._stem(prior)}.json").is_file():
-        raise click.BadParameter(f"{checkpoint._stem(prior)}.json does not exist: --prior must be a project classifier "
-                                 f"checkpoint", param_hint="--prior")
+    try:
+        prior_record(prior)
+    except FileNotFoundError as exc:
+        raise click.BadParameter(f"{exc}: --prior must be a project classifier checkpoint", param_hint="--prior")
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--prior")
+    if not (Path(model_dir) / "cvae.json").is_file():
+        raise click.BadParameter(f"{Path(model_dir) / 'cvae.json'} does not exist: MODEL_DIR must hold a trained "
+                                 f"purifier", param_hint="MODEL_DIR")
     try:
         run = attach_prior(model_dir, prior, weight, out, command=shlex.join(["purifier", *sys.argv[1:]]))
-    except (ClassifierError, FitError, FileExistsError, ValueError) as exc:
+    except (ClassifierError, FitError, OSError, ValueError) as exc:
         raise click.UsageError(str(exc)) from exc
     calib = run.record["meta"]["rejection_calibration"]
     click.echo(f"{run.path}: purifier {run.record['meta']['purifier']}, rejection threshold {calib['threshold']:.5f} "
