@@ -309,6 +309,16 @@ middleware-wide-tau: setup
 	$(call mw_train,$(WIDE)-smooth200-more,$(WIDE)-smooth200-tau3,1,200,--sel-tau 0.003)
 	$(call mw_eval,make middleware-wide-tau,$(WIDE)-smooth200-tau3)
 
+# The default with the converged PGD-AT of A attached as a robust prior at mu 0.001 (score_c = MSE_c - 0.001 *
+# log p(c | x)); its CVAE and the classifier A unchanged, the rejection threshold recalibrated
+WITH_PRIOR = $(MIDDLEWARE)-smooth200-tau3-with-prior
+.PHONY: middleware-tau-prior
+middleware-tau-prior: setup converged-baselines
+	test -f $(WITH_PRIOR)/cvae.json || $(PY) -m purifier.cli attach-prior $(MIDDLEWARE)-smooth200-tau3 \
+		--prior $(BASELINES)/pgd-at-converged --weight 0.001 --out $(WITH_PRIOR)
+	$(PY) -m purifier.cli evaluate --model $(WITH_PRIOR) --out results/eval-middleware-$(notdir $(WITH_PRIOR)).json
+	$(call card,make middleware-tau-prior,$(WITH_PRIOR),results/eval-middleware-$(notdir $(WITH_PRIOR)).json)
+
 # The robust prior trained through: the default's recipe 1 epoch more from it with the converged PGD-AT of A in the
 # purifier's rule at mu 0.001 (score_c = MSE_c - 0.001 * log p(c | x)): the training attacks, the selection CE and
 # the smoothness KL see the rule with the prior, so the CVAE is trained for the images the prior does not hold

@@ -82,10 +82,9 @@ def _rows(plain: str, baselines: str, byo: str, middleware: str) -> list[Row]:
             "from the weight-200 row; its recipe with every image under all four training attacks, its worst result "
             "kept (--adv-combine worst); A frozen"),
         Row("A: the temperature-0.003 row with a robust prior, weight 0.001",
-            f"{middleware}-smooth200-tau3/classifier", f"{middleware}-smooth200-tau3/cvae",
+            f"{middleware}-smooth200-tau3-with-prior/classifier", f"{middleware}-smooth200-tau3-with-prior/cvae",
             "its CVAE and A unchanged; rule MSE_c - 0.001 * log p(c | x) under the converged PGD-AT of A "
-            "(benchmarks/rule_probe.py)", purifier={"selection": "mse", "prior_weight": 0.001},
-            prior=f"{baselines}/pgd-at-converged"),
+            "(benchmarks/rule_probe.py)"),  # the prior attached by make middleware-tau-prior
         Row("A: the temperature-0.003 row, 1 epoch more through the robust prior",
             f"{middleware}-smooth200-tau3-prior1/classifier", f"{middleware}-smooth200-tau3-prior1/cvae",
             "from the temperature-0.003 row; its recipe with the converged PGD-AT of A in the rule at mu 0.001, "
