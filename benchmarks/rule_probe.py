@@ -255,10 +255,13 @@ def measure_prior(prior, xv, yv, n: int, eps: float, steps: int) -> dict:
               help="Classifier checkpoint of the robust prior.")
 @click.option("--prior-mu", default="0.001,0.002,0.003,0.01,0.03,0.1", show_default=True,
               help="Weights mu of the prior's negative log-probabilities, comma-separated.")
+@click.option("--rules", type=click.Choice(["all", "prior"]), default="all", show_default=True,
+              help="prior: the unchanged rule and the robust prior's sweep alone (no offsets, no pixel weights).")
 @click.option("--out", default="results/rule-probe.json", show_default=True, type=click.Path())
 @click.option("--work", help="Cache of finished sections (default: results/.rule-probe-work).")
 @click.option("--threads", type=int, help="torch threads (default: torch's).")
-def main(model, n, fit_n, eps, steps, rounds, weight_steps, weight_lr, prior_path, prior_mu, out, work, threads):
+def main(model, n, fit_n, eps, steps, rounds, weight_steps, weight_lr, prior_path, prior_mu, rules, out, work,
+         threads):
     if threads:
         torch.set_num_threads(threads)
     start = time.perf_counter()
@@ -270,12 +273,14 @@ def main(model, n, fit_n, eps, steps, rounds, weight_steps, weight_lr, prior_pat
         raise click.BadParameter(f"the run held out {len(xv)} validation images; --n {n} needs {VAL_SKIP + n}",
                                  param_hint="--n")
     say = lambda m: click.echo(m, err=True)  # noqa: E731
-    fitted = cached(work, f"offsets-n{fit_n}-eps{eps}-steps{steps}-rounds{rounds}",
-                    lambda: fit_offsets(margins(cvae, x[:fit_n], y[:fit_n], eps, steps), rounds), say)
-    weights = cached(work, f"weights-steps{weight_steps}-lr{weight_lr}",
-                     lambda: train_weights(cvae, clf, x, y, meta, weight_steps, weight_lr, 128), say)
-    rules = {"unchanged (MSE)": {}, "class offsets": {"bias": fitted["offsets"]},
-             "pixel weights": {"logw": weights["logw"]}}
+    fitted = weights = None
+    if rules == "all":
+        fitted = cached(work, f"offsets-n{fit_n}-eps{eps}-steps{steps}-rounds{rounds}",
+                        lambda: fit_offsets(margins(cvae, x[:fit_n], y[:fit_n], eps, steps), rounds), say)
+        weights = cached(work, f"weights-steps{weight_steps}-lr{weight_lr}",
+                         lambda: train_weights(cvae, clf, x, y, meta, weight_steps, weight_lr, 128), say)
+    rules = {"unchanged (MSE)": {}, **({"class offsets": {"bias": fitted["offsets"]},
+                                        "pixel weights": {"logw": weights["logw"]}} if fitted else {})}
     prior = checkpoint.load(ROOT / prior_path).eval()
     for p in prior.parameters():
         p.requires_grad_(False)
@@ -301,7 +306,7 @@ def main(model, n, fit_n, eps, steps, rounds, weight_steps, weight_lr, prior_pat
               "settings": {"n": n, "fit_n": fit_n, "eps": eps, "steps": steps, "rounds": rounds,
                            "weight_steps": weight_steps, "weight_lr": weight_lr, "prior_mu": mus, "val_skip": VAL_SKIP,
                            "seed": 0},
-              "offsets": fitted, "pixel_weights": {k: v for k, v in weights.items() if k != "logw"},
+              "offsets": fitted, "pixel_weights": weights and {k: v for k, v in weights.items() if k != "logw"},
               "paired_with_unchanged": paired(rows), "rows": rows,
               "seconds": time.perf_counter() - start}
     write_results(out, report, "# The decision rule changed without retraining the CVAE", render(report))
@@ -320,17 +325,18 @@ def render(report: dict) -> str:
 
     rows = [[name, f"{100 * r['clean']:.2f}%", f"{100 * r['test_clean']:.2f}%" if "test_clean" in r else "-",
              f"{100 * r['adaptive']:.1f}%", *vs(name)] for name, r in report["rows"].items()]
+    fitted = (f"Class offsets fitted on the first {o['n']} training images (targeted PGD-{s['steps']} toward every "
+              f"wrong class, {s['rounds']} passes): robust share there {100 * o['fit_robust'][0]:.1f}% -> "
+              f"{100 * o['fit_robust'][1]:.1f}%, clean selection {100 * o['fit_clean_selection'][0]:.1f}% -> "
+              f"{100 * o['fit_clean_selection'][1]:.1f}%; offsets (x 1e-3) "
+              f"{', '.join(f'{1e3 * v:.1f}' for v in o['offsets'])}. Pixel weights: {s['weight_steps']} steps of "
+              f"batch 128, lr {s['weight_lr']}; weights {w['weight_range'][0]:.2f} to {w['weight_range'][1]:.2f}. "
+              if o else "The unchanged rule and the robust prior alone (`--rules prior`). ")
     return (f"Model `{report['model']}`, CVAE and classifier frozen. Check: L-infinity eps {s['eps']}, {s['steps']} "
             f"steps, selection and full-gradient PGD then the targeted attacks toward the best-fitting runner-up "
             f"class, per-image worst case, against the changed rule, on {s['n']} validation images past the first "
             f"{s['val_skip']}; clean accuracy on the {report['rows']['unchanged (MSE)']['clean_n']} validation "
-            f"images. Class offsets fitted on the first {o['n']} training images (targeted PGD-{s['steps']} toward "
-            f"every wrong class, {s['rounds']} passes): robust share there {100 * o['fit_robust'][0]:.1f}% -> "
-            f"{100 * o['fit_robust'][1]:.1f}%, clean selection {100 * o['fit_clean_selection'][0]:.1f}% -> "
-            f"{100 * o['fit_clean_selection'][1]:.1f}%; offsets (x 1e-3) "
-            f"{', '.join(f'{1e3 * v:.1f}' for v in o['offsets'])}. Pixel weights: {s['weight_steps']} steps of "
-            f"batch 128, lr {s['weight_lr']}; weights {w['weight_range'][0]:.2f} to {w['weight_range'][1]:.2f}. "
-            f"Robust prior: `{report['prior']['path']}`; the prior alone: PGD-{s['steps']} on its cross-entropy, "
+            f"images. {fitted}Robust prior: `{report['prior']['path']}`; the prior alone: PGD-{s['steps']} on its cross-entropy, "
             f"random start, on the same images. Mu is swept on the images it is reported on. Against the unchanged "
             f"rule: images the changed rule holds that the unchanged one loses / the reverse, and the exact McNemar "
             f"p.\n\n"

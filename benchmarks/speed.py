@@ -31,7 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 from purifier import __version__, checkpoint  # noqa: E402
 from purifier.data import load_dataset  # noqa: E402
-from purifier.pipeline import PurifiedClassifier, Purifier  # noqa: E402
+from purifier.designs import load_purifier  # noqa: E402
+from purifier.pipeline import PurifiedClassifier  # noqa: E402
 from purifier.provenance import cpu_model, git_commit  # noqa: E402
 from export.graph_cost import node_costs  # noqa: E402
 from serve.models import MODELS  # noqa: E402
@@ -80,9 +81,8 @@ def _timing(times: list[float], batch: int, images: int) -> dict:
 @click.option("--out", default=str(ROOT / "results" / "speed.json"), show_default=True)
 def main(model_dir, reps, out):
     model_dir = Path(model_dir)
-    cvae = checkpoint.load(model_dir / "cvae", expect="cvae")
     classifier = checkpoint.load(model_dir / "classifier", expect="classifier")
-    pipeline = PurifiedClassifier(classifier, Purifier(cvae), grad="none").eval()
+    pipeline = PurifiedClassifier(classifier, load_purifier(model_dir / "cvae"), grad="none").eval()
     x_all = load_dataset("fashion-mnist", "test").x
     configs = {
         "classifier (torch eager)": lambda a: classifier(torch.from_numpy(a)),
