@@ -60,10 +60,11 @@ clean-table:
 # >= 85% (results/byo.md): the CVAE alone adversarially trained against attacks through the plain model's frozen
 # classifier A, 2 epochs (PGD-3 selection and full gradient; $(MIDDLEWARE)), then 2 more with PGD-7, the targeted
 # selection attack and TRADES's smoothness term on the selection softmax at weight 200 ($(MIDDLEWARE)-smooth200),
-# then 1 more at selection temperature 0.003 ($(MIDDLEWARE)-smooth200-tau3; `make plain-model` first), then its
-# exports, int8 twin and card.
-MODEL_DIR ?= $(MIDDLEWARE)-smooth200-tau3
-default-model: middleware middleware-smooth200 middleware-tau
+# then 1 more at selection temperature 0.003 ($(MIDDLEWARE)-smooth200-tau3; `make plain-model` first), then the
+# converged PGD-AT of A attached to its rule as a robust prior at mu 0.001 ($(MIDDLEWARE)-smooth200-tau3-with-prior;
+# `make converged-baselines` first), then its exports, int8 twin and card.
+MODEL_DIR ?= $(MIDDLEWARE)-smooth200-tau3-with-prior
+default-model: middleware middleware-smooth200 middleware-tau middleware-tau-prior
 	$(MAKE) clean-table
 	$(PY) -m purifier.cli export $(MODEL_DIR) --out $(MODEL_DIR) --int8
 	$(call card,make default-model,$(MODEL_DIR),results/eval-middleware-$(notdir $(MODEL_DIR)).json)
@@ -329,6 +330,17 @@ middleware-prior: setup converged-baselines
 	$(PY) -m purifier.cli evaluate --model $(MIDDLEWARE)-smooth200-tau3-prior1 --selection design --selection mse \
 		--out results/eval-middleware-cvae-alone-smooth200-tau3-prior1.json
 	$(call card,make middleware-prior,$(MIDDLEWARE)-smooth200-tau3-prior1,results/eval-middleware-cvae-alone-smooth200-tau3-prior1.json)
+
+# The model trained through the robust prior with the prior's weight raised from 0.001 to 0.002 in its rule (the
+# largest weight of results/rule-probe-prior1.md that keeps clean accuracy at or above 85% on the test set: 85.19%)
+.PHONY: middleware-prior-mu2
+middleware-prior-mu2: middleware-prior
+	test -f $(MIDDLEWARE)-smooth200-tau3-prior1-mu2/cvae.json || $(PY) -m purifier.cli attach-prior \
+		$(MIDDLEWARE)-smooth200-tau3-prior1 --prior $(BASELINES)/pgd-at-converged --weight 0.002 \
+		--out $(MIDDLEWARE)-smooth200-tau3-prior1-mu2
+	$(PY) -m purifier.cli evaluate --model $(MIDDLEWARE)-smooth200-tau3-prior1-mu2 \
+		--out results/eval-middleware-cvae-alone-smooth200-tau3-prior1-mu2.json
+	$(call card,make middleware-prior-mu2,$(MIDDLEWARE)-smooth200-tau3-prior1-mu2,results/eval-middleware-cvae-alone-smooth200-tau3-prior1-mu2.json)
 
 # The weight-200 model's recipe 1 epoch more from it with one setting changed, against its saturated curve:
 # the training attacks at eps 0.125 instead of 0.1 (the validation check stays at 0.1), or the selection

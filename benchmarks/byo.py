@@ -83,12 +83,16 @@ def _rows(plain: str, baselines: str, byo: str, middleware: str) -> list[Row]:
             "kept (--adv-combine worst); A frozen"),
         Row("A: the temperature-0.003 row with a robust prior, weight 0.001",
             f"{middleware}-smooth200-tau3-with-prior/classifier", f"{middleware}-smooth200-tau3-with-prior/cvae",
-            "its CVAE and A unchanged; rule MSE_c - 0.001 * log p(c | x) under the converged PGD-AT of A "
-            "(benchmarks/rule_probe.py)"),  # the prior attached by make middleware-tau-prior
+            "its CVAE and A unchanged; the converged PGD-AT of A attached as a robust prior, rule "
+            "MSE_c - 0.001 * log p(c | x) (make middleware-tau-prior)"),
         Row("A: the temperature-0.003 row, 1 epoch more through the robust prior",
             f"{middleware}-smooth200-tau3-prior1/classifier", f"{middleware}-smooth200-tau3-prior1/cvae",
             "from the temperature-0.003 row; its recipe with the converged PGD-AT of A in the rule at mu 0.001, "
             "attacked and trained through (make middleware-prior); A frozen"),
+        Row("A: the row through the robust prior, its weight raised to 0.002",
+            f"{middleware}-smooth200-tau3-prior1-mu2/classifier", f"{middleware}-smooth200-tau3-prior1-mu2/cvae",
+            "the CVAE of the row through the prior and A unchanged; rule MSE_c - 0.002 * log p(c | x) under the "
+            "same prior (make middleware-prior-mu2)"),
         *capacity_rows(middleware),
         *converged_baselines(baselines, "A: "),
         Row("ResNet (factory): no defense", f"{byo}/resnet/classifier", note="standard training (train.json)"),

@@ -17,7 +17,7 @@ from purifier.pipeline import Purifier, PurifiedClassifier
 from serve.models import MODELS
 
 ROOT = Path(__file__).resolve().parents[1]
-MODEL = MODELS["fashion-mnist"].path
+MODEL = ROOT / "models/middleware/cvae-alone-smooth200-tau3"  # the shipped default's CVAE and classifier, no prior
 PRIOR = ROOT / "models/baselines/pgd-at-converged"
 
 
@@ -235,3 +235,14 @@ def test_evaluate_reports_the_rule_with_the_prior_by_default(with_prior, tmp_pat
     assert list(report["selections"]) == ["design", "mse", "likelihood"]
     assert report["purifier"]["prior_weight"] == 0.001
     assert report["prior_sha256"] == checkpoint.read_record(PRIOR)["weights_sha256"]
+
+
+def test_the_shipped_default_is_the_temperature_model_with_the_prior_attached():
+    """``fashion-mnist`` is ``MODEL``'s CVAE and classifier, byte for byte, with ``PRIOR`` in its rule at mu 0.001."""
+    shipped = ModelDir(MODELS["fashion-mnist"].path)
+    for part in ("cvae", "classifier"):
+        assert (checkpoint.read_record(shipped.path / part)["weights_sha256"]
+                == checkpoint.read_record(MODEL / part)["weights_sha256"])
+    assert shipped.record["meta"]["purifier"] == {"selection": "mse", "prior_weight": 0.001}
+    assert shipped.record["meta"]["prior"]["sha256"] == checkpoint.read_record(PRIOR)["weights_sha256"]
+    assert shipped.purifier().prior_weight == 0.001
