@@ -184,13 +184,7 @@ def fit(classifier, data, out, config: FitConfig = FitConfig(), *, target=None, 
     if prior is not None:
         if design.purifier.get("kind", "puvae") != "puvae":
             raise FitError(f"design {design.name}: the robust prior is an option of PuVAE's one-pass purifier")
-        prior_stem = checkpoint._stem(prior)
-        try:
-            designs.prior_record(prior_stem)
-        except (FileNotFoundError, ValueError) as exc:
-            raise FitError(f"prior {prior}: {exc}") from None
-        prior_module = checkpoint.load(prior_stem, expect="classifier").eval()
-        check_classifier(prior_module, ds.image_shape, ds.num_classes, f"the prior {prior}")
+        prior_stem, prior_module = _load_prior(prior, ds.image_shape, ds.num_classes)
 
     seed_everything(config.seed)
     if init is not None:
@@ -301,6 +295,19 @@ def copy_prior(prior_stem: Path, out: Path) -> None:
         atomic_write(out / f"prior{suffix}", lambda tmp, s=suffix: shutil.copyfile(prior_stem.with_suffix(s), tmp))
 
 
+def _load_prior(prior, image_shape, num_classes) -> tuple[str, nn.Module]:
+    """A robust prior's checkpoint stem and its classifier in eval mode; ``FitError`` naming ``prior`` unless it is
+    a project classifier checkpoint that takes the data's images and gives its K classes."""
+    stem = checkpoint._stem(prior)
+    try:
+        designs.prior_record(stem)
+    except (FileNotFoundError, ValueError) as exc:
+        raise FitError(f"prior {prior}: {exc}") from None
+    module = checkpoint.load(stem, expect="classifier").eval()
+    check_classifier(module, tuple(image_shape), num_classes, f"the prior {prior}")
+    return stem, module
+
+
 def attach_prior(model, prior, weight: float, out, *, command: str | None = None) -> ModelDir:
     """A copy of the model directory ``model`` whose purifier also consults ``prior``, a project classifier
     checkpoint (usually an adversarially trained one): score_c - weight * log p_prior(c | x) (``Purifier``'s
@@ -318,13 +325,7 @@ def attach_prior(model, prior, weight: float, out, *, command: str | None = None
         raise FileExistsError(f"{out} exists; attach_prior writes a new model directory")
     meta = copy.deepcopy(src.record["meta"])
     cvae = checkpoint.load(src.path / "cvae", expect="cvae").eval()
-    prior_stem = checkpoint._stem(prior)
-    try:
-        designs.prior_record(prior_stem)
-    except (FileNotFoundError, ValueError) as exc:
-        raise FitError(f"prior {prior}: {exc}") from None
-    prior_module = checkpoint.load(prior_stem, expect="classifier").eval()
-    check_classifier(prior_module, cvae.cfg.image_shape, cvae.cfg.num_classes, f"prior {prior}")
+    prior_stem, prior_module = _load_prior(prior, cvae.cfg.image_shape, cvae.cfg.num_classes)
     spec = {**(meta.get("purifier") or {"selection": "mse"}), "prior_weight": weight}
     purifier = designs.purifier_from_spec(cvae, spec, prior=prior_module).eval()  # checks the weight
     if not {"dataset", "n_val", "train"} <= set(meta) or meta["dataset"] == "arrays":
