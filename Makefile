@@ -310,15 +310,16 @@ middleware-wide-tau: setup
 	$(call mw_train,$(WIDE)-smooth200-more,$(WIDE)-smooth200-tau3,1,200,--sel-tau 0.003)
 	$(call mw_eval,make middleware-wide-tau,$(WIDE)-smooth200-tau3)
 
+# $(1) with the converged PGD-AT of A attached as a robust prior at weight $(3), into $(2) (kept if there)
+attach_prior = test -f $(2)/cvae.json || $(PY) -m purifier.cli attach-prior $(1) \
+	--prior $(BASELINES)/pgd-at-converged --weight $(3) --out $(2)
 # The default with the converged PGD-AT of A attached as a robust prior at mu 0.001 (score_c = MSE_c - 0.001 *
 # log p(c | x)); its CVAE and the classifier A unchanged, the rejection threshold recalibrated
 WITH_PRIOR = $(MIDDLEWARE)-smooth200-tau3-with-prior
 .PHONY: middleware-tau-prior
 middleware-tau-prior: setup converged-baselines
-	test -f $(WITH_PRIOR)/cvae.json || $(PY) -m purifier.cli attach-prior $(MIDDLEWARE)-smooth200-tau3 \
-		--prior $(BASELINES)/pgd-at-converged --weight 0.001 --out $(WITH_PRIOR)
-	$(PY) -m purifier.cli evaluate --model $(WITH_PRIOR) --out results/eval-middleware-$(notdir $(WITH_PRIOR)).json
-	$(call card,make middleware-tau-prior,$(WITH_PRIOR),results/eval-middleware-$(notdir $(WITH_PRIOR)).json)
+	$(call attach_prior,$(MIDDLEWARE)-smooth200-tau3,$(WITH_PRIOR),0.001)
+	$(call mw_eval,make middleware-tau-prior,$(WITH_PRIOR))
 
 # The robust prior trained through: the default's recipe 1 epoch more from it with the converged PGD-AT of A in the
 # purifier's rule at mu 0.001 (score_c = MSE_c - 0.001 * log p(c | x)): the training attacks, the selection CE and
@@ -335,12 +336,8 @@ middleware-prior: setup converged-baselines
 # largest weight of results/rule-probe-prior1.md that keeps clean accuracy at or above 85% on the test set: 85.19%)
 .PHONY: middleware-prior-mu2
 middleware-prior-mu2: middleware-prior
-	test -f $(MIDDLEWARE)-smooth200-tau3-prior1-mu2/cvae.json || $(PY) -m purifier.cli attach-prior \
-		$(MIDDLEWARE)-smooth200-tau3-prior1 --prior $(BASELINES)/pgd-at-converged --weight 0.002 \
-		--out $(MIDDLEWARE)-smooth200-tau3-prior1-mu2
-	$(PY) -m purifier.cli evaluate --model $(MIDDLEWARE)-smooth200-tau3-prior1-mu2 \
-		--out results/eval-middleware-cvae-alone-smooth200-tau3-prior1-mu2.json
-	$(call card,make middleware-prior-mu2,$(MIDDLEWARE)-smooth200-tau3-prior1-mu2,results/eval-middleware-cvae-alone-smooth200-tau3-prior1-mu2.json)
+	$(call attach_prior,$(MIDDLEWARE)-smooth200-tau3-prior1,$(MIDDLEWARE)-smooth200-tau3-prior1-mu2,0.002)
+	$(call mw_eval,make middleware-prior-mu2,$(MIDDLEWARE)-smooth200-tau3-prior1-mu2)
 
 # The weight-200 model's recipe 1 epoch more from it with one setting changed, against its saturated curve:
 # the training attacks at eps 0.125 instead of 0.1 (the validation check stays at 0.1), or the selection

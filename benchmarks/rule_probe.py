@@ -336,8 +336,8 @@ def render(report: dict) -> str:
             f"steps, selection and full-gradient PGD then the targeted attacks toward the best-fitting runner-up "
             f"class, per-image worst case, against the changed rule, on {s['n']} validation images past the first "
             f"{s['val_skip']}; clean accuracy on the {report['rows']['unchanged (MSE)']['clean_n']} validation "
-            f"images. {fitted}Robust prior: `{report['prior']['path']}`; the prior alone: PGD-{s['steps']} on its cross-entropy, "
-            f"random start, on the same images. Mu is swept on the images it is reported on. Against the unchanged "
+            f"images. {fitted}Robust prior: `{report['prior']['path']}`; the prior alone: PGD-{s['steps']} on its "
+            f"cross-entropy, random start, on the same images. Mu is swept on the images it is reported on. Against the unchanged "
             f"rule: images the changed rule holds that the unchanged one loses / the reverse, and the exact McNemar "
             f"p.\n\n"
             + markdown_table(["decision rule", "clean (validation)", "clean (test)", "adaptive check (validation)",

@@ -304,7 +304,7 @@ def _load_prior(prior, image_shape, num_classes) -> tuple[str, nn.Module]:
     except (FileNotFoundError, ValueError) as exc:
         raise FitError(f"prior {prior}: {exc}") from None
     module = checkpoint.load(stem, expect="classifier").eval()
-    check_classifier(module, tuple(image_shape), num_classes, f"the prior {prior}")
+    check_classifier(module, image_shape, num_classes, f"the prior {prior}")
     return stem, module
 
 

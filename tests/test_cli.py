@@ -103,7 +103,8 @@ def test_a_shipped_model_that_is_not_there_says_where_it_was_looked_for(tmp_path
     monkeypatch.setattr(models, "MODELS_ROOT", tmp_path / "models")
     with pytest.raises(FileNotFoundError) as err:
         registry.resolve("fashion-mnist")
-    assert f"looked for {tmp_path / 'models' / 'middleware' / 'cvae-alone-smooth200-tau3-with-prior'}" in str(err.value)
+    expected = tmp_path / "models" / "middleware" / "cvae-alone-smooth200-tau3-with-prior"
+    assert f"looked for {expected}" in str(err.value)
     r = CliRunner().invoke(main, ["purify", str(tmp_path), "--model", "fashion-mnist", "--out", str(tmp_path / "o")])
     assert r.exit_code == 2 and "is not installed here" in r.output
 
