@@ -60,11 +60,12 @@ clean-table:
 # >= 85% (results/byo.md): the CVAE alone adversarially trained against attacks through the plain model's frozen
 # classifier A, 2 epochs (PGD-3 selection and full gradient; $(MIDDLEWARE)), then 2 more with PGD-7, the targeted
 # selection attack and TRADES's smoothness term on the selection softmax at weight 200 ($(MIDDLEWARE)-smooth200),
-# then 1 more at selection temperature 0.003 ($(MIDDLEWARE)-smooth200-tau3; `make plain-model` first), then the
-# converged PGD-AT of A attached to its rule as a robust prior at mu 0.001 ($(MIDDLEWARE)-smooth200-tau3-with-prior;
-# `make converged-baselines` first), then its exports, int8 twin and card.
-MODEL_DIR ?= $(MIDDLEWARE)-smooth200-tau3-with-prior
-default-model: middleware middleware-smooth200 middleware-tau middleware-tau-prior
+# then 1 more at selection temperature 0.003 ($(MIDDLEWARE)-smooth200-tau3; `make plain-model` first), then 1 more
+# with the converged PGD-AT of A in its rule as a robust prior at mu 0.001 ($(MIDDLEWARE)-smooth200-tau3-prior1;
+# `make converged-baselines` first), then the same prior attached at mu 0.002
+# ($(MIDDLEWARE)-smooth200-tau3-prior1-mu2), then its exports, int8 twin and card.
+MODEL_DIR ?= $(MIDDLEWARE)-smooth200-tau3-prior1-mu2
+default-model: middleware middleware-smooth200 middleware-tau middleware-prior middleware-prior-mu2
 	$(MAKE) clean-table
 	$(PY) -m purifier.cli export $(MODEL_DIR) --out $(MODEL_DIR) --int8
 	$(call card,make default-model,$(MODEL_DIR),results/eval-middleware-$(notdir $(MODEL_DIR)).json)

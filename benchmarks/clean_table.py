@@ -1,7 +1,7 @@
 """The clean-accuracy table of the shipped models, rendered from their ``purifier evaluate`` results files.
 
     python -m benchmarks.clean_table --out results/clean-accuracy.json \
-        results/eval-middleware-cvae-alone-smooth200-tau3-with-prior.json results/eval-fashion-mnist-plain.json \
+        results/eval-middleware-cvae-alone-smooth200-tau3-prior1-mu2.json results/eval-fashion-mnist-plain.json \
         results/adversarial/eval-joint.json
 
 Each column is one results file (all 10,000 Fashion-MNIST test images, as ``make default-model``, ``make

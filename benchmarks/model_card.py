@@ -82,6 +82,18 @@ def where_now(sha: str, recorded: str) -> list[str]:
     return [f"That starting CVAE (same sha256) now lives in `{homes[0]}`.", ""] if homes else []
 
 
+def trained_prior_words(cm: dict) -> str:
+    """The robust prior the CVAE was trained through: the model's own, or the one an attached prior replaced."""
+    prior = cm["prior"]
+    while prior is not None and prior.get("attached"):
+        prior = prior.get("replaces")
+    rule = (f"at mu {cm['adversarial']['prior_weight']}: score_c = MSE_c - mu * log p(c | x); the training attacks, "
+            f"the selection CE, the smoothness KL and the adaptive check score with it.")
+    if prior is None:  # attached by an earlier release, which kept no record of the prior it replaced
+        return f" The purifier's rule held a robust prior (its record replaced when the prior above was attached) {rule}"
+    return f" The purifier's rule holds the robust prior `{prior['from']}` (`{prior['sha256'][:16]}…`, frozen) {rule}"
+
+
 def adversarial_lines(cm: dict) -> list[str]:
     adv = cm["adversarial"]
     return [
@@ -98,9 +110,7 @@ def adversarial_lines(cm: dict) -> list[str]:
         + (f", smoothness of the decision rule (KL from the clean selection softmax to the attacked one) "
            f"{adv['smooth_weight']}." if adv.get("smooth_weight") else ".")
         + (f" The adaptive check below attacks at eps {adv['val_eps']}." if adv.get("val_eps") is not None else "")
-        + (f" The purifier's rule holds the robust prior `{cm['prior']['from']}` (`{cm['prior']['sha256'][:16]}…`, "
-           f"frozen) at mu {adv['prior_weight']}: score_c = MSE_c - mu * log p(c | x); the training attacks, the "
-           f"selection CE, the smoothness KL and the adaptive check score with it." if adv.get("prior_weight") else ""),
+        + (trained_prior_words(cm) if adv.get("prior_weight") else ""),
         "",
         *where_now(cm["init_sha256"], cm["init"]),
         "```",
@@ -225,7 +235,8 @@ def main(model_dir: str, report_path: str, *bench_paths: str, made_by: str | Non
     if prior and prior.get("attached"):
         lines += ["", f"The prior was attached to the trained model without retraining it (`{prior['attached']['command']}`); "
                       "the rejection threshold is recalibrated under the rule with it. The training below is the "
-                      "CVAE's, under the rule without it."]
+                      "CVAE's, under the rule it had then" + (f" (a robust prior at mu {cm['adversarial']['prior_weight']})."
+                      if (cm.get("adversarial") or {}).get("prior_weight") else ", without a prior.")]
     if "adversarial" in cm:
         lines += adversarial_lines(cm)
     else:

@@ -1,6 +1,6 @@
 """Load on the HTTP servers over loopback, side by side: the embedded server and Triton Inference Server.
 
-    python -m benchmarks.serve_load --model models/middleware/cvae-alone-smooth200-tau3-with-prior --duration 60 \
+    python -m benchmarks.serve_load --model models/middleware/cvae-alone-smooth200-tau3-prior1-mu2 --duration 60 \
         --concurrency 1,16,64
 
 Each engine runs as its own process, as deployed: ``python -m serve`` (embedded) and ``python -m serve --engine

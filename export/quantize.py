@@ -1,6 +1,6 @@
 """Static int8 quantisation of an exported ``pipeline.onnx`` / ``purifier.onnx`` with onnxruntime.
 
-``quantize_model("models/middleware/cvae-alone-smooth200-tau3-with-prior/pipeline.onnx")`` writes
+``quantize_model("models/middleware/cvae-alone-smooth200-tau3-prior1-mu2/pipeline.onnx")`` writes
 ``pipeline.int8.onnx`` beside it: QDQ format, int8 weights per output channel, int8 activations calibrated (min/max)
 on a seeded sample of the dataset's *training* images (never the test set). Only the Conv, ConvTranspose, Gemm and
 MatMul nodes are quantised: the reconstruction errors, the argmin over the K classes and the gather stay in fp32, so

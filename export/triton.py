@@ -1,6 +1,6 @@
 """Triton Inference Server model repositories for an exported ONNX model: ONNX Runtime backend, Python backend.
 
-    purifier export models/middleware/cvae-alone-smooth200-tau3-with-prior --triton triton-repo \
+    purifier export models/middleware/cvae-alone-smooth200-tau3-prior1-mu2 --triton triton-repo \
         --triton-name fashion-mnist
     docker run --rm -p 8000:8000 -v $PWD/triton-repo:/models nvcr.io/nvidia/tritonserver:<tag>-py3 \
         tritonserver --model-repository=/models

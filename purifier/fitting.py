@@ -314,8 +314,9 @@ def attach_prior(model, prior, weight: float, out, *, command: str | None = None
     robust prior; ``weight`` in the units of the rule's scores, per-pixel MSE under PuVAE's rule).
 
     The CVAE and the target classifier are copied with their weights unchanged, the prior's checkpoint is copied
-    to OUT/prior, and the CVAE's record gets the purifier spec with ``prior_weight``, the prior's sha256 and a
-    rejection threshold recalibrated under the new rule on the model's own validation split. ``out`` must not
+    to OUT/prior, and the CVAE's record gets the purifier spec with ``prior_weight``, the prior's sha256 (and under
+    ``replaces`` the record of the prior ``model`` had, the one a CVAE trained through a prior was trained with) and
+    a rejection threshold recalibrated under the new rule on the model's own validation split. ``out`` must not
     exist; the directory appears whole or not at all.
     """
     src, out = ModelDir(Path(model)), Path(out)
@@ -335,7 +336,8 @@ def attach_prior(model, prior, weight: float, out, *, command: str | None = None
     percentile = (meta.get("rejection_calibration") or {}).get("percentile", 99.0)
     meta.update(purifier=purifier.spec, prior={
         "from": str(prior), "sha256": checkpoint.read_record(prior_stem)["weights_sha256"], "weight": weight,
-        "from_model": str(src.path), "attached": provenance(command or "purifier.attach_prior (Python API)")},
+        "from_model": str(src.path), "attached": provenance(command or "purifier.attach_prior (Python API)"),
+        **({"replaces": meta["prior"]} if meta.get("prior") else {})},
         rejection_calibration=rejection_threshold(
             purifier, xv, percentile, f"{meta['dataset']} validation split ({len(xv)} images, seed "
                                       f"{meta['train']['seed']}), under the rule with the prior"))

@@ -1,6 +1,6 @@
 """Shipped models by name, found wherever the package is used (any working directory) (torch-free).
 
-``resolve("fashion-mnist")`` is the repository's ``models/middleware/cvae-alone-smooth200-tau3-with-prior`` (the
+``resolve("fashion-mnist")`` is the repository's ``models/middleware/cvae-alone-smooth200-tau3-prior1-mu2`` (the
 default), found from the package's own location (``Path(serve.__file__).resolve().parents[1] / "models"``: right
 for this repository and for an editable install; a wheel does not carry ``models/``). Anything that is not a bare
 shipped name is a path, taken as given.
@@ -27,12 +27,12 @@ class ShippedModel:
 
 
 MODELS = {m.name: m for m in [
-    ShippedModel("fashion-mnist", "middleware/cvae-alone-smooth200-tau3-with-prior",
+    ShippedModel("fashion-mnist", "middleware/cvae-alone-smooth200-tau3-prior1-mu2",
                  "the default: the CVAE alone adversarially trained (PGD-7, targeted selection attack included, "
-                 "TRADES-style smoothness term on the selection, selection temperature 0.003) in front of a frozen, "
-                 "untouched standard classifier A (the plain model's), its rule consulting a robust prior (the "
-                 "converged PGD-AT of A, mu 0.001)"),
-    ShippedModel("fashion-mnist-middleware", "middleware/cvae-alone-smooth200-tau3-with-prior",
+                 "TRADES-style smoothness term on the selection, selection temperature 0.003, then 1 epoch through "
+                 "a robust prior) in front of a frozen, untouched standard classifier A (the plain model's), its "
+                 "rule consulting that robust prior (the converged PGD-AT of A, mu 0.002)"),
+    ShippedModel("fashion-mnist-middleware", "middleware/cvae-alone-smooth200-tau3-prior1-mu2",
                  "the default, by the name of its setting"),
     ShippedModel("fashion-mnist-plain", "fashion-mnist-plain",
                  "plain PuVAE (selection CE, no adversarial training) in front of a standard classifier A"),

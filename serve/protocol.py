@@ -51,7 +51,7 @@ class InferRequest(BaseModel):
 
 def served_name(runtime: OnnxPurifier, configured: str | None = None) -> str:
     """The model's name in the v2 URLs: ``configured``, else the name in its metadata, else the shipped name of its
-    directory (``serve.models``: ``fashion-mnist`` for ``models/middleware/cvae-alone-smooth200-tau3-with-prior``),
+    directory (``serve.models``: ``fashion-mnist`` for ``models/middleware/cvae-alone-smooth200-tau3-prior1-mu2``),
     else its directory's."""
     name = configured or str(runtime.metadata.get("model_name") or shipped_name(runtime.path.parent)
                              or runtime.path.parent.name or "purifier")

@@ -1,11 +1,11 @@
 """Triton Inference Server with its Python backend running ``OnnxPurifier``: the model repository and a launcher.
 
     # config.pbtxt, 1/model.py, 1/model.onnx:
-    write_python_repo("models/middleware/cvae-alone-smooth200-tau3-with-prior", "triton-repo", "fashion-mnist")
+    write_python_repo("models/middleware/cvae-alone-smooth200-tau3-prior1-mu2", "triton-repo", "fashion-mnist")
     with TritonServer("triton-repo") as srv:                                      # the tritonserver binary
         srv.url, srv.grpc_url
     # both in one (purifier serve --engine triton):
-    serve_triton("models/middleware/cvae-alone-smooth200-tau3-with-prior", http_port=8000)
+    serve_triton("models/middleware/cvae-alone-smooth200-tau3-prior1-mu2", http_port=8000)
 
 The Python-backend model (``serve.triton_model``) answers with every output ``purifier serve`` gives: the graph's
 (``purified``, ``chosen_class``, ``scores``, ``logits``) and ``predicted_class``, ``margin``, ``rejected``, then

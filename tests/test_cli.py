@@ -74,7 +74,7 @@ def test_package_import_and_cli_help_do_not_import_torch(torch_free):
 def test_shipped_model_names_resolve_from_any_folder_without_torch(tmp_path, torch_free):
     r = torch_free("from purifier.registry import resolve; print(resolve('fashion-mnist')); "
                    "print(resolve('fashion-mnist-plain'))", cwd=tmp_path)
-    assert r.stdout.split() == [str(ROOT / "models" / "middleware" / "cvae-alone-smooth200-tau3-with-prior"),
+    assert r.stdout.split() == [str(ROOT / "models" / "middleware" / "cvae-alone-smooth200-tau3-prior1-mu2"),
                                 str(ROOT / "models" / "fashion-mnist-plain")]
 
 
@@ -91,7 +91,7 @@ def test_a_bad_model_name_lists_the_known_names_and_a_path_still_works(tmp_path,
     (tmp_path / "fashion-mnist").mkdir()  # a folder of a shipped name: reached as ./fashion-mnist
     monkeypatch.chdir(tmp_path)
     assert resolve("./fashion-mnist") == Path("fashion-mnist")
-    default = ROOT / "models" / "middleware" / "cvae-alone-smooth200-tau3-with-prior"
+    default = ROOT / "models" / "middleware" / "cvae-alone-smooth200-tau3-prior1-mu2"
     assert resolve("fashion-mnist") == default
     assert resolve("fashion-mnist-joint") == ROOT / "models" / "adversarial" / "joint"
 
@@ -103,7 +103,7 @@ def test_a_shipped_model_that_is_not_there_says_where_it_was_looked_for(tmp_path
     monkeypatch.setattr(models, "MODELS_ROOT", tmp_path / "models")
     with pytest.raises(FileNotFoundError) as err:
         registry.resolve("fashion-mnist")
-    expected = tmp_path / "models" / "middleware" / "cvae-alone-smooth200-tau3-with-prior"
+    expected = tmp_path / "models" / "middleware" / "cvae-alone-smooth200-tau3-prior1-mu2"
     assert f"looked for {expected}" in str(err.value)
     r = CliRunner().invoke(main, ["purify", str(tmp_path), "--model", "fashion-mnist", "--out", str(tmp_path / "o")])
     assert r.exit_code == 2 and "is not installed here" in r.output

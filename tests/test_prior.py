@@ -17,13 +17,14 @@ from purifier.pipeline import Purifier, PurifiedClassifier
 from serve.models import MODELS
 
 ROOT = Path(__file__).resolve().parents[1]
-MODEL = ROOT / "models/middleware/cvae-alone-smooth200-tau3"  # the shipped default's CVAE and classifier, no prior
+MODEL = ROOT / "models/middleware/cvae-alone-smooth200-tau3"  # the purifier the default was trained from, no prior
+THROUGH = ROOT / "models/middleware/cvae-alone-smooth200-tau3-prior1"  # MODEL 1 epoch more through PRIOR at mu 0.001
 PRIOR = ROOT / "models/baselines/pgd-at-converged"
 
 
 @pytest.fixture(scope="module")
 def with_prior(tmp_path_factory):
-    """The shipped default with the converged PGD-AT attached at mu 0.001, exported."""
+    """``MODEL`` with the converged PGD-AT attached at mu 0.001, exported."""
     from export.onnx_export import export_run
 
     out = tmp_path_factory.mktemp("prior") / "model"
@@ -237,12 +238,24 @@ def test_evaluate_reports_the_rule_with_the_prior_by_default(with_prior, tmp_pat
     assert report["prior_sha256"] == checkpoint.read_record(PRIOR)["weights_sha256"]
 
 
-def test_the_shipped_default_is_the_temperature_model_with_the_prior_attached():
-    """``fashion-mnist`` is ``MODEL``'s CVAE and classifier, byte for byte, with ``PRIOR`` in its rule at mu 0.001."""
+def test_attaching_over_a_prior_keeps_the_record_of_the_one_it_replaces(with_prior, tmp_path):
+    again = attach_prior(with_prior.path, ROOT / "models/baselines/trades-converged", 0.002, tmp_path / "again")
+    prior = again.record["meta"]["prior"]
+    assert prior["weight"] == 0.002 and prior["from_model"] == str(with_prior.path)
+    assert prior["replaces"] == with_prior.record["meta"]["prior"]  # PGD-AT at 0.001, itself attached to MODEL
+    assert "replaces" not in prior["replaces"]
+
+
+def test_the_shipped_default_is_the_model_trained_through_the_prior_with_its_weight_raised():
+    """``fashion-mnist`` is ``THROUGH``'s CVAE and classifier, byte for byte, with ``PRIOR`` in its rule at mu 0.002;
+    its CVAE is ``MODEL``'s trained 1 epoch more through ``PRIOR`` at mu 0.001, recorded under ``replaces``."""
     shipped = ModelDir(MODELS["fashion-mnist"].path)
     for part in ("cvae", "classifier"):
         assert (checkpoint.read_record(shipped.path / part)["weights_sha256"]
-                == checkpoint.read_record(MODEL / part)["weights_sha256"])
-    assert shipped.record["meta"]["purifier"] == {"selection": "mse", "prior_weight": 0.001}
-    assert shipped.record["meta"]["prior"]["sha256"] == checkpoint.read_record(PRIOR)["weights_sha256"]
-    assert shipped.purifier().prior_weight == 0.001
+                == checkpoint.read_record(THROUGH / part)["weights_sha256"])
+    meta = shipped.record["meta"]
+    assert meta["purifier"] == {"selection": "mse", "prior_weight": 0.002}
+    prior_sha = checkpoint.read_record(PRIOR)["weights_sha256"]
+    assert meta["prior"]["sha256"] == prior_sha and shipped.purifier().prior_weight == 0.002
+    assert meta["adversarial"]["prior_weight"] == 0.001 and meta["prior"]["replaces"]["sha256"] == prior_sha
+    assert meta["init_sha256"] == checkpoint.read_record(MODEL / "cvae")["weights_sha256"]

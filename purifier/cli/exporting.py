@@ -36,7 +36,7 @@ def export_cmd(run_dir, out, classifier_source, selection, percentile, int8, cal
                triton_name, triton_backend, triton_max_batch):
     """Export RUN_DIR's CVAE (+ target classifier) to purifier.onnx and pipeline.onnx, parity-checked.
 
-    Example: purifier export models/middleware/cvae-alone-smooth200-tau3-with-prior
+    Example: purifier export models/middleware/cvae-alone-smooth200-tau3-prior1-mu2
     """
     from export.onnx_export import ExportError, export_run
 
