@@ -126,10 +126,14 @@ def verdict(r: dict) -> str:
     """One sentence on whether int8 is easier to break than fp32, with the binomial standard error."""
     a, b, n = r["rows"]["fp32"]["robust_accuracy"], r["rows"]["int8, int8 decision"]["robust_accuracy"], r["n"]
     se = 100 * (a * (1 - a) / n) ** 0.5
-    if b < a:
+    if 100 * (a - b) > se:
         return (f"The quantised defense is easier to break: judged by int8, the attacks leave {100 * b:.1f}% against "
                 f"fp32's {100 * a:.1f}% ({100 * (a - b):.1f} points lower on these {n} images; one standard error of "
                 f"either figure is about {se:.1f} points).")
+    if b < a:
+        return (f"Judged by int8, the attacks leave {100 * b:.1f}% against fp32's {100 * a:.1f}%: {100 * (a - b):.1f} "
+                f"points lower on these {n} images, within one standard error of either figure (about {se:.1f} "
+                f"points), so these images do not tell whether the quantised defense is easier to break.")
     return (f"Judged by int8, the attacks leave {100 * b:.1f}% against fp32's {100 * a:.1f}% on these {n} images (one "
             f"standard error about {se:.1f} points); with no int8 gradient used, this is no claim that int8 is "
             f"harder to break.")

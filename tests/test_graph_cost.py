@@ -66,3 +66,15 @@ def test_int8_benchmark_smoke(tmp_path):
     assert other["sha256"] != report["sha256"] and other["model"].endswith("joint")
     folders = sorted((tmp_path / ".int8-work").iterdir())
     assert len(folders) == 2 and all((f / "clean-100.json").is_file() for f in folders)
+
+
+def test_the_int8_verdict_claims_a_difference_only_beyond_one_standard_error():
+    from benchmarks.int8 import verdict
+
+    def report(fp32, int8):
+        return {"n": 200, "rows": {"fp32": {"robust_accuracy": fp32}, "int8, int8 decision": {"robust_accuracy": int8}}}
+
+    assert verdict(report(0.70, 0.60)).startswith("The quantised defense is easier to break")  # 10 points, se 3.2
+    within = verdict(report(0.70, 0.69))
+    assert "within one standard error" in within and "do not tell" in within and "easier to break:" not in within
+    assert "no claim that int8 is harder to break" in verdict(report(0.70, 0.71))
