@@ -340,6 +340,14 @@ middleware-prior-mu2: middleware-prior
 	$(call attach_prior,$(MIDDLEWARE)-smooth200-tau3-prior1,$(MIDDLEWARE)-smooth200-tau3-prior1-mu2,0.002)
 	$(call mw_eval,make middleware-prior-mu2,$(MIDDLEWARE)-smooth200-tau3-prior1-mu2)
 
+# The model trained through the robust prior 1 epoch more by the same recipe with the prior at the weight the
+# default's rule uses (0.002), so the training attacks, the selection CE and the smoothness KL see that rule
+.PHONY: middleware-prior2
+middleware-prior2: middleware-prior
+	$(call mw_train,$(MIDDLEWARE)-smooth200-tau3-prior1,$(MIDDLEWARE)-smooth200-tau3-prior2,1,200,--sel-tau 0.003 \
+		--adv-prior-weight 0.002 --prior $(BASELINES)/pgd-at-converged)
+	$(call mw_eval,make middleware-prior2,$(MIDDLEWARE)-smooth200-tau3-prior2)
+
 # The weight-200 model's recipe 1 epoch more from it with one setting changed, against its saturated curve:
 # the training attacks at eps 0.125 instead of 0.1 (the validation check stays at 0.1), or the selection
 # temperature at 0.003 or 0.01 instead of 0.001 (at 0.003 the selection CE and the smoothness KL keep pushing the
