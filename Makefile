@@ -302,7 +302,7 @@ middleware-capacity: setup
 	$(call mw_eval,make middleware-capacity,$(NARROW))
 
 # The wider CVAE 1 epoch more against the same attacks (a fresh cosine schedule): where it saturates; then 1 more
-# at selection temperature 0.003, the default's last step: whether width and temperature add up
+# at selection temperature 0.003, the step of the default's CVAE before the prior: whether width and temperature add up
 .PHONY: middleware-wide-more middleware-wide-tau
 middleware-wide-more: setup
 	$(call mw_train,$(WIDE)-smooth200,$(WIDE)-smooth200-more,1,200)
@@ -314,17 +314,19 @@ middleware-wide-tau: setup
 # $(1) with the converged PGD-AT of A attached as a robust prior at weight $(3), into $(2) (kept if there)
 attach_prior = test -f $(2)/cvae.json || $(PY) -m purifier.cli attach-prior $(1) \
 	--prior $(BASELINES)/pgd-at-converged --weight $(3) --out $(2)
-# The default with the converged PGD-AT of A attached as a robust prior at mu 0.001 (score_c = MSE_c - 0.001 *
-# log p(c | x)); its CVAE and the classifier A unchanged, the rejection threshold recalibrated
+# The temperature-0.003 model (the default before) with the converged PGD-AT of A attached as a robust prior at
+# mu 0.001 (score_c = MSE_c - 0.001 * log p(c | x)); its CVAE and the classifier A unchanged, the rejection threshold
+# recalibrated
 WITH_PRIOR = $(MIDDLEWARE)-smooth200-tau3-with-prior
 .PHONY: middleware-tau-prior
 middleware-tau-prior: setup converged-baselines
 	$(call attach_prior,$(MIDDLEWARE)-smooth200-tau3,$(WITH_PRIOR),0.001)
 	$(call mw_eval,make middleware-tau-prior,$(WITH_PRIOR))
 
-# The robust prior trained through: the default's recipe 1 epoch more from it with the converged PGD-AT of A in the
-# purifier's rule at mu 0.001 (score_c = MSE_c - 0.001 * log p(c | x)): the training attacks, the selection CE and
-# the smoothness KL see the rule with the prior, so the CVAE is trained for the images the prior does not hold
+# The robust prior trained through (the default's CVAE): the temperature-0.003 model's recipe 1 epoch more from it
+# with the converged PGD-AT of A in the purifier's rule at mu 0.001 (score_c = MSE_c - 0.001 * log p(c | x)): the
+# training attacks, the selection CE and the smoothness KL see the rule with the prior, so the CVAE is trained for
+# the images the prior does not hold
 .PHONY: middleware-prior
 middleware-prior: setup converged-baselines
 	$(call mw_train,$(MIDDLEWARE)-smooth200-tau3,$(MIDDLEWARE)-smooth200-tau3-prior1,1,200,--sel-tau 0.003 \

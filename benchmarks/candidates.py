@@ -1,5 +1,5 @@
 """The candidate mode's trade-off: reconstruct only the k classes the target classifier ranks highest on the raw
-input (``Purifier(candidates=k, ranker=classifier)``), against the full purifier (k = K), on the shipped model.
+input (``Purifier(candidates=k, ranker=classifier)``), against the full purifier (k = K), on a model directory.
 
     python -m benchmarks.candidates --model models/middleware/cvae-alone-smooth200-tau3 --out results/candidates.json
 

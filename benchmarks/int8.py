@@ -1,6 +1,6 @@
 """The int8 pipeline (``pipeline.int8.onnx``, ``purifier export --int8``) against its fp32 model, in one run.
 
-    python -m benchmarks.int8 --model models/middleware/cvae-alone-smooth200-tau3 --out results/int8.json
+    python -m benchmarks.int8 --model models/middleware/cvae-alone-smooth200-tau3-prior1-mu2 --out results/int8.json
 
 Clean: accuracy of both on all 10,000 Fashion-MNIST test images, the fraction where int8 predicts the class fp32
 predicts and chooses the reconstruction fp32 chooses, and the clean rejection rate. Speed: fp32 and int8 sessions

@@ -1,6 +1,6 @@
 """Throughput and latency of the classifier alone, the purified pipeline in torch eager, and in onnxruntime.
 
-    python -m benchmarks.speed --model models/middleware/cvae-alone-smooth200-tau3 --out results/speed.json
+    python -m benchmarks.speed --model models/middleware/cvae-alone-smooth200-tau3-prior1-mu2 --out results/speed.json
 
 Per configuration and batch size (1, 64 and 256): one warm-up pass, then ``--reps`` timed repetitions over the
 same real test images; the median is reported as ms/image and images/s, with ratios beside them. The machine
