@@ -171,9 +171,12 @@ def test_onnx_pipeline_accuracy_equals_torch_on_the_full_test_set(default_torch,
     assert abs(onnx_acc - torch_acc) <= 0.0005, (onnx_acc, torch_acc)
     # the committed figure (README, card) is this model's: the pipeline is deterministic, so it reproduces to
     # within the two images that rounding in another CPU's kernels may flip
-    sha = {f"{part}_sha256": checkpoint.read_record(MODEL / part)["weights_sha256"] for part in ("cvae", "classifier")}
+    # the same weights and the same rule: models that share a CVAE differ by their prior and its weight
+    meta = checkpoint.read_record(MODEL / "cvae")["meta"]
+    same = {f"{part}_sha256": checkpoint.read_record(MODEL / part)["weights_sha256"] for part in ("cvae", "classifier")}
+    same.update(purifier=meta.get("purifier"), prior_sha256=(meta.get("prior") or {}).get("sha256"))
     reports = [json.loads(p.read_text()) for p in sorted((ROOT / "results").glob("eval-*.json"))]
-    committed = next((r for r in reports if all(r.get(k) == v for k, v in sha.items())), None)
+    committed = next((r for r in reports if all(r.get(k) == v for k, v in same.items())), None)
     assert committed is not None, "no results/eval-*.json evaluates the shipped default's weights: make default-model"
     assert committed["n"] == len(y)
     figure = committed["selections"].get("design", committed["selections"]["mse"])["accuracy"]  # the model's rule
