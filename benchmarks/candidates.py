@@ -36,6 +36,7 @@ from export.onnx_export import export_onnx  # noqa: E402
 from purifier import __version__, checkpoint  # noqa: E402
 from purifier.attacks import PGD  # noqa: E402
 from purifier.data import load_dataset  # noqa: E402
+from purifier.designs import load_prior, purifier_from_spec  # noqa: E402
 from purifier.pipeline import PurifiedClassifier, Purifier, purify  # noqa: E402
 from purifier.provenance import cpu_model, git_commit  # noqa: E402
 from purifier.robust import chunked, purifier_attacks, worst_case  # noqa: E402
@@ -49,19 +50,24 @@ SECTIONS = ("clean", "robust", "speed")
 SPEED_BATCHES = {256: 1024, 1: 64}  # batch size -> images per repetition
 
 
-def purifier_for(cvae, classifier, k: int) -> Purifier:
-    """k = K: the full purifier; else the candidate purifier ranked by ``classifier``."""
-    if k == cvae.cfg.num_classes:
-        return Purifier(cvae).eval()
-    return Purifier(cvae, candidates=k, ranker=classifier).eval()
+def purifier_for(model, classifier, k: int) -> Purifier:
+    """k = K: the model directory's purifier as its checkpoint describes it (rule, temperature, robust prior);
+    else the same purifier reconstructing only the k classes ``classifier`` ranks highest. ``model`` is
+    ``(cvae, spec, prior)``."""
+    cvae, spec, prior = model
+    spec = dict(spec or {"selection": "mse"})
+    if k < cvae.cfg.num_classes:
+        spec["candidates"] = k
+    return purifier_from_spec(cvae, spec, ranker=classifier if k < cvae.cfg.num_classes else None,
+                              prior=prior).eval()
 
 
-def clean(cvae, classifier, ks, x: torch.Tensor, y: torch.Tensor) -> dict:
+def clean(model, classifier, ks, x: torch.Tensor, y: torch.Tensor) -> dict:
     with torch.no_grad():
         logits = torch.cat([classifier(x[i:i + 500]) for i in range(0, len(x), 500)])
     out = {"n": len(y), "classifier_alone": float((logits.argmax(1) == y).float().mean()), "k": {}}
     for k in ks:
-        p = purify(purifier_for(cvae, classifier, k), x)
+        p = purify(purifier_for(model, classifier, k), x)
         with torch.no_grad():
             pred = torch.cat([classifier(p["purified"][i:i + 500]).argmax(1) for i in range(0, len(x), 500)])
         in_top = (logits.topk(k, dim=1).indices == y[:, None]).any(1)
@@ -71,12 +77,12 @@ def clean(cvae, classifier, ks, x: torch.Tensor, y: torch.Tensor) -> dict:
     return out
 
 
-def robust(cvae, classifier, ks, x, y, eps, steps, restarts, targeted, seed, batch_size) -> dict:
+def robust(model, classifier, ks, x, y, eps, steps, restarts, targeted, seed, batch_size) -> dict:
     pgd = PGD(eps=eps, steps=steps, seed=seed)
     out = {"n": len(y), "eps": eps, "norm": "Linf", "steps": steps, "alpha": pgd.step_size, "restarts": restarts,
            "random_start": True, "seed": seed, "targeted_runner_ups": targeted, "k": {}}
     for k in ks:
-        purifier = purifier_for(cvae, classifier, k)
+        purifier = purifier_for(model, classifier, k)
 
         def holds(a, b, purifier=purifier):
             with torch.no_grad():
@@ -90,11 +96,11 @@ def robust(cvae, classifier, ks, x, y, eps, steps, restarts, targeted, seed, bat
     return out
 
 
-def speed(cvae, classifier, ks, x: np.ndarray, reps: int) -> dict:
+def speed(model, classifier, ks, x: np.ndarray, reps: int) -> dict:
     torch_fns, ort_fns = {}, {}
     tmp = tempfile.TemporaryDirectory()
     for k in ks:
-        purifier = purifier_for(cvae, classifier, k)
+        purifier = purifier_for(model, classifier, k)
         pipe = PurifiedClassifier(classifier, purifier, grad="none").eval()
         torch_fns[str(k)] = lambda a, pipe=pipe: pipe(torch.from_numpy(a))
         path = Path(tmp.name) / f"pipeline-k{k}.onnx"
@@ -162,6 +168,8 @@ def tables(report: dict) -> str:
 def main(model_dir, ks, n, clean_n, eps, steps, restarts, targeted, seed, reps, batch_size, section, work, out):
     model_dir = Path(model_dir)
     cvae = checkpoint.load(model_dir / "cvae", expect="cvae").eval()
+    spec = cvae.meta.get("purifier")
+    model = (cvae, spec, load_prior(model_dir / "cvae", spec))
     classifier = checkpoint.load(model_dir / "classifier", expect="classifier").eval()
     num_classes = cvae.cfg.num_classes
     ks = parse_ints(ks, "--ks")
@@ -170,16 +178,18 @@ def main(model_dir, ks, n, clean_n, eps, steps, restarts, targeted, seed, reps, 
                                  param_hint="--ks")
     test = load_dataset("fashion-mnist", "test")
     weights = model_weights(model_dir)
+    if model[2] is not None:  # two directories may share a CVAE and differ in their prior or its weight
+        weights.update(prior=checkpoint.read_record(model_dir / "prior")["weights_sha256"], purifier=spec)
     work = weights_work(work or Path(out).parent / f".{Path(out).stem}-work", weights)
     say = lambda msg: click.echo(msg, err=True)  # noqa: E731
     tag = "-".join(map(str, ks))
     jobs = {
-        "clean": (f"clean-{tag}-{clean_n}", lambda: clean(cvae, classifier, ks, torch.from_numpy(test.x[:clean_n]),
+        "clean": (f"clean-{tag}-{clean_n}", lambda: clean(model, classifier, ks, torch.from_numpy(test.x[:clean_n]),
                                                          torch.from_numpy(test.y[:clean_n]))),
         "robust": (f"robust-{tag}-{n}-{eps}-{steps}-{restarts}-{targeted}-{seed}",
-                   lambda: robust(cvae, classifier, ks, torch.from_numpy(test.x[:n]), torch.from_numpy(test.y[:n]),
+                   lambda: robust(model, classifier, ks, torch.from_numpy(test.x[:n]), torch.from_numpy(test.y[:n]),
                                   eps, steps, restarts, targeted, seed, batch_size)),
-        "speed": (f"speed-{tag}-{reps}", lambda: speed(cvae, classifier, ks, test.x, reps)),
+        "speed": (f"speed-{tag}-{reps}", lambda: speed(model, classifier, ks, test.x, reps)),
     }
     if section:
         cached(work, *jobs[section], say)

@@ -553,7 +553,7 @@ def has_checkpoints(row: Row) -> bool:
     if not cvae.is_file():
         return False
     spec = row.purifier or json.loads(cvae.read_text())["meta"].get("purifier") or {}
-    return not spec.get("prior_weight") or row_prior(row).with_suffix(".json").is_file()
+    return not spec.get("prior_weight") or checkpoint.file_of(row_prior(row), ".json").is_file()
 
 
 def choose_rows(all_rows: list[Row], wanted, hint: str) -> list[Row]:

@@ -46,9 +46,17 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def _stem(path: str | os.PathLike) -> Path:
+def stem_of(path: str | os.PathLike) -> Path:
+    """A checkpoint's stem from the stem itself or either of its files (``cvae-v1.2.json`` -> ``cvae-v1.2``)."""
     path = Path(path)
     return path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
+
+
+def file_of(stem: str | os.PathLike, suffix: str) -> Path:
+    """The checkpoint file ``stem`` + ``suffix``. Appended, not ``with_suffix``, which would take a dotted stem's
+    last part (``v1.2``) for an extension and replace it."""
+    stem = Path(stem)
+    return stem.with_name(stem.name + suffix)
 
 
 def kind_of(module: nn.Module) -> str:
@@ -60,22 +68,22 @@ def kind_of(module: nn.Module) -> str:
 
 def save(module: nn.Module, path: str | os.PathLike, meta: dict | None = None) -> Path:
     """Write ``module`` (a CVAE or Classifier) to ``path`` (stem, .safetensors or .json); returns the stem."""
-    stem = _stem(path)
+    stem = stem_of(path)
     weights = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-    weights_path = stem.with_suffix(".safetensors")
+    weights_path = file_of(stem, ".safetensors")
     atomic_write(weights_path, lambda tmp: save_file(weights, tmp, metadata={"format": "pt"}))
     record = {
         "kind": kind_of(module), "config": module.cfg.to_dict(), "meta": meta or {},
         "weights_sha256": sha256_file(weights_path), "version": __version__,
     }
 
-    write_json(stem.with_suffix(".json"), record, sort_keys=True)
+    write_json(file_of(stem, ".json"), record, sort_keys=True)
     return stem
 
 
 def read_record(path: str | os.PathLike) -> dict:
-    stem = _stem(path)
-    json_path = stem.with_suffix(".json")
+    stem = stem_of(path)
+    json_path = file_of(stem, ".json")
     if not json_path.is_file():
         raise FileNotFoundError(f"checkpoint config {json_path} does not exist")
     with open(json_path) as f:
@@ -92,7 +100,7 @@ def load(path: str | os.PathLike, expect: str | None = None) -> nn.Module:
     The weights' sha256 must match the one recorded in the JSON. A user's classifier (kind ``factory`` or
     ``onnx``) is rebuilt by ``classifier_io`` from the files its record names, frozen.
     """
-    stem = _stem(path)
+    stem = stem_of(path)
     record = read_record(stem)
     if expect is not None and record["kind"] not in FAMILIES.get(expect, (expect,)):
         raise ValueError(f"{stem}.json holds a {record['kind']!r}, expected a {expect!r}")
@@ -104,7 +112,7 @@ def load(path: str | os.PathLike, expect: str | None = None) -> nn.Module:
             raise ValueError(f"{weights_path}: sha256 does not match {record['weights_sha256']} in {stem}.json")
         return load_recorded(stem, record)
     cls, cfg_cls = REGISTRY[record["kind"]]
-    weights_path = stem.with_suffix(".safetensors")
+    weights_path = file_of(stem, ".safetensors")
     digest = sha256_file(weights_path)
     if record.get("weights_sha256") not in (None, digest):
         raise ValueError(f"{weights_path}: sha256 {digest} does not match {record['weights_sha256']} in its JSON")

@@ -84,8 +84,10 @@ class ClassifierSource:
     def files(self) -> list[Path]:
         """The files that hold the classifier's weights (hashed, copied into model directories)."""
         if self.kind == "checkpoint":
-            stem = _stem(self.path)
-            return [stem.with_suffix(".safetensors"), stem.with_suffix(".json")]
+            from .checkpoint import file_of, stem_of
+
+            stem = stem_of(self.path)
+            return [file_of(stem, ".safetensors"), file_of(stem, ".json")]
         return [Path(self.weights if self.kind == "factory" else self.path)]
 
     def sha256(self) -> str:
@@ -116,11 +118,6 @@ class ClassifierSource:
 
             module = to_torch(self.path, x_check, layout=self.layout)
         return freeze(InputAdapter.wrap(module, self.layout, self.mean, self.std))
-
-
-def _stem(path) -> Path:
-    path = Path(path)
-    return path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
 
 
 def _sha256_file(path) -> str:
@@ -284,10 +281,10 @@ def write_into(directory, source: ClassifierSource, module: nn.Module | None = N
         if trained:
             inner = module.classifier if isinstance(module, InputAdapter) else module
             return checkpoint.save(inner, stem, meta)
-        src = _stem(source.path)
+        src = checkpoint.stem_of(source.path)
         if src.resolve() != stem.resolve():
             for suffix in (".safetensors", ".json"):
-                _copy(src.with_suffix(suffix), stem.with_suffix(suffix))
+                _copy(checkpoint.file_of(src, suffix), checkpoint.file_of(stem, suffix))
         return stem
     if source.kind == "onnx":
         if trained:
@@ -325,7 +322,7 @@ def write_into(directory, source: ClassifierSource, module: nn.Module | None = N
                                     kwargs=source.kwargs, layout=source.layout, mean=source.mean, std=source.std)
     record = {"kind": source.kind, "source": recorded.to_dict(), "weights_sha256": _sha256_file(weights),
               "meta": meta or {}, "version": __version__}
-    write_json(stem.with_suffix(".json"), record, sort_keys=True)
+    write_json(checkpoint.file_of(stem, ".json"), record, sort_keys=True)
     return stem
 
 
@@ -358,7 +355,7 @@ def source_of(path) -> ClassifierSource:
     """The ``ClassifierSource`` of a checkpoint or a model directory's ``classifier.json`` (paths resolved)."""
     from . import checkpoint
 
-    stem = _stem(path)
+    stem = checkpoint.stem_of(path)
     record = checkpoint.read_record(stem)
     if record["kind"] == "classifier":
         return ClassifierSource("checkpoint", path=str(stem))

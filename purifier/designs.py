@@ -124,12 +124,12 @@ def load_prior(path: str | os.PathLike, spec: dict | None, prior: str | os.PathL
 
     if not (spec or {}).get("prior_weight"):
         return None
-    where = checkpoint._stem(prior if prior is not None else prior_path(path))
+    where = checkpoint.stem_of(prior if prior is not None else prior_path(path))
     try:
         prior_record(where)
     except FileNotFoundError:
         raise FileNotFoundError(f"purifier spec prior_weight={spec['prior_weight']} needs a prior classifier: "
-                                f"no checkpoint at {where.with_suffix('.json')}") from None
+                                f"no checkpoint at {checkpoint.file_of(where, '.json')}") from None
     module = checkpoint.load(where, expect="classifier").eval()
     for p in module.parameters():
         p.requires_grad_(False)

@@ -292,13 +292,13 @@ def copy_prior(prior_stem: Path, out: Path) -> None:
     from serve.files import atomic_write
 
     for suffix in (".json", ".safetensors"):
-        atomic_write(out / f"prior{suffix}", lambda tmp, s=suffix: shutil.copyfile(prior_stem.with_suffix(s), tmp))
+        atomic_write(out / f"prior{suffix}", lambda tmp, s=suffix: shutil.copyfile(checkpoint.file_of(prior_stem, s), tmp))
 
 
 def _load_prior(prior, image_shape, num_classes) -> tuple[str, nn.Module]:
     """A robust prior's checkpoint stem and its classifier in eval mode; ``FitError`` naming ``prior`` unless it is
     a project classifier checkpoint that takes the data's images and gives its K classes."""
-    stem = checkpoint._stem(prior)
+    stem = checkpoint.stem_of(prior)
     try:
         designs.prior_record(stem)
     except (FileNotFoundError, ValueError) as exc:

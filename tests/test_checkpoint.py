@@ -43,3 +43,18 @@ def test_wrong_kind_is_named(tmp_path, small_cvae):
         checkpoint.load(stem, expect="classifier")
     with pytest.raises(FileNotFoundError, match="nothing.json"):
         checkpoint.load(tmp_path / "nothing")
+
+
+def test_a_stem_with_dots_keeps_its_name(tmp_path, small_classifier, batch):
+    """``pgd-at-v1.2`` is a stem, not ``pgd-at-v1`` with an extension: its files are ``pgd-at-v1.2.json`` and
+    ``pgd-at-v1.2.safetensors``, and each of the three names loads the same checkpoint."""
+    from purifier.classifier_io import ClassifierSource
+
+    stem = checkpoint.save(small_classifier, tmp_path / "pgd-at-v1.2")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pgd-at-v1.2.json", "pgd-at-v1.2.safetensors"]
+    for name in ("pgd-at-v1.2", "pgd-at-v1.2.json", "pgd-at-v1.2.safetensors"):
+        assert torch.equal(checkpoint.load(tmp_path / name, expect="classifier")(batch), small_classifier(batch))
+    assert checkpoint.read_record(stem)["kind"] == "classifier"
+    source = ClassifierSource("checkpoint", path=str(stem))
+    assert [p.name for p in source.files()] == ["pgd-at-v1.2.safetensors", "pgd-at-v1.2.json"]
+    assert source.sha256() == checkpoint.sha256_file(tmp_path / "pgd-at-v1.2.safetensors")

@@ -185,6 +185,21 @@ def test_the_cli_attaches_a_prior(tmp_path):
     assert r.exit_code == 2 and "nope.json does not exist" in r.output
 
 
+def test_a_prior_whose_name_has_dots_is_attached_whole(tmp_path):
+    """A prior whose files are ``pgd-at-v1.2.json`` and ``.safetensors`` is found and copied as itself."""
+    import shutil
+
+    dotted = tmp_path / "pgd-at-v1.2"
+    for suffix in (".json", ".safetensors"):
+        shutil.copyfile(f"{PRIOR}{suffix}", f"{dotted}{suffix}")
+    out = tmp_path / "model"
+    r = CliRunner().invoke(main, ["attach-prior", str(MODEL), "--prior", str(dotted), "--weight", "0.002",
+                                  "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert checkpoint.sha256_file(out / "prior.safetensors") == checkpoint.read_record(PRIOR)["weights_sha256"]
+    assert ModelDir(out).purifier().prior_weight == 0.002
+
+
 def test_the_selection_terms_score_with_the_prior(small_cvae, small_classifier, batch):
     from purifier.adversarial import cvae_adversarial_terms
     from purifier.pipeline import class_scores
