@@ -1,7 +1,10 @@
-"""The candidate mode's trade-off: reconstruct only the k classes the target classifier ranks highest on the raw
-input (``Purifier(candidates=k, ranker=classifier)``), against the full purifier (k = K), on a model directory.
+"""The candidate mode's trade-off: reconstruct only the k classes a ranking classifier ranks highest on the raw
+input (``Purifier(candidates=k, ranker=...)``), against the full purifier (k = K), on a model directory whose
+purifier is built as its checkpoint says (rule, robust prior). ``--ranker classifier``: the target classifier ranks;
+``--ranker prior``: the directory's robust prior does (a model with a prior only).
 
-    python -m benchmarks.candidates --model models/middleware/cvae-alone-smooth200-tau3 --out results/candidates.json
+    python -m benchmarks.candidates --out results/candidates.json
+    python -m benchmarks.candidates --ranker prior --out results/candidates-prior.json
 
 Per k in ``--ks`` (k = K is the full purifier):
   clean    accuracy of classifier(purifier(x)) on the first ``--clean-n`` test images (all 10,000 by default), and
@@ -25,6 +28,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from typing import NamedTuple
+
 import click
 import numpy as np
 import onnxruntime as ort
@@ -47,30 +52,39 @@ from benchmarks.scaling import parse_ints, session  # noqa: E402  (benchmarks/sc
 from benchmarks.speed import time_interleaved  # noqa: E402  (benchmarks/speed.py)
 
 SECTIONS = ("clean", "robust", "speed")
+RANKERS = {"classifier": "the target classifier (MODEL/classifier)", "prior": "the robust prior (MODEL/prior)"}
 SPEED_BATCHES = {256: 1024, 1: 64}  # batch size -> images per repetition
 
 
-def purifier_for(model, classifier, k: int) -> Purifier:
-    """k = K: the model directory's purifier as its checkpoint describes it (rule, temperature, robust prior);
-    else the same purifier reconstructing only the k classes ``classifier`` ranks highest. ``model`` is
-    ``(cvae, spec, prior)``."""
-    cvae, spec, prior = model
-    spec = dict(spec or {"selection": "mse"})
-    if k < cvae.cfg.num_classes:
+class Model(NamedTuple):
+    """A model directory's purifier parts: the CVAE, its purifier spec, its robust prior (or None) and the
+    classifier that ranks the candidates."""
+    cvae: torch.nn.Module
+    spec: dict | None
+    prior: torch.nn.Module | None
+    ranker: torch.nn.Module
+
+
+def purifier_for(model: Model, k: int) -> Purifier:
+    """k = K: the model directory's purifier as its checkpoint describes it (rule, robust prior); else the same
+    purifier reconstructing only the k classes ``model.ranker`` ranks highest."""
+    spec = dict(model.spec or {"selection": "mse"})
+    if k < model.cvae.cfg.num_classes:
         spec["candidates"] = k
-    return purifier_from_spec(cvae, spec, ranker=classifier if k < cvae.cfg.num_classes else None,
-                              prior=prior).eval()
+    return purifier_from_spec(model.cvae, spec, ranker=model.ranker if "candidates" in spec else None,
+                              prior=model.prior).eval()
 
 
 def clean(model, classifier, ks, x: torch.Tensor, y: torch.Tensor) -> dict:
     with torch.no_grad():
         logits = torch.cat([classifier(x[i:i + 500]) for i in range(0, len(x), 500)])
+        ranks = torch.cat([model.ranker(x[i:i + 500]) for i in range(0, len(x), 500)])
     out = {"n": len(y), "classifier_alone": float((logits.argmax(1) == y).float().mean()), "k": {}}
     for k in ks:
-        p = purify(purifier_for(model, classifier, k), x)
+        p = purify(purifier_for(model, k), x)
         with torch.no_grad():
             pred = torch.cat([classifier(p["purified"][i:i + 500]).argmax(1) for i in range(0, len(x), 500)])
-        in_top = (logits.topk(k, dim=1).indices == y[:, None]).any(1)
+        in_top = (ranks.topk(k, dim=1).indices == y[:, None]).any(1)
         out["k"][str(k)] = {"accuracy": float((pred == y).float().mean()),
                             "chosen_is_label": float((p["chosen_class"] == y).float().mean()),
                             "label_in_candidates": float(in_top.float().mean())}
@@ -82,7 +96,7 @@ def robust(model, classifier, ks, x, y, eps, steps, restarts, targeted, seed, ba
     out = {"n": len(y), "eps": eps, "norm": "Linf", "steps": steps, "alpha": pgd.step_size, "restarts": restarts,
            "random_start": True, "seed": seed, "targeted_runner_ups": targeted, "k": {}}
     for k in ks:
-        purifier = purifier_for(model, classifier, k)
+        purifier = purifier_for(model, k)
 
         def holds(a, b, purifier=purifier):
             with torch.no_grad():
@@ -100,7 +114,7 @@ def speed(model, classifier, ks, x: np.ndarray, reps: int) -> dict:
     torch_fns, ort_fns = {}, {}
     tmp = tempfile.TemporaryDirectory()
     for k in ks:
-        purifier = purifier_for(model, classifier, k)
+        purifier = purifier_for(model, k)
         pipe = PurifiedClassifier(classifier, purifier, grad="none").eval()
         torch_fns[str(k)] = lambda a, pipe=pipe: pipe(torch.from_numpy(a))
         path = Path(tmp.name) / f"pipeline-k{k}.onnx"
@@ -150,6 +164,8 @@ def tables(report: dict) -> str:
 
 @click.command()
 @click.option("--model", "model_dir", default=str(MODELS["fashion-mnist"].path), show_default=True)
+@click.option("--ranker", type=click.Choice(RANKERS), default="classifier", show_default=True,
+              help="Who ranks the candidates: the target classifier, or the model directory's robust prior.")
 @click.option("--ks", default="2,3,5,10", show_default=True, help="Candidate counts k (k = K: the full purifier).")
 @click.option("--n", default=200, show_default=True, help="Robust accuracy on the first N test images.")
 @click.option("--clean-n", default=10_000, show_default=True, help="Clean accuracy on the first N test images.")
@@ -165,12 +181,16 @@ def tables(report: dict) -> str:
               help="Cache each section here (default: results/.candidates-work next to --out), in a folder per set "
                    "of weights.")
 @click.option("--out", default=str(ROOT / "results" / "candidates.json"), show_default=True)
-def main(model_dir, ks, n, clean_n, eps, steps, restarts, targeted, seed, reps, batch_size, section, work, out):
+def main(model_dir, ranker, ks, n, clean_n, eps, steps, restarts, targeted, seed, reps, batch_size, section, work, out):
     model_dir = Path(model_dir)
     cvae = checkpoint.load(model_dir / "cvae", expect="cvae").eval()
     spec = cvae.meta.get("purifier")
-    model = (cvae, spec, load_prior(model_dir / "cvae", spec))
+    prior = load_prior(model_dir / "cvae", spec)
     classifier = checkpoint.load(model_dir / "classifier", expect="classifier").eval()
+    if ranker == "prior" and prior is None:
+        raise click.BadParameter(f"{model_dir} has no robust prior (its purifier spec is {spec}); rank with the "
+                                 f"classifier or attach one (purifier attach-prior)", param_hint="--ranker")
+    model = Model(cvae, spec, prior, prior if ranker == "prior" else classifier)
     num_classes = cvae.cfg.num_classes
     ks = parse_ints(ks, "--ks")
     if max(ks) > num_classes:
@@ -178,8 +198,10 @@ def main(model_dir, ks, n, clean_n, eps, steps, restarts, targeted, seed, reps, 
                                  param_hint="--ks")
     test = load_dataset("fashion-mnist", "test")
     weights = model_weights(model_dir)
-    if model[2] is not None:  # two directories may share a CVAE and differ in their prior or its weight
+    if prior is not None:  # two directories may share a CVAE and differ in their prior or its weight
         weights.update(prior=checkpoint.read_record(model_dir / "prior")["weights_sha256"], purifier=spec)
+    if ranker != "classifier":
+        weights["ranker"] = ranker
     work = weights_work(work or Path(out).parent / f".{Path(out).stem}-work", weights)
     say = lambda msg: click.echo(msg, err=True)  # noqa: E731
     tag = "-".join(map(str, ks))
@@ -198,7 +220,7 @@ def main(model_dir, ks, n, clean_n, eps, steps, restarts, targeted, seed, reps, 
         "command": shlex.join(["python", "-m", "benchmarks.candidates", *sys.argv[1:]]), "commit": git_commit(ROOT),
         "model": str(model_dir), "checkpoints": weights,
         "num_classes": num_classes, "ks": ks,
-        "ranker": "the target classifier (MODEL/classifier)",
+        "ranker": RANKERS[ranker],
         "settings": {"reps": reps, "speed_images_per_rep": SPEED_BATCHES, "attack_batch_size": batch_size},
         "machine": {"cpu": cpu_model(), "cores": os.cpu_count()},
         "versions": {"purifier": __version__, "torch": torch.__version__, "onnxruntime": ort.__version__,
@@ -206,7 +228,7 @@ def main(model_dir, ks, n, clean_n, eps, steps, restarts, targeted, seed, reps, 
         **{name: cached(work, key, fn, say) for name, (key, fn) in jobs.items()},
     }
     text = tables(report)
-    write_results(out, report, f"Candidate mode: reconstruct only the k classes the target classifier ranks highest "
+    write_results(out, report, f"Candidate mode: reconstruct only the k classes {RANKERS[ranker]} ranks highest "
                                f"(Fashion-MNIST, {model_dir}; {report['machine']['cpu']}, "
                                f"{report['machine']['cores']} cores)", text)
     click.echo(text)

@@ -134,9 +134,9 @@ def test_candidates_benchmark_robust_section_smoke(tmp_path):
     assert r.exit_code == 2 and "got 11" in r.output
 
 
-def test_candidates_benchmark_measures_the_model_directorys_own_rule(fmnist_test):
-    """The default's rule has a temperature and a robust prior: the benchmark's full purifier is that purifier,
-    and its candidate purifiers keep the rule, adding only the ranking."""
+def test_candidates_benchmark_measures_the_model_directorys_own_rule(fmnist_test, tmp_path):
+    """The default's rule has a robust prior: the benchmark's full purifier is that purifier, its candidate
+    purifiers keep the rule and add only the ranking, by the target classifier or (``--ranker prior``) the prior."""
     from benchmarks import candidates
     from purifier import checkpoint
     from purifier.designs import load_prior, load_purifier
@@ -144,11 +144,16 @@ def test_candidates_benchmark_measures_the_model_directorys_own_rule(fmnist_test
     cvae = checkpoint.load(MODEL / "cvae", expect="cvae").eval()
     spec = cvae.meta["purifier"]
     assert spec.get("prior_weight")
-    model = (cvae, spec, load_prior(MODEL / "cvae", spec))
+    prior = load_prior(MODEL / "cvae", spec)
     classifier = checkpoint.load(MODEL / "classifier", expect="classifier").eval()
     x = torch.from_numpy(fmnist_test.x[:32])
-    full = candidates.purifier_for(model, classifier, 10)
+    full = candidates.purifier_for(candidates.Model(cvae, spec, prior, classifier), 10)
     with torch.no_grad():
         assert torch.equal(full(x)["scores"], load_purifier(MODEL / "cvae")(x)["scores"])
-    three = candidates.purifier_for(model, classifier, 3)
-    assert three.prior_weight == spec["prior_weight"] and three.candidates == 3
+    for ranker in (classifier, prior):
+        three = candidates.purifier_for(candidates.Model(cvae, spec, prior, ranker), 3)
+        assert three.prior_weight == spec["prior_weight"] and three.candidates == 3 and three.ranker is ranker
+    plain = ROOT / "models/middleware/cvae-alone-smooth200-tau3"  # no prior
+    r = CliRunner().invoke(candidates.main, ["--model", str(plain), "--ranker", "prior", "--section", "clean",
+                                             "--work", str(tmp_path)])
+    assert r.exit_code == 2 and "has no robust prior" in r.output

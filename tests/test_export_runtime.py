@@ -195,3 +195,27 @@ def test_rejection_threshold_is_the_committed_calibration_recomputed(default_onn
     shipped = float(default_onnx.metadata["rejection_threshold"])
     assert again["n"] == checkpoint.read_record(MODEL / "cvae")["meta"]["n_val"]
     assert abs(again["threshold"] - shipped) <= 1e-5 * shipped, (again["threshold"], shipped)
+
+
+def test_the_convtranspose_rewrite_exports_the_same_pipeline(tmp_path, fmnist_test):
+    """``purifier export --rewrite-convtranspose``: the decoder's upsampling as four Convs and a DepthToSpace,
+    recorded in the metadata, and the runtime's outputs those of the shipped graph to fp32 rounding."""
+    from click.testing import CliRunner
+
+    from purifier.cli import main
+
+    out = tmp_path / "rewritten"
+    r = CliRunner().invoke(main, ["export", str(MODEL), "--out", str(out), "--rewrite-convtranspose"])
+    assert r.exit_code == 0, r.output
+    for name in ("purifier.onnx", "pipeline.onnx"):
+        model = onnx.load(str(out / name))
+        ops = [n.op_type for n in model.graph.node]
+        assert "DepthToSpace" in ops and ops.count("ConvTranspose") == 1  # the 1-channel output layer stays
+        props = {p.key: p.value for p in model.metadata_props}
+        assert json.loads(props["graph_rewrites"]) == {"convtranspose_as_conv": 1}
+    x = fmnist_test.x[:128]
+    new = OnnxPurifier(out / "pipeline.onnx", device="cpu")(x)
+    old = OnnxPurifier(MODEL / "pipeline.onnx", device="cpu")(x)
+    np.testing.assert_array_equal(new["chosen_class"], old["chosen_class"])
+    np.testing.assert_allclose(new["logits"], old["logits"], atol=1e-4)
+    np.testing.assert_allclose(new["purified"], old["purified"], atol=1e-5)
