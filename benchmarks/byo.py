@@ -93,6 +93,11 @@ def _rows(plain: str, baselines: str, byo: str, middleware: str) -> list[Row]:
             f"{middleware}-smooth200-tau3-prior1-mu2/classifier", f"{middleware}-smooth200-tau3-prior1-mu2/cvae",
             "the CVAE of the row through the prior and A unchanged; rule MSE_c - 0.002 * log p(c | x) under the "
             "same prior (make middleware-prior-mu2)"),
+        Row("A: the default, the prior's weight raised to 0.02",
+            f"{middleware}-smooth200-tau3-prior1-mu2/classifier", f"{middleware}-smooth200-tau3-prior1-mu2/cvae",
+            "the default's CVAE, A and prior; rule MSE_c - 0.02 * log p(c | x): a point of the rule's trade-off "
+            "near the prior's own clean accuracy (results/rule-probe-frontier.md), not a candidate default",
+            purifier={"selection": "mse", "prior_weight": 0.02}),
         *capacity_rows(middleware),
         *converged_baselines(baselines, "A: "),
         Row("ResNet (factory): no defense", f"{byo}/resnet/classifier", note="standard training (train.json)"),
