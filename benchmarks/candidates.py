@@ -27,7 +27,6 @@ import shlex
 import sys
 import tempfile
 from pathlib import Path
-
 from typing import NamedTuple
 
 import click
