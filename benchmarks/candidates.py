@@ -197,8 +197,10 @@ def main(model_dir, ranker, ks, n, clean_n, eps, steps, restarts, targeted, seed
                                  param_hint="--ks")
     test = load_dataset("fashion-mnist", "test")
     weights = model_weights(model_dir)
-    if prior is not None:  # two directories may share a CVAE and differ in their prior or its weight
-        weights.update(prior=checkpoint.read_record(model_dir / "prior")["weights_sha256"], purifier=spec)
+    if spec:  # the rule measured: two directories may share a CVAE and differ in their rule, prior or its weight
+        weights["purifier"] = spec
+    if prior is not None:
+        weights["prior"] = checkpoint.read_record(model_dir / "prior")["weights_sha256"]
     if ranker != "classifier":
         weights["ranker"] = ranker
     work = weights_work(work or Path(out).parent / f".{Path(out).stem}-work", weights)

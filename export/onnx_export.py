@@ -147,10 +147,10 @@ def export_onnx(path: str | os.PathLike, cvae: CVAE | Purifier, classifier: nn.M
     """Export purifier (+ classifier) to ``path``, check parity against torch, then move it into place.
 
     ``cvae``: a model (wrapped with ``selection``'s rule) or a whole purifier of any design that runs as one
-    graph (not analysis by synthesis: ``ExportError``). ``rewrite_convtranspose``: the decoder's stride-2
-    ConvTransposes become four Convs and a DepthToSpace (``export.optimize.convtranspose_as_conv``; faster on
-    onnxruntime's CPU provider, unmeasured on CUDA), recorded in the metadata as ``graph_rewrites``; parity is
-    checked on the rewritten graph."""
+    graph (not analysis by synthesis: ``ExportError``). ``rewrite_convtranspose``: each stride-2 ConvTranspose of
+    at least ``export.optimize.MIN_OUT_CHANNELS`` output channels becomes four Convs and a DepthToSpace
+    (``convtranspose_as_conv``; faster on onnxruntime's CPU provider, untimed on CUDA), recorded in the metadata as
+    ``graph_rewrites``; parity is checked on the rewritten graph."""
     purifier = cvae if isinstance(cvae, Purifier) else Purifier(cvae, selection)
     if not_exportable(purifier):
         raise ExportError(not_exportable(purifier))
@@ -232,6 +232,7 @@ def export_run(cvae_path, classifier, out_dir, selection: str | None = None, per
     module = source.load(_check_images(meta, (c, h, w)))
     check_classifier(module, (c, h, w), cvae.cfg.num_classes, f"classifier {_source_name(source)}")
     pipe_meta = {**common, "kind": "pipeline", "classifier_sha256": source.sha256(),
+                 **{k: json.loads(v) for k, v in results["purifier"].metadata.items() if k == "graph_rewrites"},
                  "classifier_arch": describe(module), "classifier_source": source.kind,
                  "classifier_layout": source.layout, "classifier_mean": source.mean, "classifier_std": source.std}
     if source.kind == "onnx":

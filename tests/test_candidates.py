@@ -150,9 +150,23 @@ def test_candidates_benchmark_measures_the_model_directorys_own_rule(fmnist_test
     full = candidates.purifier_for(candidates.Model(cvae, spec, prior, classifier), 10)
     with torch.no_grad():
         assert torch.equal(full(x)["scores"], load_purifier(MODEL / "cvae")(x)["scores"])
-    for ranker in (classifier, prior):
-        three = candidates.purifier_for(candidates.Model(cvae, spec, prior, ranker), 3)
-        assert three.prior_weight == spec["prior_weight"] and three.candidates == 3 and three.ranker is ranker
+    three = candidates.purifier_for(candidates.Model(cvae, spec, prior, prior), 3)
+    assert three.prior_weight == spec["prior_weight"] and three.candidates == 3
+    with torch.no_grad():
+        ranked = three(x)
+        assert torch.equal(ranked["candidates"], prior(x).topk(3, dim=1).indices.sort(dim=1).values)
+    # each ranker's section is cached apart and reports its own top-k
+    y = torch.from_numpy(fmnist_test.y[:500])
+    for name, ranker in (("classifier", classifier), ("prior", prior)):
+        r = CliRunner().invoke(candidates.main, ["--ranker", name, "--ks", "2,10", "--clean-n", "500", "--section",
+                                                 "clean", "--work", str(tmp_path / "work")])
+        assert r.exit_code == 0, r.output
+        with torch.no_grad():
+            top2 = (ranker(torch.from_numpy(fmnist_test.x[:500])).topk(2, dim=1).indices == y[:, None]).any(1)
+        found = [json.loads(f.read_text())["k"]["2"]["label_in_candidates"]
+                 for f in (tmp_path / "work").glob("weights-*/clean-2-10-500.json")]
+        assert float(top2.float().mean()) in found
+    assert len(list((tmp_path / "work").glob("weights-*"))) == 2
     plain = ROOT / "models/middleware/cvae-alone-smooth200-tau3"  # no prior
     r = CliRunner().invoke(candidates.main, ["--model", str(plain), "--ranker", "prior", "--section", "clean",
                                              "--work", str(tmp_path)])

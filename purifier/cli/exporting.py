@@ -23,8 +23,8 @@ from .common import _classifier_path, main
                    "QDQ, per-channel int8 weights, activations calibrated on training images (--precision int8 "
                    "loads it).")
 @click.option("--rewrite-convtranspose", is_flag=True,
-              help="Rewrite the decoder's stride-2 ConvTransposes as four Convs and a DepthToSpace: the same "
-                   "function (parity-checked), faster on onnxruntime's CPU provider; unmeasured on CUDA.")
+              help="Rewrite the decoder's wide stride-2 ConvTranspose layers as four Convs and a DepthToSpace each: "
+                   "the same function (parity-checked), faster on onnxruntime's CPU provider; untimed on CUDA.")
 @click.option("--calibration-images", default=256, show_default=True, type=click.IntRange(min=1),
               help="With --int8: training images (seeded sample) the activation ranges are calibrated on.")
 @click.option("--triton", "triton_repo", type=click.Path(file_okay=False),
