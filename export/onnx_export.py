@@ -232,12 +232,13 @@ def export_run(cvae_path, classifier, out_dir, selection: str | None = None, per
     module = source.load(_check_images(meta, (c, h, w)))
     check_classifier(module, (c, h, w), cvae.cfg.num_classes, f"classifier {_source_name(source)}")
     pipe_meta = {**common, "kind": "pipeline", "classifier_sha256": source.sha256(),
-                 **{k: json.loads(v) for k, v in results["purifier"].metadata.items() if k == "graph_rewrites"},
                  "classifier_arch": describe(module), "classifier_source": source.kind,
                  "classifier_layout": source.layout, "classifier_mean": source.mean, "classifier_std": source.std}
     if source.kind == "onnx":
         from .compose import compose_pipeline
 
+        if "graph_rewrites" in results["purifier"].metadata:  # composed from the rewritten purifier.onnx
+            pipe_meta["graph_rewrites"] = json.loads(results["purifier"].metadata["graph_rewrites"])
         r = compose_pipeline(out_dir / "purifier.onnx", source.path, out_dir / "pipeline.onnx", layout=source.layout,
                              mean=source.mean, std=source.std, metadata=pipe_meta)
         results["pipeline"] = ExportResult(Path(r["path"]), r["metadata"], {"composed": r["parity"]})

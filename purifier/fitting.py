@@ -292,7 +292,8 @@ def copy_prior(prior_stem: Path, out: Path) -> None:
     from serve.files import atomic_write
 
     for suffix in (".json", ".safetensors"):
-        atomic_write(out / f"prior{suffix}", lambda tmp, s=suffix: shutil.copyfile(checkpoint.file_of(prior_stem, s), tmp))
+        src = checkpoint.file_of(prior_stem, suffix)
+        atomic_write(out / f"prior{suffix}", lambda tmp, src=src: shutil.copyfile(src, tmp))
 
 
 def _load_prior(prior, image_shape, num_classes) -> tuple[str, nn.Module]:
